@@ -1,0 +1,280 @@
+"""pushd's settings: one table of options, read from the command line, the
+environment (`PUSHD_<OPTION>`), an INI file and the defaults, in that order of
+precedence.
+
+A bad value raises ConfigError with one line that names the option and where
+the value came from.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is: a TCP host and port, or a unix socket path."""
+
+    host: str | None = None
+    port: int = 6379
+    path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+    def endpoint(self) -> str:
+        """A Twisted client endpoint string."""
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = (self.host or "localhost").replace(":", "\\:")
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    try:
+        if parts.scheme in ("redis", ""):
+            if not parts.hostname:
+                raise ValueError("no host")
+            db = int(parts.path.lstrip("/") or query.get("db", ["0"])[0])
+            return RedisAddress(
+                host=parts.hostname,
+                port=parts.port or 6379,
+                db=db,
+                username=unquote(parts.username) if parts.username else None,
+                password=unquote(parts.password) if parts.password else None,
+            )
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("no socket path")
+            return RedisAddress(
+                path=parts.path,
+                db=int(query.get("db", ["0"])[0]),
+                password=unquote(parts.password) if parts.password else None,
+            )
+    except ValueError as e:
+        raise ValueError(f"not a Redis URL ({e})") from None
+    raise ValueError("expected redis://host[:port][/db] or unix:///path.sock[?db=N]")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _endpoint(text: str) -> str:
+    from twisted.internet import endpoints
+
+    if not text:
+        raise ValueError("empty endpoint")
+    # Validates the description without listening.
+    endpoints._parseServer(text, None)  # type: ignore[attr-defined]
+    return text
+
+
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ValueError("must be on or off")
+
+
+def _non_empty(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    repeatable: bool = False
+    metavar: str = "VALUE"
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "PUSHD_" + self.key.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "listen",
+        _endpoint,
+        ("tcp:8080:interface=127.0.0.1",),
+        "server endpoint string; repeatable",
+        repeatable=True,
+        metavar="ENDPOINT",
+    ),
+    Option(
+        "redis",
+        parse_redis_url,
+        None,
+        "redis://[:password@]host[:port][/db] or unix:///path.sock[?db=N]; "
+        "absent: the in-process memory broker",
+        metavar="URL",
+    ),
+    Option("redis-prefix", _non_empty, "pushd:", "prefix of every Redis key and pub/sub channel"),
+    Option("redis-pool-size", _positive_int, 10, "command connections to Redis", metavar="N"),
+    Option(
+        "redis-timeout",
+        _non_negative_float,
+        5.0,
+        "seconds a Redis command may take before the publish answers 503",
+        metavar="S",
+    ),
+    Option(
+        "api-key",
+        _non_empty,
+        (),
+        "producer key, repeatable; absent: the producer API answers loopback clients only",
+        repeatable=True,
+        metavar="KEY",
+    ),
+    Option(
+        "max-message-size",
+        _positive_int,
+        65536,
+        "largest message body or client frame, in bytes",
+        metavar="B",
+    ),
+    Option("history-size", _positive_int, 100, "messages kept per channel", metavar="N"),
+    Option(
+        "history-ttl",
+        _positive_int,
+        3600,
+        "seconds a channel's history lives after its last message",
+        metavar="S",
+    ),
+    Option(
+        "ping-interval",
+        _non_negative_float,
+        30.0,
+        "seconds between WebSocket pings (0: off)",
+        metavar="S",
+    ),
+    Option(
+        "ping-timeout",
+        _non_negative_float,
+        10.0,
+        "seconds to wait for a pong before dropping the peer",
+        metavar="S",
+    ),
+    Option(
+        "access-log",
+        _switch,
+        False,
+        "on: log every HTTP request to the twistd log",
+        metavar="on|off",
+    ),
+)
+BY_KEY = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, ...] = BY_KEY["listen"].default
+    redis: RedisAddress | None = None
+    redis_prefix: str = "pushd:"
+    redis_pool_size: int = 10
+    redis_timeout: float = 5.0
+    api_key: tuple[str, ...] = ()
+    max_message_size: int = 65536
+    history_size: int = 100
+    history_ttl: int = 3600
+    ping_interval: float = 30.0
+    ping_timeout: float = 10.0
+    access_log: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+
+def _read_ini(path: str) -> dict[str, list[str]]:
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"--config: {path}: {str(e).splitlines()[0]}") from None
+    if not parser.has_section("pushd"):
+        raise ConfigError(f"--config: {path} has no [pushd] section")
+    values: dict[str, list[str]] = {}
+    for name, raw in parser.items("pushd"):
+        key = name.replace("-", "_")
+        if key not in BY_KEY:
+            raise ConfigError(f"--config: {path}: unknown option {name!r}")
+        values[key] = [line.strip() for line in raw.splitlines() if line.strip()]
+    return values
+
+
+def _split_env(option: Option, raw: str) -> list[str]:
+    return raw.split() if option.repeatable else [raw.strip()]
+
+
+def load(
+    command_line: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge the four sources. `command_line` maps option names (`history-size`) to a string, a list
+    of strings (repeatable options) or None when the option was not given."""
+    environ = os.environ if environ is None else environ
+    config_path = command_line.get("config") or environ.get("PUSHD_CONFIG")
+    from_file = _read_ini(config_path) if config_path else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        cli = command_line.get(option.name)
+        if cli not in (None, [], ()):
+            raw, where = (list(cli) if option.repeatable else [cli]), "command line"
+        elif option.env in environ:
+            raw, where = _split_env(option, environ[option.env]), option.env
+        elif option.key in from_file:
+            raw, where = from_file[option.key], f"{config_path}"
+        else:
+            continue
+        if not option.repeatable and len(raw) != 1:
+            raise ConfigError(f"--{option.name} ({where}): expected one value")
+        parsed = []
+        for item in raw:
+            try:
+                parsed.append(option.parse(item))
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"--{option.name} {item!r} ({where}): {e}") from None
+        values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
+        sources[option.key] = where
+    return Config(**values, sources=sources)

@@ -1,0 +1,106 @@
+"""Channel names, message ids and the envelope: the words of the wire contract.
+
+An envelope is serialised once, where the message enters the system (the broker
+that accepted it), and travels as bytes from there: through Redis pub/sub, into
+the hub, onto every connection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+CHANNEL_RE = re.compile(
+    r"[A-Za-z0-9_.:@=+-]{1,128}(#[A-Za-z0-9_.@=+-]{1,64}(,[A-Za-z0-9_.@=+-]{1,64})*)?"
+)
+ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+
+_ENVELOPE_HEAD = b'{"type":"message","channel":'
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def is_channel(name: str) -> bool:
+    return CHANNEL_RE.fullmatch(name) is not None
+
+
+def parse_id(text: str) -> tuple[int, int]:
+    """`"<ms>-<seq>"` as a tuple that sorts like the ids do; ValueError otherwise."""
+    m = ID_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a message id: {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def format_id(ms: int, seq: int) -> str:
+    return f"{ms}-{seq}"
+
+
+def dump_json(value: Any) -> bytes:
+    """Compact JSON, UTF-8, no newline inside: safe for NDJSON and SSE lines."""
+    return _compact(value).encode()
+
+
+def data_from_body(body: bytes, content_type: str | None) -> bytes:
+    """The `data` of an envelope, as compact JSON, from a producer's body.
+
+    Raises ValueError with a code of the contract ("bad_json", "bad_text").
+    """
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("bad_text") from None
+    if ctype == "application/json" or ctype.endswith("+json"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError("bad_json") from None
+        return dump_json(value)
+    return dump_json(text)
+
+
+def envelope_prefix(channel: str) -> bytes:
+    """Everything of an envelope before the id's value: `{"type":..,"channel":..,"id":`."""
+    return _ENVELOPE_HEAD + dump_json(channel) + b',"id":'
+
+
+def envelope(channel: str, msg_id: str | None, data: bytes) -> bytes:
+    ident = b"null" if msg_id is None else b'"' + msg_id.encode() + b'"'
+    return envelope_prefix(channel) + ident + b',"data":' + data + b"}"
+
+
+class Message:
+    """One message on its way out to local subscribers.
+
+    `payload` is the envelope, serialised once; `frame` is a slot where a
+    transport keeps what it made of the payload (the WebSocket's prepared frame),
+    so that is made once per fan-out too.
+    """
+
+    __slots__ = ("channel", "frame", "id", "payload")
+
+    def __init__(self, channel: str, msg_id: str | None, payload: bytes) -> None:
+        self.channel = channel
+        self.id = msg_id
+        self.payload = payload
+        self.frame: Any = None
+
+    @classmethod
+    def from_wire(cls, channel: str, raw: bytes) -> Message:
+        """What arrived on the bus: a pushd envelope, or any payload a process PUBLISHed."""
+        if raw.startswith(_ENVELOPE_HEAD):
+            try:
+                value = json.loads(raw)
+                return cls(channel, value["id"], raw)
+            except (ValueError, KeyError, TypeError):
+                pass
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", "replace")
+        try:
+            data = dump_json(json.loads(text))
+        except ValueError:
+            data = dump_json(text)
+        return cls(channel, None, envelope(channel, None, data))

@@ -1,0 +1,120 @@
+"""makeService's wiring: broker, hub, one Site, one listener per endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from pushd.broker import Broker
+from pushd.broker.memory import MemoryBroker
+from pushd.config import Config
+from pushd.hub import Hub
+from pushd.web import make_site
+from pushd.websocket import PushdServerFactory
+
+log = Logger()
+
+
+class Listener(Service):
+    """Listens on one endpoint; `port` is the IListeningPort once listening.
+
+    Unlike StreamServerEndpointService it exposes the port, which tests
+    started on `tcp:0` need.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening = self.endpoint.listen(self.factory)
+        self.listening.addCallback(self._listening)
+        # twistd must fail at start-up, not log later, when a port is taken.
+        failure: list[Any] = []
+        self.listening.addErrback(failure.append)
+        if failure:
+            failure[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        log.info("pushd listening on {where}", where=self.description)
+        return port
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class PushdService(MultiService):
+    def __init__(self, config: Config, broker: Broker, hub: Hub) -> None:
+        super().__init__()
+        self.config = config
+        self.broker = broker
+        self.hub = hub
+        self.listeners: list[Listener] = []
+
+    def when_listening(self) -> Deferred[list[IListeningPort]]:
+        d = DeferredList([lst.listening for lst in self.listeners], fireOnOneErrback=True)
+        return d.addCallback(lambda results: [port for _, port in results])
+
+
+def make_broker(config: Config, reactor: Any) -> Broker:
+    if config.redis is None:
+        return MemoryBroker(reactor, config.history_size, config.history_ttl)
+    from pushd.broker.redis import RedisBroker
+
+    return RedisBroker(
+        reactor,
+        config.redis,
+        prefix=config.redis_prefix,
+        pool_size=config.redis_pool_size,
+        timeout=config.redis_timeout,
+        history_size=config.history_size,
+        history_ttl=config.history_ttl,
+    )
+
+
+def make_service(config: Config, reactor: Any = None) -> PushdService:
+    if reactor is None:
+        from twisted.internet import reactor
+    broker = make_broker(config, reactor)
+    hub = Hub(broker)
+    service = PushdService(config, broker, hub)
+    broker.setServiceParent(service)
+    ws_factory = PushdServerFactory(
+        hub,
+        reactor=reactor,
+        max_message_size=config.max_message_size,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+    )
+    site = make_site(
+        broker=broker,
+        ws_factory=ws_factory,
+        api_keys=config.api_key,
+        max_body=config.max_message_size,
+        access_log=config.access_log,
+    )
+    for description in config.listen:
+        listener = Listener(endpoints.serverFromString(reactor, description), site, description)
+        listener.setServiceParent(service)
+        service.listeners.append(listener)
+    if not config.api_key:
+        log.warn("no --api-key: the producer API answers loopback clients only")
+    log.info(
+        "pushd broker: {broker}",
+        broker="memory (one process)" if config.redis is None else config.redis.endpoint(),
+    )
+    return service

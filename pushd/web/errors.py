@@ -1,0 +1,41 @@
+"""The producer API's errors: a status, a code of the contract and a sentence."""
+
+from __future__ import annotations
+
+from twisted.web.server import Request
+
+from pushd.message import dump_json
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+BAD_CHANNEL = (400, "bad_channel", "channel names match [A-Za-z0-9_.:@=+-]{1,128}, optionally #ids")
+BAD_JSON = (400, "bad_json", "the body is not valid JSON")
+BAD_TEXT = (400, "bad_text", "the body is not UTF-8 text")
+UNAUTHORIZED = (401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)")
+LOOPBACK_ONLY = (
+    403,
+    "forbidden",
+    "no API key is configured: the producer API answers loopback only",
+)
+NOT_FOUND = (404, "not_found", "no such resource")
+TOO_LARGE = (413, "too_large", "the body is larger than --max-message-size")
+UNAVAILABLE = (503, "unavailable", "the broker is unreachable; nothing was published, retry later")
+
+
+def write_json(request: Request, status: int, body: bytes) -> None:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    request.write(body)
+    request.finish()
+
+
+def write_error(request: Request, status: int, code: str, message: str) -> None:
+    write_json(request, status, dump_json({"error": code, "message": message}))
