@@ -93,7 +93,7 @@ def _endpoint(text: str) -> str:
     if not text:
         raise ValueError("empty endpoint")
     # Validates the description without listening.
-    endpoints._parseServer(text, None)  # type: ignore[attr-defined]
+    endpoints._parseServer(text, None)
     return text
 
 

@@ -31,8 +31,8 @@ class Listener(Service):
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
-        self.port: IListeningPort | None = None
-        self.listening: Deferred[IListeningPort] | None = None
+        self.port: Any = None
+        self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         super().startService()

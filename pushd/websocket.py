@@ -195,7 +195,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
 
 
 class PushdServerFactory(WebSocketServerFactory):
-    protocol = PushdServerProtocol
+    protocol = PushdServerProtocol  # type: ignore[assignment]
 
     def __init__(
         self,

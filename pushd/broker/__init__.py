@@ -46,6 +46,10 @@ class Broker(Service):
         """Stop feeding `channel`; the hub calls it when its last local client left."""
         raise NotImplementedError
 
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the broker can publish and subscribe (at once for memory)."""
+        raise NotImplementedError
+
     def subscribed_channels(self) -> frozenset[str]:
         """The channels this process is subscribed to at the bus."""
         raise NotImplementedError

@@ -8,9 +8,9 @@ that expires `history_ttl` seconds after its last message.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 
 from pushd.broker import Broker, Listener
 from pushd.message import envelope, format_id
@@ -21,12 +21,12 @@ class _History:
 
     def __init__(self, size: int) -> None:
         self.entries: deque[tuple[tuple[int, int], bytes]] = deque(maxlen=size)
-        self.last = (0, 0)
+        self.last = (-1, 0)
         self.touched = 0.0
 
 
 class MemoryBroker(Broker):
-    def __init__(self, clock: IReactorTime, history_size: int, history_ttl: float) -> None:
+    def __init__(self, clock: Any, history_size: int, history_ttl: float) -> None:
         self.listener: Listener | None = None
         self._clock = clock
         self._history_size = history_size
@@ -67,6 +67,9 @@ class MemoryBroker(Broker):
 
     def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
+
+    def when_ready(self) -> Deferred[None]:
+        return succeed(None)
 
     def subscribed_channels(self) -> frozenset[str]:
         return frozenset(self._subscribed)

@@ -94,6 +94,7 @@ class RedisBroker(Broker):
         self._active: set[str] = set()
         self._sent: dict[str, object] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
+        self._ready_waiters: list[Deferred[None]] = []
 
     # -- life cycle
 
@@ -113,6 +114,7 @@ class RedisBroker(Broker):
             replyTimeout=self._timeout or None,
         )
         self._pool_factory.startConnecting(self._endpoint())
+        self._pool_factory.deferred.addCallback(self._check_ready)
         self._pool = self._pool_factory.handler
         self._sub_factory = _SubscriberFactory(self)
         self._sub_factory.password = a.password
@@ -129,6 +131,19 @@ class RedisBroker(Broker):
     @property
     def connected(self) -> bool:
         return bool(self._pool_factory and self._pool_factory.size) and self._proto is not None
+
+    def when_ready(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
+        self._check_ready()
+        return d
+
+    def _check_ready(self, _: object = None) -> object:
+        if self.connected:
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.callback(None)
+        return _
 
     # -- publishing
 
@@ -192,6 +207,7 @@ class RedisBroker(Broker):
         self._active.clear()
         for channel in self._wanted:
             self._send_subscribe(proto, channel)
+        self._check_ready()
 
     def _disconnected(self, proto: _Subscriber) -> None:
         if self._proto is proto:
@@ -203,7 +219,9 @@ class RedisBroker(Broker):
     def _received(self, channel: bytes, message: bytes) -> None:
         if self.listener is not None and channel.startswith(self._prefix_bytes):
             name = channel[len(self._prefix_bytes) :].decode("utf-8", "replace")
-            self.listener(name, message)
+            # A message published before our UNSUBSCRIBE reached Redis may still come.
+            if name in self._wanted:
+                self.listener(name, message)
 
 
 def _unavailable(why: str) -> Deferred[Any]:

@@ -31,6 +31,7 @@ class PushdRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_too_large:
             return
+        assert self.content is not None
         if self.content.tell() + len(data) > self.max_body:
             self.body_too_large = True
             self.content.seek(0)
@@ -42,7 +43,7 @@ class PushdRequest(Request):
 class QuietSite(Site):
     """A Site without an access log: at push rates a line per request costs more than the push."""
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         pass
 
 
@@ -64,10 +65,12 @@ def make_site(
     access_log: bool = False,
 ) -> Site:
     root = Root()
-    root.putChild(b"ws", WebSocketResource(ws_factory))
-    root.putChild(b"channels", ChannelsResource(broker, ProducerAuth(api_keys)))
+    root.putChild(b"ws", WebSocketResource(ws_factory))  # type: ignore[arg-type]
+    channels = ChannelsResource(broker, ProducerAuth(api_keys))
+    root.putChild(b"channels", channels)  # type: ignore[arg-type]
 
     site = Site(root) if access_log else QuietSite(root)
-    site.requestFactory = type("PushdRequest", (PushdRequest,), {"max_body": max_body})
+    request_type = type("PushdRequest", (PushdRequest,), {"max_body": max_body})
+    site.requestFactory = request_type  # type: ignore[assignment]
     site.ws_factory = ws_factory  # type: ignore[attr-defined]
     return site

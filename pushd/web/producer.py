@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -43,17 +46,17 @@ class ChannelResource(ApiResource):
             raise ApiError(*errors.UNAVAILABLE) from None
         return dump_json({"channel": self._channel, "id": msg_id})
 
-    def handle_POST(self, request: Request):  # type: ignore[no-untyped-def]
+    def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
         self._auth.check(request)
         if not is_channel(self._channel):
             raise ApiError(*errors.BAD_CHANNEL)
         if getattr(request, "body_too_large", False):
             raise ApiError(*errors.TOO_LARGE)
-        ctype = request.getHeader(b"content-type")
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        assert request.content is not None
         try:
-            data = data_from_body(request.content.read(), ctype and ctype.decode("latin-1"))
+            data = data_from_body(request.content.read(), ctype)
         except ValueError as e:
-            raise ApiError(
-                *(errors.BAD_JSON if str(e) == "bad_json" else errors.BAD_TEXT)
-            ) from None
+            error = errors.BAD_JSON if str(e) == "bad_json" else errors.BAD_TEXT
+            raise ApiError(*error) from None
         return self._publish(data)

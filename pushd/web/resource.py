@@ -86,7 +86,7 @@ class ApiResource(Resource):
             if gone:
                 return
             if failure.check(ApiError):
-                e = failure.value
+                e: ApiError = failure.value  # type: ignore[assignment]
                 write_error(request, e.status, e.code, e.message)
             else:
                 log.failure("request {uri} failed", failure, uri=request.uri)

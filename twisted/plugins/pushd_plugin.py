@@ -1,4 +1,4 @@
-"""twistd plugin: `twistd -n pushd --help`. Imports nothing else so twistd can pick the reactor first."""
+"""The twistd plugin. It imports nothing more, so that twistd picks the reactor first."""
 
 from twisted.application.service import ServiceMaker
 

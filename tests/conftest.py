@@ -1,0 +1,84 @@
+"""Fixtures: a real redis-server per session, pushd services on real ports.
+
+txredisapi is imported inside fixtures only: importing it installs the default
+reactor (library findings, 6), which must stay pytest-twisted's choice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from tests.support import PushdUnderTest, RedisServer, free_port
+
+_prefixes = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if shutil.which("redis-server") is None:
+        raise pytest.UsageError("redis-server is not installed (apt-get install -y redis-server)")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop and start it."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A Redis key prefix of the test's own, so tests sharing a server never meet."""
+    return f"t{os.getpid()}-{next(_prefixes)}:"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest_twisted.async_yield_fixture
+async def pushd(
+    broker_kind: str, redis_server: RedisServer, prefix: str
+) -> AsyncIterator[PushdUnderTest]:
+    """pushd on a free loopback port, on the memory broker and on the session Redis."""
+    server = PushdUnderTest.config(
+        redis=redis_server.address() if broker_kind == "redis" else None, redis_prefix=prefix
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_pushd(redis_server: RedisServer, prefix: str) -> AsyncIterator[PushdUnderTest]:
+    server = PushdUnderTest.config(redis=redis_server.address(), redis_prefix=prefix)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[object]:
+    """A txredisapi connection of the test's own, to look at what pushd left in Redis."""
+    import txredisapi
+
+    conn = await txredisapi.Connection("127.0.0.1", redis_server.port)
+    yield conn
+    await conn.disconnect()

@@ -1,0 +1,252 @@
+"""Helpers for the tests: real servers, real clients, waits with deadlines."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import treq
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
+
+from pushd.config import Config, RedisAddress
+from pushd.service import PushdService, make_service
+
+TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, started and stopped by the tests."""
+
+    def __init__(self, port: int, directory: Path) -> None:
+        self.port = port
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def address(self) -> RedisAddress:
+        return RedisAddress(host="127.0.0.1", port=self.port)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.01)
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes without a word, as in a crash."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(TIMEOUT)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(TIMEOUT)
+            self.process = None
+
+
+async def wait_for(predicate: Any, timeout: float = TIMEOUT, what: str = "condition") -> None:
+    """Poll `predicate` (maybe async) every few ms until true; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await deferLater(reactor, 0.01, lambda: None)
+
+
+def with_timeout(d: Any, timeout: float = TIMEOUT) -> Deferred[Any]:
+    if not isinstance(d, Deferred):
+        d = Deferred.fromCoroutine(d)
+    return d.addTimeout(timeout, reactor)
+
+
+@dataclass
+class PushdUnderTest:
+    """pushd's service started in the test's own reactor on a free port."""
+
+    cfg: Config
+    service: PushdService | None = None
+    port: int = 0
+
+    @classmethod
+    def config(cls, **overrides: Any) -> PushdUnderTest:
+        base = Config(listen=("tcp:0:interface=127.0.0.1",), ping_interval=0)
+        return cls(Config(**{**base.__dict__, **overrides, "sources": {}}))
+
+    async def start(self) -> None:
+        self.service = make_service(self.cfg, reactor)
+        self.service.startService()
+        ports = await with_timeout(self.service.when_listening())
+        self.port = ports[0].getHost().port
+        await with_timeout(self.service.broker.when_ready())
+
+    async def stop(self) -> None:
+        if self.service is not None and self.service.running:
+            await self.service.stopService()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def hub(self) -> Any:
+        assert self.service is not None
+        return self.service.hub
+
+    async def post(self, channel: str, body: bytes | str, **kwargs: Any) -> Any:
+        if isinstance(body, str):
+            body = body.encode()
+        from urllib.parse import quote
+
+        return await treq.post(
+            f"{self.url}/channels/{quote(channel, safe='')}", body, persistent=False, **kwargs
+        )
+
+    async def publish(self, channel: str, data: Any) -> str:
+        """POST `data` as JSON; return the id of the accepted message."""
+        response = await self.post(
+            channel, json.dumps(data), headers={"content-type": ["application/json"]}
+        )
+        body = await response.json()
+        assert response.code == 200, body
+        return body["id"]
+
+    async def connect(self, query: str = "", **kwargs: Any) -> WSClient:
+        return await connect_ws(self.port, f"/ws{query}", **kwargs)
+
+
+class RawClient(Protocol):
+    """Bytes in, bytes out: for requests no well-behaved client would send."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self._waiting: list[tuple[bytes, Deferred[bytes]]] = []
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        for item in [w for w in self._waiting if w[0] in self.data]:
+            self._waiting.remove(item)
+            item[1].callback(self.data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+    async def until(self, marker: bytes, timeout: float = TIMEOUT) -> bytes:
+        """Everything received once `marker` has arrived."""
+        if marker in self.data:
+            return self.data
+        d: Deferred[bytes] = Deferred()
+        self._waiting.append((marker, d))
+        return await with_timeout(d, timeout)
+
+
+async def connect_raw(port: int) -> RawClient:
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
+    return await with_timeout(connectProtocol(endpoint, RawClient()))
+
+
+class WSClient(WebSocketClientProtocol):
+    """An Autobahn client that queues every frame it receives, parsed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: DeferredQueue[Any] = DeferredQueue()
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
+        self.received = 0
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received += 1
+        self.frames.put(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {code} {reason}"))
+        self.closed.callback((wasClean, code, reason))
+
+    def send(self, frame: Any) -> None:
+        self.sendMessage(json.dumps(frame).encode() if not isinstance(frame, bytes) else frame)
+
+    async def next(self, timeout: float = TIMEOUT) -> Any:
+        return await with_timeout(self.frames.get(), timeout)
+
+    async def next_of(self, kind: str, timeout: float = TIMEOUT) -> Any:
+        """The next frame, which must be of type `kind`."""
+        frame = await self.next(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def nothing_more(self, marker_channel: str | None = None) -> None:
+        """Assert no frame is waiting: a ping's pong must be the very next frame."""
+        self.send({"type": "ping"})
+        frame = await self.next()
+        assert frame == {"type": "pong"}, frame
+
+    async def close(self, timeout: float = TIMEOUT) -> tuple[bool, int | None, str | None]:
+        if not self.closed.called:
+            self.sendClose(1000)
+        return await with_timeout(self.closed, timeout)
+
+
+async def connect_ws(port: int, path: str, **options: Any) -> WSClient:
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", reactor=reactor)
+    factory.protocol = WSClient
+    factory.setProtocolOptions(**options)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
+    client: WSClient = await with_timeout(endpoint.connect(factory))
+    await with_timeout(client.opened)
+    return client

@@ -1,0 +1,83 @@
+"""The hub's bookkeeping and fan-out, on the memory broker with recording subscribers."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from pushd.broker.memory import MemoryBroker
+from pushd.hub import Hub
+from pushd.message import Message, dump_json
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.got: list[Message] = []
+
+    def deliver(self, message: Message) -> None:
+        self.got.append(message)
+
+
+def make() -> tuple[MemoryBroker, Hub]:
+    broker = MemoryBroker(Clock(), history_size=5, history_ttl=60)
+    return broker, Hub(broker)
+
+
+def test_first_subscriber_subscribes_the_broker_last_one_leaves() -> None:
+    broker, hub = make()
+    a, b = Sink(), Sink()
+    hub.subscribe("news", a)
+    hub.subscribe("news", b)
+    assert broker.subscribed_channels() == {"news"}
+    hub.unsubscribe("news", a)
+    assert broker.subscribed_channels() == {"news"}
+    hub.unsubscribe("news", b)
+    assert broker.subscribed_channels() == frozenset()
+    assert hub.channels() == {}
+    hub.unsubscribe("news", b)  # harmless twice
+
+
+def test_one_message_object_for_every_subscriber() -> None:
+    broker, hub = make()
+    sinks = [Sink() for _ in range(3)]
+    for sink in sinks:
+        hub.subscribe("news", sink)
+    broker.publish("news", dump_json("hello"))
+    first = sinks[0].got[0]
+    assert all(sink.got == [first] for sink in sinks)
+    assert first.payload == b'{"type":"message","channel":"news","id":"0-0","data":"hello"}'
+
+
+def test_a_subscriber_leaving_during_fan_out_does_not_break_it() -> None:
+    broker, hub = make()
+
+    class Leaver(Sink):
+        def deliver(self, message: Message) -> None:
+            super().deliver(message)
+            hub.unsubscribe("news", self)
+
+    sinks = [Leaver(), Sink(), Leaver()]
+    for sink in sinks:
+        hub.subscribe("news", sink)
+    broker.publish("news", b"1")
+    broker.publish("news", b"2")
+    assert [len(s.got) for s in sinks] == [1, 2, 1]
+
+
+def test_memory_ids_increase_within_one_millisecond_and_history_expires() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    broker = MemoryBroker(clock, history_size=5, history_ttl=60)
+    ids = [broker.publish("c", b"1").result for _ in range(3)]
+    assert ids == ["1000000-0", "1000000-1", "1000000-2"]
+    clock.advance(0.001)
+    assert broker.publish("c", b"1").result == "1000001-0"
+    clock.advance(61)
+    assert broker.publish("c", b"1").result == "1061001-0"
+
+
+def test_a_payload_published_straight_into_the_bus_is_wrapped() -> None:
+    message = Message.from_wire("news", b'{"raw": true}')
+    assert message.id is None
+    assert message.payload == b'{"type":"message","channel":"news","id":null,"data":{"raw":true}}'
+    text = Message.from_wire("news", b"just text")
+    assert text.payload.endswith(b'"data":"just text"}')
