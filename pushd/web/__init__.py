@@ -49,6 +49,8 @@ class QuietSite(Site):
 
 class Root(Resource):
     def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"" and not request.postpath:
+            return self
         return NotFound()
 
     def render_GET(self, request: Request) -> bytes:
