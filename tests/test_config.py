@@ -112,3 +112,14 @@ def test_twistd_stops_with_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "pushd: error: --history-size '-3' (command line): must be 1 or more"
     ]
+
+
+def test_readme_documents_every_option() -> None:
+    from pushd.config import OPTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for option in OPTIONS:
+        assert f"| `--{option.name}" in readme, option.name
+    example = ETC.read_text()
+    for option in OPTIONS:
+        assert option.name in example, option.name
