@@ -64,3 +64,28 @@ async def test_redis_restart(own_redis: RedisServer, prefix: str) -> None:
         await client.close()
     finally:
         await pushd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_pool_and_one_subscriber_connection(own_redis: RedisServer, prefix: str) -> None:
+    """However many clients and channels: pool-size + 1 connections, one SUBSCRIBE each."""
+    import txredisapi
+
+    pushd = PushdUnderTest.config(redis=own_redis.address(), redis_prefix=prefix, redis_pool_size=3)
+    await pushd.start()
+    conn = await txredisapi.Connection("127.0.0.1", own_redis.port)
+    try:
+        clients = [await pushd.connect(f"?channel=ch{n % 5}&channel=all") for n in range(20)]
+        for client in clients:
+            for _ in range(2):
+                await client.next_of("subscribed")
+        listing = await conn.execute_command("CLIENT", "LIST")
+        assert len(listing.strip().splitlines()) == 3 + 1 + 1  # pool, subscriber, this test
+        channels = [prefix + c for c in ("ch0", "ch1", "ch2", "ch3", "ch4", "all")]
+        counts = await conn.execute_command("PUBSUB", "NUMSUB", *channels)
+        assert counts[1::2] == [1] * 6
+        for client in clients:
+            await client.close()
+    finally:
+        await conn.disconnect()
+        await pushd.stop()

@@ -1,0 +1,113 @@
+"""Frames no well-behaved client sends, written byte by byte on a raw socket:
+pushd answers protocol violations with a close frame carrying the RFC 6455 code."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import pytest_twisted
+
+from tests.support import PushdUnderTest, RawClient, connect_raw, wait_for
+
+HANDSHAKE = (
+    b"GET /ws%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if masked else 0
+    n = len(payload)
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Unmasked server frames after the handshake's blank line."""
+    data = data.split(b"\r\n\r\n", 1)[1]
+    frames = []
+    while len(data) >= 2:
+        opcode, n = data[0] & 0x0F, data[1] & 0x7F
+        offset = 2
+        if n == 126:
+            n, offset = struct.unpack("!H", data[2:4])[0], 4
+        elif n == 127:
+            n, offset = struct.unpack("!Q", data[2:10])[0], 10
+        frames.append((opcode, data[offset : offset + n]))
+        data = data[offset + n :]
+    return frames
+
+
+async def open_raw(pushd: PushdUnderTest, query: bytes = b"") -> RawClient:
+    raw = await connect_raw(pushd.port)
+    raw.transport.write(HANDSHAKE % query)
+    assert (await raw.until(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return raw
+
+
+async def close_code(raw: RawClient) -> int:
+    """The code of the server's close frame (we hang up rather than answer it)."""
+
+    def closes() -> list[bytes]:
+        return [payload for opcode, payload in server_frames(raw.data) if opcode == 0x8]
+
+    await wait_for(closes, what="a close frame")
+    raw.transport.loseConnection()
+    return struct.unpack("!H", closes()[0][:2])[0]
+
+
+@pytest.mark.parametrize(
+    ("bytes_sent", "code"),
+    [
+        (frame(0x1, b'{"type":"ping","x":"\xff\xfe"}'), 1007),  # invalid UTF-8
+        (frame(0x1, b'{"type":"ping"}', masked=False), 1002),  # client frames must be masked
+        (frame(0x3, b"?"), 1002),  # reserved opcode
+        (frame(0x1, b"x" * 70000), 1009),  # over --max-message-size
+        (frame(0x9, b"p" * 200), 1002),  # control frame over 125 bytes
+        (frame(0x1, b"a", fin=False) + frame(0x1, b"b"), 1002),  # new message mid-fragments
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_protocol_violations_close_with_a_code(
+    pushd: PushdUnderTest, bytes_sent: bytes, code: int
+) -> None:
+    raw = await open_raw(pushd)
+    raw.transport.write(bytes_sent)
+    assert await close_code(raw) == code
+
+
+@pytest_twisted.ensureDeferred
+async def test_fragmented_frames_are_one_message(pushd: PushdUnderTest) -> None:
+    raw = await open_raw(pushd)
+    message = b'{"type":"subscribe","channel":"frag"}'
+    raw.transport.write(
+        frame(0x1, message[:10], fin=False)
+        + frame(0x0, message[10:20], fin=False)
+        + frame(0x9, b"hi")  # a control frame may come between fragments
+        + frame(0x0, message[20:])
+    )
+    await raw.until(b'"subscribed"')
+    texts = [json.loads(p) for op, p in server_frames(raw.data) if op == 0x1]
+    assert texts == [{"type": "subscribed", "channel": "frag", "recovered": False}]
+    assert (0xA, b"hi") in server_frames(raw.data)
+    raw.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_instead_of_a_handshake_gets_400(pushd: PushdUnderTest) -> None:
+    raw = await connect_raw(pushd.port)
+    raw.transport.write(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
+    await raw.lost
+    assert raw.data.startswith(b"HTTP/1.1 400")
