@@ -26,6 +26,8 @@ class Hub:
         self._broker = broker
         self._channels: dict[str, set[Subscriber]] = {}
         broker.listener = self.dispatch
+        broker.local_counts = self.channels
+        broker.local_count = self.count
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> Deferred[None]:
         """Add `subscriber` to `channel`; fires once the broker feeds the channel.
@@ -56,6 +58,9 @@ class Hub:
         # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
         for subscriber in tuple(subscribers):
             subscriber.deliver(message)
+
+    def count(self, channel: str) -> int:
+        return len(self._channels.get(channel, ()))
 
     def channels(self) -> dict[str, int]:
         """Local subscriber count per channel."""

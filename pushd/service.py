@@ -95,6 +95,7 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     broker.setServiceParent(service)
     ws_factory = PushdServerFactory(
         hub,
+        broker,
         reactor=reactor,
         max_message_size=config.max_message_size,
         ping_interval=config.ping_interval,
@@ -105,6 +106,7 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         ws_factory=ws_factory,
         api_keys=config.api_key,
         max_body=config.max_message_size,
+        history_size=config.history_size,
         access_log=config.access_log,
     )
     for description in config.listen:

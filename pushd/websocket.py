@@ -33,8 +33,10 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
 
+from pushd.broker import Broker
 from pushd.hub import Hub
 from pushd.message import Message, dump_json, is_channel, parse_id
+from pushd.session import AlreadySubscribed, Session
 
 _PONG = dump_json({"type": "pong"})
 
@@ -81,14 +83,11 @@ def _since_of(msg: dict[str, Any], channel: str) -> str | None:
 
 class PushdServerProtocol(WebSocketServerProtocol):
     factory: PushdServerFactory
-
-    # channel -> None once live, or the list buffering its messages until the
-    # subscription is acknowledged.
-    _subs: dict[str, list[Message] | None]
+    session: Session
     _initial: list[dict[str, Any]]
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        self._subs = {}
+        self.session = Session(self.factory.hub, self.factory.broker, self)
         since = request.params.get("since", [None])[-1]
         self._initial = [{"channel": c, "since": since} for c in request.params.get("channel", [])]
 
@@ -123,36 +122,23 @@ class PushdServerProtocol(WebSocketServerProtocol):
             self._reply(e.frame())
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        subs = getattr(self, "_subs", None)
-        if subs:
-            self._subs = {}
-            hub = self.factory.hub
-            for channel in subs:
-                hub.unsubscribe(channel, self)
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.close()
 
     # -- client frames
 
     def handle_subscribe(self, msg: dict[str, Any]) -> None:
         channel = _channel_of(msg)
-        _since_of(msg, channel)
-        if channel in self._subs:
-            raise FrameError("already_subscribed", "already subscribed", channel)
-        pending: list[Message] = []
-        self._subs[channel] = pending
-        self.factory.hub.subscribe(channel, self).addCallback(self._acknowledge, channel, pending)
-
-    def _acknowledge(self, _: None, channel: str, pending: list[Message]) -> None:
-        if self._subs.get(channel) is not pending:
-            return  # unsubscribed or closed meanwhile
-        self._subs[channel] = None
-        self._reply(dump_json({"type": "subscribed", "channel": channel, "recovered": False}))
-        for message in pending:
-            self._send_message(message)
+        since = _since_of(msg, channel)
+        try:
+            self.session.subscribe(channel, since)
+        except AlreadySubscribed:
+            raise FrameError("already_subscribed", "already subscribed", channel) from None
 
     def handle_unsubscribe(self, msg: dict[str, Any]) -> None:
         channel = _channel_of(msg)
-        if self._subs.pop(channel, False) is not False:
-            self.factory.hub.unsubscribe(channel, self)
+        self.session.unsubscribe(channel)
         self._reply(dump_json({"type": "unsubscribed", "channel": channel}))
 
     def handle_ping(self, msg: dict[str, Any]) -> None:
@@ -169,25 +155,21 @@ class PushdServerProtocol(WebSocketServerProtocol):
         "publish": handle_publish,
     }
 
-    # -- to the client
+    # -- the session's outlet
 
-    def deliver(self, message: Message) -> None:
-        try:
-            pending = self._subs[message.channel]
-        except KeyError:
-            return
-        if pending is None:
-            self._send_message(message)
-        else:
-            pending.append(message)
+    def subscribed(self, channel: str, recovered: bool) -> None:
+        self._reply(dump_json({"type": "subscribed", "channel": channel, "recovered": recovered}))
 
-    def _send_message(self, message: Message) -> None:
+    def message(self, message: Message) -> None:
         if self.state != self.STATE_OPEN:
             return
         frame = message.frame
         if frame is None:
             frame = message.frame = self.factory.prepareMessage(message.payload)
         self.sendPreparedMessage(frame)
+
+    def replayed(self, channel: str, payload: bytes) -> None:
+        self._reply(payload)
 
     def _reply(self, payload: bytes) -> None:
         if self.state == self.STATE_OPEN:
@@ -200,6 +182,7 @@ class PushdServerFactory(WebSocketServerFactory):
     def __init__(
         self,
         hub: Hub,
+        broker: Broker,
         *,
         reactor: Any,
         max_message_size: int = 65536,
@@ -208,6 +191,7 @@ class PushdServerFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
+        self.broker = broker
         # Autobahn's defaults are unsafe for a public server (library findings, 3).
         self.setProtocolOptions(
             maxMessagePayloadSize=max_message_size,

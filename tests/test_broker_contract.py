@@ -40,11 +40,11 @@ class Recorder:
 
 @pytest_twisted.ensureDeferred
 async def test_publish_answers_increasing_ids(broker: Broker) -> None:
-    ids = [await broker.publish("c", dump_json(n)) for n in range(30)]
+    ids = [(await broker.publish("c", dump_json(n))).id for n in range(30)]
     keys = [parse_id(i) for i in ids]
     assert keys == sorted(keys) and len(set(keys)) == 30
     # Another channel has its own sequence; ids never go backwards either.
-    other = parse_id(await broker.publish("d", b"1"))
+    other = parse_id((await broker.publish("d", b"1")).id)
     assert other >= (keys[0][0], 0)
 
 
@@ -54,7 +54,7 @@ async def test_subscribed_channels_reach_the_listener(broker: Broker) -> None:
     await with_timeout(broker.subscribe("c"))
     await with_timeout(broker.subscribe("c"))  # idempotent
     assert broker.subscribed_channels() == {"c"}
-    msg_id = await broker.publish("c", b'{"x":1}')
+    msg_id = (await broker.publish("c", b'{"x":1}')).id
     await broker.publish("not-subscribed", b"2")
     await wait_for(lambda: recorder.got, what="the message")
     assert recorder.got == [
@@ -75,7 +75,7 @@ async def test_subscribed_channels_reach_the_listener(broker: Broker) -> None:
 async def test_messages_keep_publish_order(broker: Broker) -> None:
     recorder = Recorder(broker)
     await with_timeout(broker.subscribe("order"))
-    ids = [await broker.publish("order", dump_json(n)) for n in range(100)]
+    ids = [(await broker.publish("order", dump_json(n))).id for n in range(100)]
     await wait_for(lambda: len(recorder.got) == 100, what="100 messages")
     assert [m["id"] for _, m in recorder.got] == ids
     assert [m["data"] for _, m in recorder.got] == list(range(100))

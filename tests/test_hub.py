@@ -67,12 +67,12 @@ def test_memory_ids_increase_within_one_millisecond_and_history_expires() -> Non
     clock = Clock()
     clock.advance(1000)
     broker = MemoryBroker(clock, history_size=5, history_ttl=60)
-    ids = [broker.publish("c", b"1").result for _ in range(3)]
+    ids = [broker.publish("c", b"1").result.id for _ in range(3)]
     assert ids == ["1000000-0", "1000000-1", "1000000-2"]
     clock.advance(0.001)
-    assert broker.publish("c", b"1").result == "1000001-0"
+    assert broker.publish("c", b"1").result.id == "1000001-0"
     clock.advance(61)
-    assert broker.publish("c", b"1").result == "1061001-0"
+    assert broker.publish("c", b"1").result.id == "1061001-0"
 
 
 def test_a_payload_published_straight_into_the_bus_is_wrapped() -> None:

@@ -71,7 +71,7 @@ async def test_bad_requests_change_nothing(pushd: PushdUnderTest) -> None:
     await _error(await pushd.post("x" * 129, "x"), 400, "bad_channel")
     await _error(await pushd.post("news", "x" * 65537), 413, "too_large")
     url = f"{pushd.url}/channels/news"
-    response = await treq.get(url, persistent=False)
+    response = await treq.put(url, b"x", persistent=False)
     await _error(response, 405, "method_not_allowed")
     assert "POST" in response.headers.getRawHeaders("allow")[0]
     await _error(await treq.get(f"{pushd.url}/nothing/here", persistent=False), 404, "not_found")

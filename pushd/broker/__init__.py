@@ -1,25 +1,54 @@
 """The bus and the store behind the hub.
 
 A broker takes publishes (`publish` answers the message id once the message is
-stored and on its way to every node) and feeds the messages of the channels the
-hub asked for into the hub's listener. Two implementations share one contract
+stored in the channel's history and on its way to every node), reads history
+back for recovery, and feeds the messages of the channels the hub asked for
+into the hub's listener. Two implementations share one contract
 (tests/test_broker_contract.py): `redis` (many processes, one Redis) and
 `memory` (one process, no Redis).
+
+History entries are linked: each remembers the id of the message published
+before it on its channel. Reading "everything after <id>" is therefore provably
+complete when the first entry read names <id> as its predecessor (or, with
+nothing newer, when <id> is the newest entry): whatever trimmed, expired or
+lost the history in between breaks the chain, and recovery says so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
 #: Called with (channel, raw envelope bytes) for every message of a subscribed channel.
 Listener = Callable[[str, bytes], None]
+#: The hub's local subscriber counts: all channels, and one channel.
+LocalCounts = Callable[[], dict[str, int]]
+LocalCount = Callable[[str], int]
+
+IDEMPOTENCY_TTL = 300
 
 
 class BrokerUnavailable(Exception):
     """The broker cannot take a publish now; nothing was stored (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    id: str
+    #: True when an Idempotency-Key matched an earlier publish: nothing was published now.
+    repeated: bool = False
+
+
+@dataclass(frozen=True)
+class History:
+    """Retained messages of one channel, oldest first, as (id, data JSON)."""
+
+    messages: list[tuple[str, bytes]] = field(default_factory=list)
+    #: For a read after an id: True only when no message after it is missing.
+    complete: bool = False
 
 
 class Broker(Service):
@@ -27,12 +56,30 @@ class Broker(Service):
 
     name = "broker"
     listener: Listener | None = None
+    local_counts: LocalCounts | None = None
+    local_count: LocalCount | None = None
 
-    def publish(self, channel: str, data: bytes) -> Deferred[str]:
-        """Store and fan out a message whose `data` is compact JSON; fires with its id.
+    def publish(
+        self, channel: str, data: bytes, idempotency_key: str | None = None
+    ) -> Deferred[Published]:
+        """Store and fan out a message whose `data` is compact JSON.
 
         Fails with BrokerUnavailable when the message could not be accepted.
+        With an idempotency key seen in the last IDEMPOTENCY_TTL seconds it
+        publishes nothing and answers the first publish's id.
         """
+        raise NotImplementedError
+
+    def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
+        """With `since`: the retained messages after it (at most `limit`), and
+        whether that is all of them. Without: the newest `limit` messages."""
+        raise NotImplementedError
+
+    def last_id(self, channel: str) -> Deferred[str | None]:
+        raise NotImplementedError
+
+    def subscriber_count(self, channel: str) -> Deferred[int]:
+        """Subscribers of `channel` on every node."""
         raise NotImplementedError
 
     def subscribe(self, channel: str) -> Deferred[None]:

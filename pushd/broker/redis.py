@@ -1,38 +1,134 @@
 """The Redis broker: one command pool and one subscriber connection per process.
 
-Publishing runs one Lua script (XADD to the channel's history stream, EXPIRE,
-PUBLISH of the envelope with the stream id), so a message is stored and sent
-atomically and its id is the stream id. txredisapi loads the script with EVAL
-once per connection, then uses EVALSHA, and falls back to EVAL after a NOSCRIPT.
+Publishing runs one Lua script: XADD to the channel's history stream (each
+entry links to the one before it), EXPIRE, PUBLISH of the envelope with the
+stream id, and the idempotency record; so a message is stored and sent
+atomically, or not at all. Scripts run with EVALSHA and are loaded again after
+a NOSCRIPT (Redis restarted, SCRIPT FLUSH).
 
 Subscriptions: txredisapi reconnects a lost subscriber connection but does not
 re-subscribe (library findings, 4), so the broker keeps the set of channels the
 hub wants and subscribes them again on every new connection. Each SUBSCRIBE
 names one channel: txredisapi matches a multi-channel SUBSCRIBE's confirmations
 to the wrong waiters.
+
+Subscriber counts of all nodes: every node writes its own count into a hash per
+channel, `<prefix>{<channel>}:subscribers` (field: node id, value
+`<count>:<expiry ms>`), refreshing it every few seconds; readers add up the
+fields that have not expired, so a dead node stops counting within seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import txredisapi
 from twisted.internet import endpoints
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    gatherResults,
+    succeed,
+)
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pushd.broker import Broker, BrokerUnavailable, Listener
+from pushd.broker import IDEMPOTENCY_TTL, Broker, BrokerUnavailable, History, Listener, Published
 from pushd.config import RedisAddress
-from pushd.message import envelope_prefix
-
-PUBLISH_SCRIPT = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'd', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. '"' .. id .. '","data":' .. ARGV[3] .. '}')
-return id
-"""
+from pushd.message import dump_json, envelope_prefix
 
 log = Logger()
+
+
+class Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+# KEYS: history stream, [idempotency key]
+# ARGV: pub/sub channel, envelope prefix, data, maxlen, ttl, idempotency ttl
+PUBLISH = Script("""
+if KEYS[2] then
+  local seen = redis.call('GET', KEYS[2])
+  if seen then return {1, seen} end
+end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = ''
+if last[1] then prev = last[1][1] end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'd', ARGV[3], 'p', prev)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. '"' .. id .. '","data":' .. ARGV[3] .. '}')
+if KEYS[2] then redis.call('SET', KEYS[2], id, 'EX', ARGV[6]) end
+return {0, id}
+""")
+
+# KEYS: history stream; ARGV: since, count. Returns {complete, entries}.
+READ_AFTER = Script("""
+local entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local complete = 0
+if entries[1] then
+  local fields = entries[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' and fields[i + 1] == ARGV[1] then complete = 1 end
+  end
+else
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if last[1] and last[1][1] == ARGV[1] then complete = 1 end
+end
+return {complete, entries}
+""")
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: subscriber hashes; ARGV: node id, ttl ms, one count per key.
+REPORT_COUNTS = Script(
+    _NOW_MS
+    + """
+local expiry = now + tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[i + 2])
+  if n > 0 then
+    redis.call('HSET', key, ARGV[1], n .. ':' .. expiry)
+    redis.call('PEXPIRE', key, ARGV[2])
+  else
+    redis.call('HDEL', key, ARGV[1])
+  end
+end
+return #KEYS
+"""
+)
+
+# KEYS: subscriber hash. Adds up the live fields, drops the expired ones.
+COUNT = Script(
+    _NOW_MS
+    + """
+local all = redis.call('HGETALL', KEYS[1])
+local sum = 0
+for i = 1, #all, 2 do
+  local n, expiry = string.match(all[i + 1], '(%d+):(%d+)')
+  if n and tonumber(expiry) >= now then
+    sum = sum + tonumber(n)
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return sum
+"""
+)
+
+COUNTS_REFRESH = 1.0
+COUNTS_FULL_EVERY = 3
+COUNTS_TTL_MS = 10_000
+COUNTS_BATCH = 500
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -79,13 +175,15 @@ class RedisBroker(Broker):
         history_ttl: int = 3600,
     ) -> None:
         self.listener: Listener | None = None
+        self.node = uuid.uuid4().hex[:16]
         self._reactor = reactor
         self._address = address
         self._prefix = prefix
         self._prefix_bytes = prefix.encode()
         self._pool_size = pool_size
         self._timeout = timeout
-        self._history_args = (str(history_size), str(history_ttl))
+        self._history_size = history_size
+        self._history_args = (str(history_size), str(history_ttl), str(IDEMPOTENCY_TTL))
         self._pool: Any = None
         self._pool_factory: Any = None
         self._sub_factory: Any = None
@@ -95,6 +193,18 @@ class RedisBroker(Broker):
         self._sent: dict[str, object] = {}
         self._waiters: dict[str, list[Deferred[None]]] = {}
         self._ready_waiters: list[Deferred[None]] = []
+        self._reported: dict[str, int] = {}
+        self._report_ticks = 0
+        self._reporter = LoopingCall(self._report_counts)
+        self._reporter.clock = reactor
+
+    # -- keys
+
+    def _stream(self, channel: str) -> str:
+        return f"{self._prefix}{{{channel}}}:history"
+
+    def _subscribers(self, channel: str) -> str:
+        return f"{self._prefix}{{{channel}}}:subscribers"
 
     # -- life cycle
 
@@ -112,6 +222,7 @@ class RedisBroker(Broker):
             password=a.password,
             username=a.username,
             replyTimeout=self._timeout or None,
+            convertNumbers=False,
         )
         self._pool_factory.startConnecting(self._endpoint())
         self._pool_factory.deferred.addCallback(self._check_ready)
@@ -120,13 +231,22 @@ class RedisBroker(Broker):
         self._sub_factory.password = a.password
         self._sub_factory.username = a.username
         self._sub_factory.startConnecting(self._endpoint())
+        self._reporter.start(COUNTS_REFRESH, now=False)
 
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        return gatherResults(
+    async def _stop(self) -> None:
+        self._reporter.stop()
+        if self._reported and self.connected:
+            # Leave the counts at once rather than when they expire.
+            with suppress(BrokerUnavailable):
+                await self._report(dict.fromkeys(self._reported, 0))
+        await gatherResults(
             [self._pool_factory.disconnect(), self._sub_factory.disconnect()],
             consumeErrors=True,
         )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
 
     @property
     def connected(self) -> bool:
@@ -145,18 +265,103 @@ class RedisBroker(Broker):
                 d.callback(None)
         return _
 
-    # -- publishing
+    # -- commands
 
-    def publish(self, channel: str, data: bytes) -> Deferred[str]:
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._call("evalsha", script.sha, keys=keys, args=args)
+        except txredisapi.ScriptDoesNotExist:
+            await self._call("script_load", script.source)
+            return await self._call("evalsha", script.sha, keys=keys, args=args)
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A pool command, failing fast with BrokerUnavailable while Redis is away,
+        and within the timeout when it does not answer."""
         if not (self._pool_factory and self._pool_factory.size):
-            return _unavailable("Redis is not connected")
-        d = self._pool.eval(
-            PUBLISH_SCRIPT,
-            keys=[f"{self._prefix}{{{channel}}}:history"],
-            args=[self._prefix + channel, envelope_prefix(channel), data, *self._history_args],
-        )
+            raise BrokerUnavailable("Redis is not connected")
+        d = getattr(self._pool, method)(*args, **kwargs)
         d.addTimeout(self._timeout or 3600, self._reactor)
-        d.addErrback(_as_unavailable)
+        try:
+            return await d
+        except txredisapi.ScriptDoesNotExist:
+            raise
+        except (txredisapi.RedisError, TimeoutError, CancelledError) as e:
+            raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
+
+    def publish(
+        self, channel: str, data: bytes, idempotency_key: str | None = None
+    ) -> Deferred[Published]:
+        keys = [self._stream(channel)]
+        if idempotency_key is not None:
+            keys.append(f"{self._prefix}idempotency:{idempotency_key}")
+        args = [self._prefix + channel, envelope_prefix(channel), data, *self._history_args]
+
+        async def run() -> Published:
+            repeated, msg_id = await self._run(PUBLISH, keys, args)
+            return Published(msg_id, repeated=bool(int(repeated)))
+
+        return Deferred.fromCoroutine(run())
+
+    def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
+        async def run() -> History:
+            count = limit or self._history_size * 2 + 100
+            if since is None:
+                newest = await self._call(
+                    "execute_command", "XREVRANGE", self._stream(channel), "+", "-", "COUNT", count
+                )
+                return History(_messages(newest[::-1]), complete=False)
+            complete, entries = await self._run(READ_AFTER, [self._stream(channel)], [since, count])
+            return History(_messages(entries), complete=bool(int(complete)))
+
+        return Deferred.fromCoroutine(run())
+
+    def last_id(self, channel: str) -> Deferred[str | None]:
+        async def run() -> str | None:
+            last = await self._call(
+                "execute_command", "XREVRANGE", self._stream(channel), "+", "-", "COUNT", 1
+            )
+            return last[0][0] if last else None
+
+        return Deferred.fromCoroutine(run())
+
+    def subscriber_count(self, channel: str) -> Deferred[int]:
+        async def run() -> int:
+            return int(await self._run(COUNT, [self._subscribers(channel)], []))
+
+        return Deferred.fromCoroutine(run())
+
+    # -- subscriber counts of this node
+
+    async def _report(self, counts: dict[str, int]) -> None:
+        items = list(counts.items())
+        for start in range(0, len(items), COUNTS_BATCH):
+            batch = items[start : start + COUNTS_BATCH]
+            await self._run(
+                REPORT_COUNTS,
+                [self._subscribers(channel) for channel, _ in batch],
+                [self.node, COUNTS_TTL_MS, *(n for _, n in batch)],
+            )
+
+    async def _report_counts_async(self) -> None:
+        current = self.local_counts() if self.local_counts is not None else {}
+        self._report_ticks += 1
+        if self._report_ticks % COUNTS_FULL_EVERY == 0:
+            changes = dict(current)
+        else:
+            changes = {c: n for c, n in current.items() if self._reported.get(c) != n}
+        changes.update((c, 0) for c in self._reported if c not in current)
+        if not changes:
+            return
+        try:
+            await self._report(changes)
+        except BrokerUnavailable:
+            self._reported = {}
+            return
+        self._reported = current
+
+    def _report_counts(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._report_counts_async())
+        d.addErrback(lambda f: log.failure("reporting subscriber counts failed", f))
         return d
 
     # -- subscriptions
@@ -224,15 +429,14 @@ class RedisBroker(Broker):
                 self.listener(name, message)
 
 
-def _unavailable(why: str) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(BrokerUnavailable(why))
-    return d
-
-
-def _as_unavailable(failure: Any) -> Any:
-    failure.trap(txredisapi.RedisError, TimeoutError, CancelledError)
-    raise BrokerUnavailable(f"Redis: {failure.getErrorMessage() or failure.type.__name__}")
+def _messages(entries: list[Any]) -> list[tuple[str, bytes]]:
+    """XRANGE entries `[id, [field, value, ...]]` as (id, data JSON)."""
+    messages = []
+    for msg_id, fields in entries:
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        data = values.get("d", "null")
+        messages.append((msg_id, data.encode() if isinstance(data, str) else dump_json(data)))
+    return messages
 
 
 def _log_failure(failure: Any, what: str) -> None:

@@ -64,11 +64,12 @@ def make_site(
     ws_factory: Any,
     api_keys: tuple[str, ...],
     max_body: int,
+    history_size: int = 100,
     access_log: bool = False,
 ) -> Site:
     root = Root()
     root.putChild(b"ws", WebSocketResource(ws_factory))  # type: ignore[arg-type]
-    channels = ChannelsResource(broker, ProducerAuth(api_keys))
+    channels = ChannelsResource(broker, ProducerAuth(api_keys), history_size)
     root.putChild(b"channels", channels)  # type: ignore[arg-type]
 
     site = Site(root) if access_log else QuietSite(root)

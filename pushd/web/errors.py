@@ -18,6 +18,9 @@ class ApiError(Exception):
 BAD_CHANNEL = (400, "bad_channel", "channel names match [A-Za-z0-9_.:@=+-]{1,128}, optionally #ids")
 BAD_JSON = (400, "bad_json", "the body is not valid JSON")
 BAD_TEXT = (400, "bad_text", "the body is not UTF-8 text")
+BAD_SINCE = (400, "bad_since", "since must be a message id <ms>-<seq>")
+BAD_LIMIT = (400, "bad_limit", "limit must be a whole number from 1 to 10000")
+BAD_IDEMPOTENCY_KEY = (400, "bad_idempotency_key", "Idempotency-Key: 1 to 256 printable characters")
 UNAUTHORIZED = (401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)")
 LOOPBACK_ONLY = (
     403,

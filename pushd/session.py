@@ -1,0 +1,112 @@
+"""One client's subscriptions, whatever carries them (WebSocket, SSE, stream).
+
+Subscribing with `since` follows the safe order: join the channel live first
+and buffer what arrives, read the history after `since`, send it, then release
+the buffered live messages newer than the last one sent. So a client gets every
+retained message once, in id order, even while producers publish; and
+"recovered" is true only when the history proves nothing after `since` is gone.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from pushd.broker import Broker, BrokerUnavailable, History
+from pushd.hub import Hub
+from pushd.message import Message, envelope, parse_id
+
+log = Logger()
+
+
+class Outlet(Protocol):
+    """What a transport does with the events of its session."""
+
+    def subscribed(self, channel: str, recovered: bool) -> None: ...
+
+    def message(self, message: Message) -> None:
+        """A live message: the same object goes to every local subscriber."""
+
+    def replayed(self, channel: str, payload: bytes) -> None:
+        """An envelope read back from history for this client alone."""
+
+
+class AlreadySubscribed(Exception):
+    pass
+
+
+class Session:
+    __slots__ = ("_broker", "_hub", "_out", "_subs")
+
+    def __init__(self, hub: Hub, broker: Broker, out: Outlet) -> None:
+        self._hub = hub
+        self._broker = broker
+        self._out = out
+        # channel -> None once live, or the list buffering its live messages
+        # until the subscription is acknowledged (and recovered).
+        self._subs: dict[str, list[Message] | None] = {}
+
+    def __contains__(self, channel: str) -> bool:
+        return channel in self._subs
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def subscribe(self, channel: str, since: str | None = None) -> Deferred[None]:
+        """Join `channel`; the outlet hears `subscribed`, then (with `since`) the
+        history after it, then live messages. Raises AlreadySubscribed."""
+        if channel in self._subs:
+            raise AlreadySubscribed(channel)
+        pending: list[Message] = []
+        self._subs[channel] = pending
+        d = Deferred.fromCoroutine(self._join(channel, since, pending))
+        d.addErrback(lambda f: log.failure("subscribing {channel} failed", f, channel=channel))
+        return d
+
+    async def _join(self, channel: str, since: str | None, pending: list[Message]) -> None:
+        await self._hub.subscribe(channel, self)
+        history = History()
+        if since is not None and self._subs.get(channel) is pending:
+            # Without Redis the subscription goes on live, with recovered false.
+            with suppress(BrokerUnavailable):
+                history = await self._broker.history(channel, since, None)
+        if self._subs.get(channel) is not pending:
+            return  # unsubscribed or closed meanwhile
+        self._subs[channel] = None
+        out = self._out
+        out.subscribed(channel, history.complete)
+        last = parse_id(since) if since is not None else (-1, -1)
+        for msg_id, data in history.messages:
+            out.replayed(channel, envelope(channel, msg_id, data))
+            last = parse_id(msg_id)
+        for message in pending:
+            if message.id is None or parse_id(message.id) > last:
+                out.message(message)
+
+    def unsubscribe(self, channel: str) -> bool:
+        """Leave `channel`; False when the session was not in it."""
+        if channel not in self._subs:
+            return False
+        del self._subs[channel]
+        self._hub.unsubscribe(channel, self)
+        return True
+
+    def close(self) -> None:
+        """Leave every channel: nothing of this client stays in the hub."""
+        subs, self._subs = self._subs, {}
+        for channel in subs:
+            self._hub.unsubscribe(channel, self)
+
+    def deliver(self, message: Message) -> None:
+        """The hub's entry point for a live message."""
+        try:
+            pending = self._subs[message.channel]
+        except KeyError:
+            return
+        if pending is None:
+            self._out.message(message)
+        else:
+            pending.append(message)
