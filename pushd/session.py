@@ -45,9 +45,10 @@ class Session:
         self._hub = hub
         self._broker = broker
         self._out = out
-        # channel -> None once live, or the list buffering its live messages
-        # until the subscription is acknowledged (and recovered).
-        self._subs: dict[str, list[Message] | None] = {}
+        # channel -> the list buffering its live messages until the subscription
+        # is acknowledged (and recovered); then the id of the last message
+        # replayed, until a newer one comes live; then None.
+        self._subs: dict[str, list[Message] | tuple[int, int] | None] = {}
 
     def __contains__(self, channel: str) -> bool:
         return channel in self._subs
@@ -75,16 +76,20 @@ class Session:
                 history = await self._broker.history(channel, since, None)
         if self._subs.get(channel) is not pending:
             return  # unsubscribed or closed meanwhile
-        self._subs[channel] = None
         out = self._out
         out.subscribed(channel, history.complete)
-        last = parse_id(since) if since is not None else (-1, -1)
-        for msg_id, data in history.messages:
-            out.replayed(channel, envelope(channel, msg_id, data))
-            last = parse_id(msg_id)
+        if since is None:
+            self._subs[channel] = None
+        else:
+            last = parse_id(since)
+            for msg_id, data in history.messages:
+                out.replayed(channel, envelope(channel, msg_id, data))
+                last = parse_id(msg_id)
+            # Pub/sub runs on another connection than the history read: messages
+            # just replayed may still arrive live. Drop them until a newer one.
+            self._subs[channel] = last
         for message in pending:
-            if message.id is None or parse_id(message.id) > last:
-                out.message(message)
+            self.deliver(message)
 
     def unsubscribe(self, channel: str) -> bool:
         """Leave `channel`; False when the session was not in it."""
@@ -103,10 +108,15 @@ class Session:
     def deliver(self, message: Message) -> None:
         """The hub's entry point for a live message."""
         try:
-            pending = self._subs[message.channel]
+            state = self._subs[message.channel]
         except KeyError:
             return
-        if pending is None:
+        if state is None:
             self._out.message(message)
-        else:
-            pending.append(message)
+        elif isinstance(state, list):
+            state.append(message)
+        elif message.id is None:
+            self._out.message(message)
+        elif parse_id(message.id) > state:
+            self._subs[message.channel] = None
+            self._out.message(message)
