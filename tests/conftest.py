@@ -43,6 +43,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that keeps every acknowledged write across a crash."""
+    server = RedisServer(free_port(), tmp_path, durable=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def prefix() -> str:
     """A Redis key prefix of the test's own, so tests sharing a server never meet."""
     return f"t{os.getpid()}-{next(_prefixes)}:"

@@ -6,6 +6,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
@@ -34,9 +36,11 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a loopback port, started and stopped by the tests."""
 
-    def __init__(self, port: int, directory: Path) -> None:
+    def __init__(self, port: int, directory: Path, *, durable: bool = False) -> None:
         self.port = port
         self.directory = directory
+        # Durable: every acknowledged write is on disk before the reply (AOF, fsync always).
+        self.durable = durable
         self.process: subprocess.Popen[bytes] | None = None
 
     def address(self) -> RedisAddress:
@@ -52,8 +56,11 @@ class RedisServer:
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
+                *(
+                    ("--appendonly", "yes", "--appendfsync", "always")
+                    if self.durable
+                    else ("--appendonly", "no")
+                ),
                 "--dir",
                 str(self.directory),
             ],
@@ -250,3 +257,73 @@ async def connect_ws(port: int, path: str, **options: Any) -> WSClient:
     client: WSClient = await with_timeout(endpoint.connect(factory))
     await with_timeout(client.opened)
     return client
+
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+class Node:
+    """`twistd -n pushd` in a process of its own, as operators run it."""
+
+    def __init__(self, directory: Path, *options: str, port: int | None = None) -> None:
+        self.directory = directory
+        self.options = options
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / f"pushd-{self.port}.log"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "pushd",
+                "--listen",
+                f"tcp:{self.port}:interface=127.0.0.1",
+                *self.options,
+            ],
+            cwd=self.directory,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    async def ready(self) -> None:
+        """Serving, and (on Redis) connected: GET /channels/x answers 200, not 503."""
+
+        async def up() -> bool:
+            try:
+                response = await treq.get(f"{self.url}/channels/ready", persistent=False)
+            except ConnectError:
+                return False
+            return response.code == 200
+
+        await wait_for(up, timeout=30, what=f"pushd on port {self.port}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(TIMEOUT)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.kill(signal.SIGTERM)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def publish(self, channel: str, data: Any) -> str:
+        response = await treq.post(
+            f"{self.url}/channels/{channel}",
+            json.dumps(data).encode(),
+            headers={"content-type": ["application/json"]},
+            persistent=False,
+        )
+        body = await response.json()
+        assert response.code == 200, body
+        return body["id"]
+
+    async def connect(self, query: str = "") -> WSClient:
+        return await connect_ws(self.port, f"/ws{query}")

@@ -4,6 +4,9 @@ nothing; subscribers stay connected and receive again once Redis is back."""
 from __future__ import annotations
 
 import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from tests.support import PushdUnderTest, RedisServer, wait_for
 
@@ -88,4 +91,61 @@ async def test_one_pool_and_one_subscriber_connection(own_redis: RedisServer, pr
             await client.close()
     finally:
         await conn.disconnect()
+        await pushd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_loses_nothing_that_was_accepted(
+    durable_redis: RedisServer, prefix: str
+) -> None:
+    """A producer retries with Idempotency-Key across a Redis crash; a subscriber
+    that stayed connected re-subscribes with its last id and has every accepted
+    message once; the history holds exactly the accepted messages."""
+    pushd = PushdUnderTest.config(redis=durable_redis.address(), redis_prefix=prefix)
+    await pushd.start()
+    try:
+        client = await pushd.connect("?channel=feed")
+        await client.next_of("subscribed")
+        accepted: list[str] = []
+        refused = 0
+
+        async def publish(n: int) -> None:
+            nonlocal refused
+            while True:
+                response = await pushd.post(
+                    "feed", str(n), headers={"idempotency-key": [f"{prefix}{n}"]}
+                )
+                if response.code == 200:
+                    accepted.append((await response.json())["id"])
+                    return
+                assert response.code == 503
+                refused += 1
+                await deferLater(reactor, 0.02, lambda: None)
+
+        for n in range(20):
+            await publish(n)
+        durable_redis.kill()
+        restart = deferLater(reactor, 0.5, durable_redis.start)
+        for n in range(20, 40):
+            await publish(n)
+        await restart
+        assert refused > 0
+        assert not client.closed.called
+
+        live = []
+        while len(live) < 20:
+            live.append((await client.next_of("message"))["id"])
+        assert live == accepted[:20]
+        client.send({"type": "unsubscribe", "channel": "feed"})
+        await client.next_of("unsubscribed")
+        client.send({"type": "subscribe", "channel": "feed", "since": live[-1]})
+        assert (await client.next_of("subscribed"))["recovered"] is True
+        replay = [(await client.next_of("message"))["id"] for _ in range(20)]
+        assert live + replay == accepted
+        await client.nothing_more()
+
+        response = await treq.get(f"{pushd.url}/channels/feed/history", persistent=False)
+        assert [m["id"] for m in (await response.json())["messages"]] == accepted
+        await client.close()
+    finally:
         await pushd.stop()

@@ -1,0 +1,96 @@
+"""Many pushd processes on one Redis behave as one."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest_twisted
+import treq
+from twisted.internet import defer
+
+from tests.support import Node, RedisServer, wait_for
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(
+    redis_server: RedisServer, tmp_path: Path, prefix: str
+) -> AsyncIterator[Callable[[int], list[Node]]]:
+    """Start n `twistd pushd` nodes sharing the session Redis and a prefix."""
+    nodes: list[Node] = []
+
+    async def start(n: int) -> list[Node]:
+        options = ("--redis", f"redis://127.0.0.1:{redis_server.port}", "--redis-prefix", prefix)
+        started = [Node(tmp_path, *options) for _ in range(n)]
+        for node in started:
+            node.start()
+        nodes.extend(started)
+        await defer.gatherResults([defer.Deferred.fromCoroutine(n.ready()) for n in started])
+        return started
+
+    yield start  # type: ignore[misc]
+    for node in nodes:
+        node.stop()
+
+
+async def subscribers(node: Node, channel: str) -> int:
+    response = await treq.get(f"{node.url}/channels/{channel}", persistent=False)
+    return (await response.json())["subscribers"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_posted_anywhere_reaches_every_node_once(cluster) -> None:  # type: ignore[no-untyped-def]
+    nodes = await cluster(3)
+    clients = [await node.connect("?channel=news") for node in nodes for _ in range(2)]
+    for client in clients:
+        await client.next_of("subscribed")
+    ids = [await node.publish("news", n) for n, node in zip(range(30), itertools.cycle(nodes))]
+    for client in clients:
+        got = [await client.next_of("message") for _ in ids]
+        assert [f["id"] for f in got] == ids
+        assert [f["data"] for f in got] == list(range(30))
+        await client.nothing_more()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscriber_counts_add_up_over_nodes_and_forget_dead_ones(cluster) -> None:  # type: ignore[no-untyped-def]
+    nodes = await cluster(3)
+    clients = []
+    for k, node in enumerate(nodes, start=1):
+        for _ in range(k):
+            clients.append(await node.connect("?channel=room"))
+    for client in clients:
+        await client.next_of("subscribed")
+
+    async def counted(n: int) -> bool:
+        counts = [await subscribers(node, "room") for node in nodes if node.process]
+        return counts == [n] * len(counts)
+
+    await wait_for(lambda: counted(6), what="6 subscribers seen by every node")
+    nodes[2].kill()
+    await wait_for(lambda: counted(3), timeout=15, what="the dead node to stop counting")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_node_comes_back_and_its_clients_lose_nothing(cluster) -> None:  # type: ignore[no-untyped-def]
+    a, b = await cluster(2)
+    client = await a.connect("?channel=feed")
+    await client.next_of("subscribed")
+    accepted = [await b.publish("feed", n) for n in range(5)]
+    seen = [(await client.next_of("message"))["id"] for _ in range(5)]
+    assert seen == accepted
+
+    a.kill()
+    await client.closed
+    accepted += [await b.publish("feed", n) for n in range(5, 15)]
+    a.start()
+    await a.ready()
+    client = await a.connect(f"?channel=feed&since={seen[-1]}")
+    assert (await client.next_of("subscribed"))["recovered"] is True
+    accepted += [await b.publish("feed", n) for n in range(15, 20)]
+    seen += [(await client.next_of("message"))["id"] for _ in range(15)]
+    assert seen == accepted
+    await client.nothing_more()
+    await client.close()
