@@ -4,6 +4,11 @@ The hub asks the broker for a channel when its first local subscriber arrives
 and lets it go when the last one leaves. Each message reaches the hub once and
 is handed, as one Message object (its envelope serialised once, its frame made
 once), to every local subscriber. Nothing here knows about sockets.
+
+The hub remembers the last id it handed out per channel. When the broker's bus
+connection comes back after an outage, the hub fills the gap from the history
+before live messages go on (and drops live messages it already handed out), so
+connected clients see a delay, not a hole.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
-from pushd.broker import Broker
-from pushd.message import Message
+from pushd.broker import Broker, BrokerUnavailable
+from pushd.message import Message, envelope, format_id, parse_id
+
+log = Logger()
 
 
 class Subscriber(Protocol):
@@ -21,11 +29,22 @@ class Subscriber(Protocol):
         """Take one message of a channel this subscriber is in. Must not block."""
 
 
+class _Channel:
+    __slots__ = ("buffer", "last", "subscribers")
+
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.last: tuple[int, int] | None = None
+        # Live messages held back while the gap after an outage is filled.
+        self.buffer: list[Message] | None = None
+
+
 class Hub:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        self._channels: dict[str, set[Subscriber]] = {}
+        self._channels: dict[str, _Channel] = {}
         broker.listener = self.dispatch
+        broker.resumed = self.resume
         broker.local_counts = self.channels
         broker.local_count = self.count
 
@@ -34,34 +53,75 @@ class Hub:
 
         No message of the channel can reach the subscriber before that.
         """
-        subscribers = self._channels.get(channel)
-        if subscribers is None:
-            subscribers = self._channels[channel] = set()
-        subscribers.add(subscriber)
+        state = self._channels.get(channel)
+        if state is None:
+            state = self._channels[channel] = _Channel()
+        state.subscribers.add(subscriber)
         return self._broker.subscribe(channel)
 
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
-        subscribers = self._channels.get(channel)
-        if subscribers is None:
+        state = self._channels.get(channel)
+        if state is None:
             return
-        subscribers.discard(subscriber)
-        if not subscribers:
+        state.subscribers.discard(subscriber)
+        if not state.subscribers:
             del self._channels[channel]
             self._broker.unsubscribe(channel)
 
     def dispatch(self, channel: str, raw: bytes) -> None:
         """The broker's listener: one message in, one delivery per local subscriber."""
-        subscribers = self._channels.get(channel)
-        if not subscribers:
+        state = self._channels.get(channel)
+        if state is None:
             return
-        message = Message.from_wire(channel, raw)
+        self._fan_out(state, Message.from_wire(channel, raw))
+
+    def _fan_out(self, state: _Channel, message: Message) -> None:
+        if message.id is not None:
+            if state.buffer is not None:
+                state.buffer.append(message)
+                return
+            key = parse_id(message.id)
+            if state.last is not None and key <= state.last:
+                return  # already handed out while filling a gap
+            state.last = key
         # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
-        for subscriber in tuple(subscribers):
+        for subscriber in tuple(state.subscribers):
             subscriber.deliver(message)
 
+    def resume(self, channel: str) -> None:
+        """The broker subscribed `channel` again after losing its bus connection."""
+        state = self._channels.get(channel)
+        if state is None or state.last is None or state.buffer is not None:
+            return
+        state.buffer = []
+        Deferred.fromCoroutine(self._fill_gap(channel, state)).addErrback(
+            lambda f: log.failure("filling the gap of {channel} failed", f, channel=channel)
+        )
+
+    async def _fill_gap(self, channel: str, state: _Channel) -> None:
+        assert state.last is not None
+        since = format_id(*state.last)
+        try:
+            history = await self._broker.history(channel, since, None)
+        except BrokerUnavailable:
+            history = None
+        buffered, state.buffer = state.buffer or [], None
+        if self._channels.get(channel) is not state:
+            return
+        if history is not None:
+            if not history.complete:
+                log.warn(
+                    "messages of {channel} after {since} are gone", channel=channel, since=since
+                )
+            for msg_id, data in history.messages:
+                self._fan_out(state, Message(channel, msg_id, envelope(channel, msg_id, data)))
+        for message in buffered:
+            self._fan_out(state, message)
+
     def count(self, channel: str) -> int:
-        return len(self._channels.get(channel, ()))
+        state = self._channels.get(channel)
+        return len(state.subscribers) if state is not None else 0
 
     def channels(self) -> dict[str, int]:
         """Local subscriber count per channel."""
-        return {channel: len(subs) for channel, subs in self._channels.items()}
+        return {channel: len(state.subscribers) for channel, state in self._channels.items()}

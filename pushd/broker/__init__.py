@@ -56,6 +56,8 @@ class Broker(Service):
 
     name = "broker"
     listener: Listener | None = None
+    #: Called with a channel subscribed again after the bus connection was lost.
+    resumed: Callable[[str], None] | None = None
     local_counts: LocalCounts | None = None
     local_count: LocalCount | None = None
 

@@ -390,13 +390,15 @@ class RedisBroker(Broker):
     def subscribed_channels(self) -> frozenset[str]:
         return frozenset(self._active)
 
-    def _send_subscribe(self, proto: _Subscriber, channel: str) -> None:
+    def _send_subscribe(self, proto: _Subscriber, channel: str, again: bool = False) -> None:
         token = self._sent[channel] = object()
 
         def confirmed(_: object) -> None:
             if self._proto is proto and self._sent.get(channel) is token:
                 self._active.add(channel)
                 self._release(channel)
+                if again and self.resumed is not None:
+                    self.resumed(channel)
 
         proto.subscribe(self._prefix + channel).addCallbacks(
             confirmed, _log_failure, errbackArgs=("SUBSCRIBE",)
@@ -411,7 +413,7 @@ class RedisBroker(Broker):
         self._proto = proto
         self._active.clear()
         for channel in self._wanted:
-            self._send_subscribe(proto, channel)
+            self._send_subscribe(proto, channel, again=True)
         self._check_ready()
 
     def _disconnected(self, proto: _Subscriber) -> None:
