@@ -94,3 +94,20 @@ async def test_a_killed_node_comes_back_and_its_clients_lose_nothing(cluster) ->
     assert seen == accepted
     await client.nothing_more()
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idempotency_key_holds_across_nodes(cluster) -> None:  # type: ignore[no-untyped-def]
+    a, b = await cluster(2)
+    answers = []
+    for node in (a, b, a):
+        response = await treq.post(
+            f"{node.url}/channels/orders",
+            b"paid",
+            headers={"idempotency-key": ["pay-7"]},
+            persistent=False,
+        )
+        answers.append(await response.json())
+    assert answers[0] == answers[1] == answers[2]
+    response = await treq.get(f"{b.url}/channels/orders/history", persistent=False)
+    assert len((await response.json())["messages"]) == 1
