@@ -9,8 +9,9 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -62,17 +63,32 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest_twisted.async_yield_fixture
-async def pushd(
-    broker_kind: str, redis_server: RedisServer, prefix: str
-) -> AsyncIterator[PushdUnderTest]:
+@pytest_twisted.async_fixture
+async def pushd(start_pushd: Callable[..., Awaitable[PushdUnderTest]]) -> PushdUnderTest:
     """pushd on a free loopback port, on the memory broker and on the session Redis."""
-    server = PushdUnderTest.config(
-        redis=redis_server.address() if broker_kind == "redis" else None, redis_prefix=prefix
-    )
-    await server.start()
-    yield server
-    await server.stop()
+    return await start_pushd()
+
+
+@pytest_twisted.async_yield_fixture
+async def start_pushd(
+    broker_kind: str, redis_server: RedisServer, prefix: str
+) -> AsyncIterator[Callable[..., Awaitable[PushdUnderTest]]]:
+    """Start pushd with options of the test's own, on each broker; stopped after."""
+    started: list[PushdUnderTest] = []
+
+    async def start(**overrides: Any) -> PushdUnderTest:
+        server = PushdUnderTest.config(
+            redis=redis_server.address() if broker_kind == "redis" else None,
+            redis_prefix=prefix,
+            **overrides,
+        )
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +174,10 @@ class PushdUnderTest:
         return await connect_ws(self.port, f"/ws{query}", **kwargs)
 
 
+#: The start_pushd fixture: start pushd with config overrides on the test's broker.
+StartPushd = Callable[..., Awaitable["PushdUnderTest"]]
+
+
 class RawClient(Protocol):
     """Bytes in, bytes out: for requests no well-behaved client would send."""
 
@@ -265,10 +271,11 @@ TWISTD = str(Path(sys.executable).parent / "twistd")
 class Node:
     """`twistd -n pushd` in a process of its own, as operators run it."""
 
-    def __init__(self, directory: Path, *options: str, port: int | None = None) -> None:
+    def __init__(self, directory: Path, *options: str, env: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.options = options
-        self.port = port or free_port()
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / f"pushd-{self.port}.log"
 
@@ -284,6 +291,7 @@ class Node:
                 *self.options,
             ],
             cwd=self.directory,
+            env=self.env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
@@ -300,15 +308,20 @@ class Node:
 
         await wait_for(up, timeout=30, what=f"pushd on port {self.port}")
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        """Send `sig`, wait for the exit; the exit status."""
         assert self.process is not None
         self.process.send_signal(sig)
-        self.process.wait(TIMEOUT)
+        status = self.process.wait(TIMEOUT)
         self.process = None
+        return status
 
     def stop(self) -> None:
         if self.process is not None:
             self.kill(signal.SIGTERM)
+
+    def output(self) -> str:
+        return self.log.read_text()
 
     @property
     def url(self) -> str:

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from pushd.message import parse_id
-from tests.support import PushdUnderTest, RedisServer, WSClient, wait_for
+from tests.support import PushdUnderTest, RedisServer, StartPushd, WSClient, wait_for
 
 
 async def subscribe_since(pushd: PushdUnderTest, channel: str, since: str) -> tuple[WSClient, bool]:
@@ -55,68 +55,48 @@ async def test_an_id_that_never_was_is_not_recovered(pushd: PushdUnderTest) -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_trimmed_history_is_not_recovered(
-    broker_kind: str, redis_server: RedisServer, prefix: str
-) -> None:
-    pushd = PushdUnderTest.config(
-        redis=redis_server.address() if broker_kind == "redis" else None,
-        redis_prefix=prefix,
-        history_size=5,
-    )
-    await pushd.start()
-    try:
-        ids = [await pushd.publish("news", n) for n in range(400)]
-        client, recovered = await subscribe_since(pushd, "news", ids[0])
-        assert recovered is False
-        replay = []
-        while True:
-            frame = await client.next_of("message")
-            replay.append(frame["id"])
-            if frame["id"] == ids[-1]:
-                break
-        # What is retained still comes, in order, ending with the newest.
-        assert replay == ids[-len(replay) :] and 5 <= len(replay) < 399
-        await client.close()
-        # A since still inside what is retained recovers.
-        client, recovered = await subscribe_since(pushd, "news", ids[-3])
-        assert recovered is True
-        assert [(await client.next_of("message"))["id"] for _ in range(2)] == ids[-2:]
-        await client.close()
-    finally:
-        await pushd.stop()
+async def test_trimmed_history_is_not_recovered(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(history_size=5)
+    ids = [await pushd.publish("news", n) for n in range(400)]
+    client, recovered = await subscribe_since(pushd, "news", ids[0])
+    assert recovered is False
+    replay = []
+    while True:
+        frame = await client.next_of("message")
+        replay.append(frame["id"])
+        if frame["id"] == ids[-1]:
+            break
+    # What is retained still comes, in order, ending with the newest.
+    assert replay == ids[-len(replay) :] and 5 <= len(replay) < 399
+    await client.close()
+    # A since still inside what is retained recovers.
+    client, recovered = await subscribe_since(pushd, "news", ids[-3])
+    assert recovered is True
+    assert [(await client.next_of("message"))["id"] for _ in range(2)] == ids[-2:]
+    await client.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_expired_history_is_not_recovered(
-    broker_kind: str, redis_server: RedisServer, prefix: str
-) -> None:
-    pushd = PushdUnderTest.config(
-        redis=redis_server.address() if broker_kind == "redis" else None,
-        redis_prefix=prefix,
-        history_ttl=1,
-    )
-    await pushd.start()
-    try:
-        ids = [await pushd.publish("news", n) for n in range(3)]
-        broker = pushd.service.broker
+async def test_expired_history_is_not_recovered(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(history_ttl=1)
+    ids = [await pushd.publish("news", n) for n in range(3)]
+    broker = pushd.service.broker
 
-        async def expired() -> bool:
-            return await broker.last_id("news") is None
+    async def expired() -> bool:
+        return await broker.last_id("news") is None
 
-        await wait_for(expired, timeout=5, what="the history to expire")
-        client, recovered = await subscribe_since(pushd, "news", ids[0])
-        assert recovered is False
-        await client.nothing_more()
-        # A new history starts; the old id still does not recover it.
-        await pushd.publish("news", "fresh")
-        await client.next_of("message")
-        client2, recovered = await subscribe_since(pushd, "news", ids[-1])
-        assert recovered is False
-        assert (await client2.next_of("message"))["data"] == "fresh"
-        await client.close()
-        await client2.close()
-    finally:
-        await pushd.stop()
+    await wait_for(expired, timeout=5, what="the history to expire")
+    client, recovered = await subscribe_since(pushd, "news", ids[0])
+    assert recovered is False
+    await client.nothing_more()
+    # A new history starts; the old id still does not recover it.
+    await pushd.publish("news", "fresh")
+    await client.next_of("message")
+    client2, recovered = await subscribe_since(pushd, "news", ids[-1])
+    assert recovered is False
+    assert (await client2.next_of("message"))["data"] == "fresh"
+    await client.close()
+    await client2.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -142,49 +122,41 @@ async def test_redis_restarted_empty_is_not_recovered(own_redis: RedisServer, pr
 
 @pytest_twisted.ensureDeferred
 async def test_clients_joining_during_a_publish_storm_get_contiguous_sequences(
-    broker_kind: str, redis_server: RedisServer, prefix: str
+    start_pushd: StartPushd,
 ) -> None:
     """3,000 messages as fast as 4 producers can post them; 40 clients join at
     random moments with an id they saw earlier; each gets exactly every message
     after its id, in order."""
     total, joiners = 3000, 40
-    pushd = PushdUnderTest.config(
-        redis=redis_server.address() if broker_kind == "redis" else None,
-        redis_prefix=prefix,
-        history_size=total,
-    )
-    await pushd.start()
+    pushd = await start_pushd(history_size=total)
     rng = random.Random(7)
     ids: list[str] = []
     clients: list[tuple[str, WSClient]] = []
     join_at = sorted(rng.sample(range(50, total - 50), joiners))
-    try:
 
-        async def join() -> None:
-            since = rng.choice(ids[-200:])
-            client = await pushd.connect(f"?channel=storm&since={since}")
-            clients.append((since, client))
+    async def join() -> None:
+        since = rng.choice(ids[-200:])
+        client = await pushd.connect(f"?channel=storm&since={since}")
+        clients.append((since, client))
 
-        async def producer(share: list[int]) -> None:
-            for n in share:
-                ids.append(await pushd.publish("storm", n))
-                if join_at and len(ids) >= join_at[0]:
-                    join_at.pop(0)
-                    await join()
+    async def producer(share: list[int]) -> None:
+        for n in share:
+            ids.append(await pushd.publish("storm", n))
+            if join_at and len(ids) >= join_at[0]:
+                join_at.pop(0)
+                await join()
 
-        numbers = list(range(total))
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(producer(numbers[k::4])) for k in range(4)]
-        )
-        final = sorted(ids, key=parse_id)
-        assert len(clients) == joiners
-        for since, client in clients:
-            ack = await client.next_of("subscribed")
-            assert ack["recovered"] is True, since
-            expected = [i for i in final if parse_id(i) > parse_id(since)]
-            got = [(await client.next_of("message"))["id"] for _ in expected]
-            assert got == expected
-            await client.nothing_more()
-            await client.close()
-    finally:
-        await pushd.stop()
+    numbers = list(range(total))
+    await defer.gatherResults(
+        [defer.Deferred.fromCoroutine(producer(numbers[k::4])) for k in range(4)]
+    )
+    final = sorted(ids, key=parse_id)
+    assert len(clients) == joiners
+    for since, client in clients:
+        ack = await client.next_of("subscribed")
+        assert ack["recovered"] is True, since
+        expected = [i for i in final if parse_id(i) > parse_id(since)]
+        got = [(await client.next_of("message"))["id"] for _ in expected]
+        assert got == expected
+        await client.nothing_more()
+        await client.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest_twisted
 
-from tests.support import PushdUnderTest, wait_for
+from tests.support import PushdUnderTest, StartPushd, wait_for
 
 
 @pytest_twisted.ensureDeferred
@@ -127,18 +127,12 @@ async def test_invalid_channel_in_url_is_an_error_frame(pushd: PushdUnderTest) -
 
 
 @pytest_twisted.ensureDeferred
-async def test_oversize_frame_closes_with_1009(pushd: PushdUnderTest) -> None:
-    small = PushdUnderTest.config(
-        redis=pushd.cfg.redis, redis_prefix=pushd.cfg.redis_prefix, max_message_size=1024
-    )
-    await small.start()
-    try:
-        client = await small.connect()
-        client.sendMessage(b'{"type":"ping","pad":"' + b"x" * 2000 + b'"}')
-        _, code, _ = await client.closed
-        assert code == 1009
-    finally:
-        await small.stop()
+async def test_oversize_frame_closes_with_1009(start_pushd: StartPushd) -> None:
+    small = await start_pushd(max_message_size=1024)
+    client = await small.connect()
+    client.sendMessage(b'{"type":"ping","pad":"' + b"x" * 2000 + b'"}')
+    _, code, _ = await client.closed
+    assert code == 1009
 
 
 @pytest_twisted.ensureDeferred
