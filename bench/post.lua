@@ -6,7 +6,7 @@
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 -- {"t":<us>,"pad":"..."} like the fan-out publisher's body: 100 bytes in all.
-wrk.body = '{"t":1732521234567890,"pad":"' .. string.rep("x", 63) .. '"}'
+wrk.body = '{"t":1732521234567890,"pad":"' .. string.rep("x", 69) .. '"}'
 
 local threads = {}
 

@@ -590,9 +590,10 @@ static long process(int idx, uint8_t *p, size_t n, int64_t now_ns) {
         int a = ascii_casefind(p, hlen, "\r\nsec-websocket-accept:");
         int ok = hlen > 12 && memcmp(p, "HTTP/1.1 101", 12) == 0 && a >= 0;
         if (ok) {
-            const uint8_t *v = p + a + 23;
-            while (*v == ' ' || *v == '\t') v++;
-            ok = memcmp(v, WS_ACCEPT, strlen(WS_ACCEPT)) == 0;
+            const uint8_t *v = p + a + 23, *hend = p + hlen;
+            while (v < hend && (*v == ' ' || *v == '\t')) v++;
+            ok = (size_t)(hend - v) >= strlen(WS_ACCEPT) &&
+                 memcmp(v, WS_ACCEPT, strlen(WS_ACCEPT)) == 0;
         }
         if (!ok) {
             if (handshake_errors++ < 5)

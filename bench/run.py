@@ -1,0 +1,1067 @@
+#!/usr/bin/env python3
+"""pushd benchmarks: idle connections, fan-out, POST publishes per second.
+
+    python bench/run.py [--quick]
+
+Starts its own redis-server and pushd (Redis broker) on free loopback ports,
+pinned to CPU 0; the load (bench/bin/wsclient processes, the publisher in this
+process, wrk) runs on CPU 1. Prints each figure as it is measured and a table
+at the end; logs and the raw figures (results.json) go to bench/out/.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import queue
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WSCLIENT_SRC = BENCH / "wsclient.c"
+WSCLIENT = BENCH / "bin" / "wsclient"
+POST_LUA = BENCH / "post.lua"
+OUT = BENCH / "out"
+
+SERVER_CPU = "0"
+CLIENT_CPU = "1"
+PER_PROCESS = 5000  # connections per wsclient process, at most
+CHANNEL = "bench"
+PAD = "x" * 69  # {"t":<16 digits>,"pad":"<69>"} is 100 bytes
+
+T0 = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {text}", flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- children
+
+
+class Child:
+    """A process of ours: pinned with taskset, killed with its parent (pdeathsig),
+    stdout lines kept in a queue (and a log file), stopped by pid at the end."""
+
+    registry: list[Child] = []
+    pin = True
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        cpu: str,
+        *,
+        control: bool = False,
+        merge_stderr: bool = True,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.collect = True
+        self.log_path = OUT / f"{name}.log"
+        self.log = open(self.log_path, "w", buffering=1)  # noqa: SIM115
+        wrap = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+        if self.pin:
+            wrap += ["taskset", "-c", cpu]
+        self.proc = subprocess.Popen(
+            [*wrap, *argv],
+            stdin=subprocess.PIPE if control else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else self.log,
+            cwd=cwd or OUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
+            text=True,
+            bufsize=1,
+        )
+        self.pid = self.proc.pid
+        Child.registry.append(self)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if not line.startswith("{"):  # reports are long: keep them out of the log
+                self.log.write(line)
+            if self.collect:
+                self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def line(self, timeout: float) -> str:
+        """The next stdout line; BenchError on timeout or exit."""
+        try:
+            line = self.lines.get(timeout=max(timeout, 0.01))
+        except queue.Empty:
+            raise BenchError(f"{self.name}: nothing on stdout for {timeout:.0f}s") from None
+        if line is None:
+            self.lines.put(None)
+            raise BenchError(f"{self.name} exited (code {self.proc.wait()}); see {self.log_path}")
+        return line
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name}: no line matching {pattern!r} in {timeout:.0f}s")
+            m = rx.search(self.line(left))
+            if m:
+                return m
+
+    def wait_all(self, patterns: list[str], timeout: float) -> None:
+        """Wait until each pattern matched a line, in any order."""
+        deadline = time.monotonic() + timeout
+        left = [re.compile(p) for p in patterns]
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                names = ", ".join(repr(rx.pattern) for rx in left)
+                raise BenchError(f"{self.name}: no line matching {names} in {timeout:.0f}s")
+            line = self.line(remaining)
+            left = [rx for rx in left if not rx.search(line)]
+
+    def json(self, timeout: float) -> dict[str, Any]:
+        return json.loads(self.wait_for(r"^\{", timeout).string)
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+            except ProcessLookupError:
+                pass
+        if self in Child.registry:
+            Child.registry.remove(self)
+        self.log.close()
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for child in reversed(list(cls.registry)):
+            try:
+                child.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"stopping {child.name} (pid {child.pid}): {e}", file=sys.stderr)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def cpu_busy_seconds(cpu: str) -> float:
+    """Busy time of one CPU from /proc/stat (everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            fields = line.split()
+            if fields[0] == f"cpu{cpu}":
+                ticks = [int(x) for x in fields[1:]]
+                return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
+    return 0.0
+
+
+def wait_quiet() -> None:
+    """Before a CPU-bound phase: wait until neither CPU is busy, so a test suite
+    running beside us does not skew the figures (our own processes are idle at
+    that point). All the waits of a run together last QUIET_WAIT at most."""
+    global QUIET_WAIT
+    if QUIET_WAIT <= 0:
+        return
+    cpus = (SERVER_CPU, CLIENT_CPU) if Child.pin else ("",)
+    t0 = time.monotonic()
+    while True:
+        before = [cpu_busy_seconds(c) for c in cpus]
+        time.sleep(0.5)
+        busy = [200 * (cpu_busy_seconds(c) - b) for c, b in zip(cpus, before, strict=True)]
+        waited = time.monotonic() - t0
+        if max(busy) < 10:
+            break
+        if waited >= QUIET_WAIT:
+            load = ", ".join(f"{b:.0f}%" for b in busy)
+            say(f"  the CPUs are still busy ({load}); no more waiting in this run")
+            break
+    QUIET_WAIT -= waited
+    if waited > 1:
+        say(f"  waited {waited:.0f}s for other processes to leave the CPUs")
+
+
+OTHER_LOAD: list[str] = []  # phases where other processes used the server's CPU
+QUIET_WAIT = 60.0  # --quiet-wait: what is left of it
+PUBLISHERS = 16  # --publishers
+
+
+class CpuMeter:
+    """CPU % of the server and redis over a phase, and of everything else on
+    their CPU: other processes there (a test suite, say) make the figures low."""
+
+    def __init__(self, server: int, redis: int) -> None:
+        self.pids = (server, redis)
+        self.t = time.monotonic()
+        self.cpu = [cpu_seconds(p) for p in self.pids]
+        self.busy = cpu_busy_seconds(SERVER_CPU)
+
+    def percent(self, phase: str) -> tuple[float, float, float]:
+        wall = time.monotonic() - self.t
+        server, redis = (
+            100 * (cpu_seconds(p) - c) / wall for p, c in zip(self.pids, self.cpu, strict=True)
+        )
+        other = max(0.0, 100 * (cpu_busy_seconds(SERVER_CPU) - self.busy) / wall - server - redis)
+        if Child.pin and other > 10:
+            OTHER_LOAD.append(f"{phase}: {other:.0f}%")
+            say(f"  warning: other processes used {other:.0f}% of CPU {SERVER_CPU} meanwhile")
+        return server, redis, other
+
+
+def build_wsclient() -> None:
+    if WSCLIENT.exists() and WSCLIENT.stat().st_mtime >= WSCLIENT_SRC.stat().st_mtime:
+        return
+    WSCLIENT.parent.mkdir(exist_ok=True)
+    cmd = ["gcc", "-O2", "-Wall", "-o", str(WSCLIENT), str(WSCLIENT_SRC)]
+    say("compiling: " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def twistd_path() -> str:
+    for candidate in (Path(sys.executable).parent / "twistd", ROOT / ".venv" / "bin" / "twistd"):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("twistd")
+    if not found:
+        raise BenchError("no twistd: activate the venv (. .venv/bin/activate)")
+    return found
+
+
+class Sources:
+    """Hands out fresh client source addresses 127.0.0.2, 127.0.0.3, ... so no
+    two client sets share (source, port) pairs, TIME_WAIT ones included."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, n: int) -> str:
+        addrs = []
+        for _ in range(n):
+            k = self.next
+            self.next += 1
+            addrs.append(f"127.0.{k // 250}.{2 + k % 250}")
+        return ",".join(addrs)
+
+
+SOURCES = Sources()
+
+
+# ---------------------------------------------------------------- latency histograms
+
+
+def bucket_width(lo: int) -> int:
+    return 1 if lo < 128 else 1 << (lo.bit_length() - 7)
+
+
+def merge_latency(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    hist: Counter[int] = Counter()
+    n = total = 0
+    lo_all, hi_all = 2**63, 0
+    for r in reports:
+        lat = r["lat_us"]
+        if not lat["n"]:
+            continue
+        n += lat["n"]
+        total += lat["sum"]
+        lo_all = min(lo_all, lat["min"])
+        hi_all = max(hi_all, lat["max"])
+        for lo, count in lat["hist"]:
+            hist[lo] += count
+    out: dict[str, Any] = {"n": n}
+    if not n:
+        return out
+    buckets = sorted(hist.items())
+
+    def pct(q: float) -> float:
+        rank = q * n
+        seen = 0
+        for lo, count in buckets:
+            seen += count
+            if seen >= rank:
+                mid = lo + bucket_width(lo) / 2
+                return min(max(mid, lo_all), hi_all) / 1000  # ms
+        return hi_all / 1000
+
+    out.update(
+        mean_ms=total / n / 1000,
+        min_ms=lo_all / 1000,
+        p50_ms=pct(0.50),
+        p90_ms=pct(0.90),
+        p99_ms=pct(0.99),
+        p999_ms=pct(0.999),
+        max_ms=hi_all / 1000,
+    )
+    return out
+
+
+# ---------------------------------------------------------------- WebSocket clients
+
+
+class ClientSet:
+    """`total` connections to `path` over ceil(total / per_process) wsclient processes."""
+
+    def __init__(
+        self,
+        port: int,
+        name: str,
+        total: int,
+        path: str,
+        *,
+        idle: bool = False,
+        per_process: int = PER_PROCESS,
+        rate: float = 3000.0,
+    ) -> None:
+        nproc = max(1, math.ceil(total / per_process))
+        sizes = [total // nproc + (1 if i < total % nproc else 0) for i in range(nproc)]
+        self.children: list[Child] = []
+        self.sizes = sizes
+        self.open: list[int] = []
+        for i, size in enumerate(sizes):
+            argv = [
+                str(WSCLIENT),
+                "--port", str(port),
+                "--path", path,
+                "--conns", str(size),
+                "--src", SOURCES.take(2),
+                "--rate", str(rate / nproc),
+                "--inflight", "128",
+                "--connect-timeout", str(60 + total / 200),
+                "--label", f"{name}-{i}",
+                "--control",
+            ]  # fmt: skip
+            if idle:
+                argv.append("--idle")
+            self.children.append(
+                Child(f"{name}-{i}", argv, CLIENT_CPU, control=True, merge_stderr=False)
+            )
+
+    def wait_ready(self) -> int:
+        timeout = 90 + sum(self.sizes) / 200
+        for child, size in zip(self.children, self.sizes, strict=True):
+            m = child.wait_for(r"^ready (\d+) failed (\d+)", timeout)
+            self.open.append(int(m.group(1)))
+            if int(m.group(2)):
+                say(f"  {child.name}: {m.group(2)} of {size} connections failed (see its log)")
+        return sum(self.open)
+
+    def expect(self, per_conn: int, idle_ms: int, max_ms: int) -> None:
+        """Arm every client to report after per_conn deliveries per open connection."""
+        for child, n in zip(self.children, self.open, strict=True):
+            child.send(f"expect {n * per_conn} {idle_ms} {max_ms}")
+        for child in self.children:
+            child.wait_for(r"^armed$", 10)
+
+    def reports(self, timeout: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        return [c.json(max(1.0, deadline - time.monotonic())) for c in self.children]
+
+    def quit(self) -> list[dict[str, Any]]:
+        for child in self.children:
+            child.send("quit")
+        finals = [child.json(30) for child in self.children]
+        for child in self.children:
+            child.stop()
+        return finals
+
+
+# -------------------------------------------------------- publisher (in this process, CPU 1)
+
+
+def body(t_us: int) -> bytes:
+    return b'{"t":%d,"pad":"%s"}' % (t_us, PAD.encode())
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> int:
+    payload = body(time.time_ns() // 1000)
+    writer.write(
+        b"POST /channels/%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (CHANNEL.encode(), port, len(payload), payload)
+    )
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def _burst(port: int, n: int, nconn: int) -> tuple[float, Counter[int]]:
+    statuses: Counter[int] = Counter()
+    todo = iter(range(n))
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(nconn)]
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in todo:
+            statuses[await _post(reader, writer, port)] += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker(r, w) for r, w in conns))
+    elapsed = time.monotonic() - t0
+    for _, w in conns:
+        w.close()
+    return elapsed, statuses
+
+
+async def _paced(port: int, n: int, rate: float, nconn: int) -> tuple[float, Counter[int]]:
+    statuses: Counter[int] = Counter()
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for _ in range(nconn):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+
+    async def one() -> None:
+        conn = await pool.get()
+        try:
+            statuses[await _post(*conn, port)] += 1
+        finally:
+            pool.put_nowait(conn)
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    tasks = []
+    for i in range(n):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one()))
+    await asyncio.gather(*tasks)
+    elapsed = loop.time() - t0
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return elapsed, statuses
+
+
+def publish_burst(
+    port: int, n: int, nconn: int = 4, timeout: float = 300
+) -> tuple[float, Counter[int]]:
+    return asyncio.run(asyncio.wait_for(_burst(port, n, nconn), timeout))
+
+
+def publish_paced(
+    port: int, n: int, rate: float, timeout: float = 300
+) -> tuple[float, Counter[int]]:
+    return asyncio.run(asyncio.wait_for(_paced(port, n, rate, 8), timeout))
+
+
+def post_once(port: int) -> int:
+    async def go() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await _post(reader, writer, port)
+        finally:
+            writer.close()
+
+    return asyncio.run(asyncio.wait_for(go(), 10))
+
+
+# ---------------------------------------------------------------- the servers
+
+
+def pushd_env(src: Path) -> dict[str, str] | None:
+    """The environment that makes twistd import pushd from `src` (another checkout)."""
+    if src.resolve() == ROOT:
+        return None
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
+    return env
+
+
+def describe_source(src: Path) -> str:
+    """`<commit>` or `<commit>+changes` for a git checkout, else the path."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(src), "status", "--porcelain",
+             "--", "pushd", "twisted"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return str(src)
+    if (src / ".git").exists() or src.resolve() == ROOT:
+        return f"{commit}+uncommitted changes" if changed else commit
+    return str(src)
+
+
+class Servers:
+    def __init__(self, src: Path = ROOT) -> None:
+        self.redis_port = free_port()
+        self.redis = Child(
+            "redis",
+            [
+                "redis-server",
+                "--port", str(self.redis_port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+                "--loglevel", "notice",
+            ],
+            SERVER_CPU,
+        )  # fmt: skip
+        self.redis.wait_for(r"Ready to accept connections", 20)
+        self.redis.collect = False
+        self.port = free_port()
+        self.pushd = Child(
+            "pushd",
+            [
+                twistd_path(), "-n", "--pidfile=", "pushd",
+                "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--redis", f"redis://127.0.0.1:{self.redis_port}",
+            ],
+            SERVER_CPU,
+            env=pushd_env(src),
+        )  # fmt: skip
+        self.pushd.wait_all([r"pushd listening on", r"Redis subscriber connected"], 30)
+        self.pushd.collect = False
+        self.pid = self.pushd.pid
+        status = post_once(self.port)
+        if status != 200:
+            raise BenchError(f"a test POST answered {status}")
+
+    def settle(self, baseline_fds: int, timeout: float = 60) -> None:
+        """Wait until the server has let go of the last test's connections."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if open_fds(self.pid) <= baseline_fds + 2:
+                return
+            time.sleep(0.2)
+        say(f"  note: server still has {open_fds(self.pid)} fds after {timeout:.0f}s")
+
+    def alive(self) -> None:
+        for child in (self.redis, self.pushd):
+            if child.proc.poll() is not None:
+                raise BenchError(
+                    f"{child.name} died (code {child.proc.returncode}); see {child.log_path}"
+                )
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_idle(s: Servers, n: int) -> dict[str, Any]:
+    say(f"idle: opening {n:,} WebSocket connections (/ws?channel=idle)")
+    fds0 = open_fds(s.pid)
+    wait_quiet()
+    rss0 = rss_kib(s.pid)
+    t0 = time.monotonic()
+    clients = ClientSet(s.port, "idle", n, "/ws?channel=idle", idle=True)
+    held = clients.wait_ready()
+    connect_s = time.monotonic() - t0
+    # RSS settles once the handshakes' garbage is collected: sample until stable.
+    rss1 = rss_kib(s.pid)
+    for _ in range(20):
+        time.sleep(0.5)
+        now = rss_kib(s.pid)
+        stable = abs(now - rss1) < 256
+        rss1 = now
+        if stable:
+            break
+    fds1 = open_fds(s.pid)
+    finals = clients.quit()
+    s.settle(fds0)
+    time.sleep(0.5)
+    rss2 = rss_kib(s.pid)
+    dropped = sum(r["closed_by_server"] for r in finals)
+    kib = (rss1 - rss0) / held if held else float("nan")
+    result = {
+        "connections": held,
+        "wanted": n,
+        "client_processes": len(clients.children),
+        "connect_s": connect_s,
+        "connects_per_s": held / connect_s if connect_s else 0,
+        "rss_before_kib": rss0,
+        "rss_held_kib": rss1,
+        "rss_after_close_kib": rss2,
+        "kib_per_connection": kib,
+        "server_fds_held": fds1,
+        "closed_by_server": dropped,
+    }
+    say(
+        f"idle: {held:,} connections held ({len(clients.children)} processes, "
+        f"{held / connect_s:,.0f} connects/s); server RSS {rss0 / 1024:.1f} -> "
+        f"{rss1 / 1024:.1f} MiB = {kib:.1f} KiB per connection; "
+        f"{rss2 / 1024:.1f} MiB after they closed"
+    )
+    return result
+
+
+def burst_phase(
+    s: Servers, clients: ClientSet, name: str, held: int, msgs: int, publishers: int
+) -> dict[str, Any]:
+    """`msgs` messages back-to-back from `publishers` keep-alive connections, each
+    POSTing as soon as its previous POST was answered: the server sets the pace."""
+    wait_quiet()
+    clients.expect(msgs, idle_ms=5000, max_ms=int(60_000 + msgs * held / 20))
+    cpu = CpuMeter(s.pid, s.redis.pid)
+    start_ns = time.time_ns()
+    elapsed, statuses = publish_burst(s.port, msgs, publishers)
+    reps = clients.reports(timeout=90 + msgs * held / 20_000)
+    server_cpu, redis_cpu, other_cpu = cpu.percent(name)
+    s.alive()
+    deliveries = sum(r["deliveries"] for r in reps)
+    first = min((r["first_ns"] for r in reps if r["deliveries"]), default=0)
+    last = max((r["last_ns"] for r in reps if r["deliveries"]), default=0)
+    # From the first POST to the last delivery: never flattered by a first
+    # delivery that came late (with many publishers pushd dispatches in batches).
+    span = (last - start_ns) / 1e9 if deliveries else 0.0
+    client_cpu = sum(r["cpu_s"] for r in reps)
+    out = {
+        "publishers": publishers,
+        "messages": msgs,
+        "post_status": dict(statuses),
+        "publish_s": elapsed,
+        "publishes_per_s": msgs / elapsed,
+        "deliveries": deliveries,
+        "expected": msgs * held,
+        "missing": msgs * held - deliveries,
+        "per_conn_min": min(r["per_conn_min"] for r in reps),
+        "per_conn_max": max(r["per_conn_max"] for r in reps),
+        "span_s": span,
+        "deliveries_per_s": deliveries / span if span > 0 else 0,
+        "messages_per_s": deliveries / span / held if span > 0 and held else 0,
+        "first_to_last_delivery_s": (last - first) / 1e9,
+        "deliveries_per_s_first_to_last": deliveries * 1e9 / (last - first) if last > first else 0,
+        "client_cpu_s": client_cpu,
+        "client_cpu_us_per_delivery": client_cpu * 1e6 / deliveries if deliveries else 0,
+        "server_cpu_percent": server_cpu,
+        "redis_cpu_percent": redis_cpu,
+        "other_cpu0_percent": other_cpu,
+        "latency": merge_latency(reps),
+    }
+    say(
+        f"{name} ({publishers} publisher{'s' if publishers > 1 else ''}): {msgs} messages "
+        f"published in {elapsed:.2f}s; {deliveries:,} deliveries ({out['missing']:,} missing) "
+        f"{span:.2f}s after the first POST = {out['deliveries_per_s']:,.0f} deliveries/s "
+        f"({out['messages_per_s']:.1f} msg/s); client {out['client_cpu_us_per_delivery']:.2f} "
+        f"CPU us/delivery; server CPU {server_cpu:.0f}%, redis {redis_cpu:.0f}%; latency "
+        f"under saturation p50 {out['latency'].get('p50_ms', 0):.0f} ms"
+    )
+    return out
+
+
+def test_fanout(
+    s: Servers, subs: int, burst_msgs: int, serial_msgs: int, lat_rate: float, lat_msgs: int
+) -> dict[str, Any]:
+    say(f"fan-out {subs:,}: opening {subs:,} subscribers of channel {CHANNEL!r}")
+    fds0 = open_fds(s.pid)
+    clients = ClientSet(s.port, f"fanout{subs}", subs, f"/ws?channel={CHANNEL}")
+    held = clients.wait_ready()
+    result: dict[str, Any] = {"subscribers": held, "wanted": subs}
+
+    # 1. max rate: many publishers (pushd then dispatches messages in batches and
+    #    writes several frames per send), then one publisher (one message at a time).
+    name = f"fan-out {held:,} max rate"
+    result["max_rate"] = burst_phase(s, clients, name, held, burst_msgs, PUBLISHERS)
+    result["serial"] = burst_phase(s, clients, name, held, serial_msgs, 1)
+
+    # 2. latency at a moderate rate: lat_msgs messages paced at lat_rate/s.
+    wait_quiet()
+    clients.expect(lat_msgs, idle_ms=5000, max_ms=int(60_000 + 1000 * lat_msgs / lat_rate))
+    cpu = CpuMeter(s.pid, s.redis.pid)
+    elapsed, statuses2 = publish_paced(s.port, lat_msgs, lat_rate)
+    reps = clients.reports(timeout=90)
+    server_cpu, redis_cpu, other_cpu = cpu.percent(f"fan-out {subs} latency")
+    s.alive()
+    deliveries = sum(r["deliveries"] for r in reps)
+    client_cpu = sum(r["cpu_s"] for r in reps)
+    result["latency"] = {
+        "rate": lat_rate,
+        "messages": lat_msgs,
+        "publish_s": elapsed,
+        "post_status": dict(statuses2),
+        "deliveries": deliveries,
+        "expected": lat_msgs * held,
+        "missing": lat_msgs * held - deliveries,
+        "per_conn_min": min(r["per_conn_min"] for r in reps),
+        "per_conn_max": max(r["per_conn_max"] for r in reps),
+        "client_cpu_us_per_delivery": client_cpu * 1e6 / deliveries if deliveries else 0,
+        "server_cpu_percent": server_cpu,
+        "redis_cpu_percent": redis_cpu,
+        "other_cpu0_percent": other_cpu,
+        **merge_latency(reps),
+    }
+    lat = result["latency"]
+    say(
+        f"fan-out {held:,} latency at {lat_rate:g} msg/s ({lat_rate * held:,.0f} deliveries/s): "
+        f"p50 {lat.get('p50_ms', 0):.2f} ms, p99 {lat.get('p99_ms', 0):.2f} ms, "
+        f"max {lat.get('max_ms', 0):.2f} ms over {deliveries:,} deliveries "
+        f"({lat['missing']:,} missing); client {lat['client_cpu_us_per_delivery']:.2f} "
+        f"CPU us/delivery; server CPU {server_cpu:.0f}%"
+    )
+    finals = clients.quit()
+    result["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
+    result["close_codes"] = dict(sum((Counter(r["close_codes"]) for r in finals), Counter()))
+    s.settle(fds0)
+    return result
+
+
+_UNIT = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise BenchError(f"wrk latency {text!r}")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def test_post(s: Servers, seconds: int, threads: int, conns: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{s.port}/channels/{CHANNEL}"
+    say(f"POST: wrk -t{threads} -c{conns} -d{seconds}s --latency -s bench/post.lua {url}")
+    wait_quiet()
+    cpu = CpuMeter(s.pid, s.redis.pid)
+    wrk = Child(
+        "wrk",
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{conns}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(POST_LUA),
+            url,
+        ],
+        CLIENT_CPU,
+    )
+    text = []
+    while True:
+        try:
+            text.append(wrk.line(seconds + 30))
+        except BenchError:
+            if wrk.proc.poll() is None:
+                raise
+            break
+    server_cpu, redis_cpu, other_cpu = cpu.percent("POST")
+    code = wrk.proc.wait()
+    wrk.stop()
+    out = "\n".join(text)
+    if code != 0:
+        raise BenchError(f"wrk exited {code}:\n{out}")
+    s.alive()
+
+    def find(pattern: str, default: str | None = None) -> str:
+        m = re.search(pattern, out, re.M)
+        if m:
+            return m.group(1)
+        if default is None:
+            raise BenchError(f"no {pattern!r} in wrk's output:\n{out}")
+        return default
+
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result = {
+        "threads": threads,
+        "connections": conns,
+        "seconds": seconds,
+        "requests": int(find(r"^\s*(\d+) requests in")),
+        "requests_per_s": float(find(r"^Requests/sec:\s*([\d.]+)")),
+        "latency_avg_ms": _ms(find(r"^\s*Latency\s+(\S+)")),
+        "latency_max_ms": _ms(find(r"^\s*Latency\s+\S+\s+\S+\s+(\S+)")),
+        "p50_ms": _ms(find(r"^\s*50%\s+(\S+)")),
+        "p90_ms": _ms(find(r"^\s*90%\s+(\S+)")),
+        "p99_ms": _ms(find(r"^\s*99%\s+(\S+)")),
+        "non_2xx_3xx_wrk": int(find(r"Non-2xx or 3xx responses:\s*(\d+)", "0")),
+        "non_2xx_lua": int(find(r"post\.lua: responses=\d+ non2xx=(\d+)")),
+        "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
+        "server_cpu_percent": server_cpu,
+        "redis_cpu_percent": redis_cpu,
+        "other_cpu0_percent": other_cpu,
+        "wrk_output": out,
+    }
+    for line in text:
+        print("    " + line, flush=True)
+    say(
+        f"POST: {result['requests_per_s']:,.0f} requests/s, latency p50 {result['p50_ms']:.2f} ms "
+        f"p99 {result['p99_ms']:.2f} ms; non-2xx {result['non_2xx_lua']}, socket errors "
+        f"{result['socket_errors']}; server CPU {server_cpu:.0f}%, redis {redis_cpu:.0f}%"
+    )
+    return result
+
+
+# ---------------------------------------------------------------- main
+
+
+def problems(results: dict[str, Any]) -> list[str]:
+    """What went wrong in the run: the figures are suspect when this is not empty."""
+    out = []
+    idle = results.get("idle")
+    if idle:
+        if idle["connections"] < idle["wanted"]:
+            out.append(f"idle: only {idle['connections']} of {idle['wanted']} connected")
+        if idle["closed_by_server"]:
+            out.append(f"idle: the server closed {idle['closed_by_server']} connections")
+    for f in results.get("fanout", []):
+        name = f"fan-out {f['wanted']}"
+        if f["subscribers"] < f["wanted"]:
+            out.append(f"{name}: only {f['subscribers']} subscribed")
+        for phase in ("max_rate", "serial", "latency"):
+            part = f[phase]
+            if part["missing"]:
+                out.append(f"{name} {phase}: {part['missing']} deliveries missing")
+            if part["per_conn_min"] < part["messages"]:
+                out.append(f"{name} {phase}: a connection got {part['per_conn_min']} messages only")
+            if part["per_conn_max"] > part["messages"]:
+                out.append(f"{name} {phase}: a connection got {part['per_conn_max']} (duplicates)")
+            bad = {k: v for k, v in part["post_status"].items() if k != 200}
+            if bad:
+                out.append(f"{name} {phase}: POST answers other than 200: {bad}")
+        if f["closed_by_server"]:
+            out.append(f"{name}: the server closed {f['closed_by_server']} connections")
+    post = results.get("post")
+    if post:
+        if post["non_2xx_lua"] or post["non_2xx_3xx_wrk"]:
+            out.append(f"POST: {post['non_2xx_lua']} non-2xx answers")
+        if post["socket_errors"]:
+            out.append(f"POST: {post['socket_errors']} socket errors")
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = []
+    idle = results.get("idle")
+    if idle:
+        rows += [
+            ("idle connections held", f"{idle['connections']:,} of {idle['wanted']:,}"),
+            ("server RSS before / held", f"{idle['rss_before_kib'] / 1024:.1f} / "
+             f"{idle['rss_held_kib'] / 1024:.1f} MiB"),
+            ("server RSS per idle connection", f"{idle['kib_per_connection']:.1f} KiB"),
+            ("connect + subscribe rate", f"{idle['connects_per_s']:,.0f} /s"),
+        ]  # fmt: skip
+    for f in results.get("fanout", []):
+        n = f"{f['subscribers']:,}"
+        m, ser, lat = f["max_rate"], f["serial"], f["latency"]
+        rows += [
+            (f"fan-out {n}: deliveries/s (max)",
+             f"{m['deliveries_per_s']:,.0f} = {m['messages_per_s']:.1f} msg/s "
+             f"({m['publishers']} publishers)"),
+            (f"fan-out {n}: deliveries/s (serial)",
+             f"{ser['deliveries_per_s']:,.0f} = {ser['messages_per_s']:.1f} msg/s (1 publisher)"),
+            (f"fan-out {n}: latency @ {lat['rate']:g} msg/s",
+             f"p50 {lat.get('p50_ms', 0):.2f} ms, p99 {lat.get('p99_ms', 0):.2f} ms, "
+             f"max {lat.get('max_ms', 0):.2f} ms"),
+            (f"fan-out {n}: client CPU per delivery",
+             f"{m['client_cpu_us_per_delivery']:.2f} us max, "
+             f"{ser['client_cpu_us_per_delivery']:.2f} us serial, "
+             f"{lat['client_cpu_us_per_delivery']:.2f} us paced"),
+            (f"fan-out {n}: server CPU (max rate)", f"{m['server_cpu_percent']:.0f}%"),
+        ]  # fmt: skip
+    post = results.get("post")
+    if post:
+        rows += [
+            ("POST publishes/s (wrk)", f"{post['requests_per_s']:,.0f} "
+             f"(-t{post['threads']} -c{post['connections']}, {post['seconds']}s)"),
+            ("POST latency", f"p50 {post['p50_ms']:.2f} ms, p99 {post['p99_ms']:.2f} ms"),
+            ("POST non-2xx / socket errors", f"{post['non_2xx_lua']} / {post['socket_errors']}"),
+        ]  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    rule = "-" * max(len(line) for line in lines)
+    return "\n".join([rule, *lines, rule])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (~30 s)")
+    ap.add_argument("--idle", type=int, help="idle connections [15000; quick 2000]")
+    ap.add_argument(
+        "--fanout", type=lambda s: [int(x) for x in s.split(",")],
+        help="subscriber counts, comma-separated [1000,10000; quick 200,1000]",
+    )  # fmt: skip
+    ap.add_argument("--post-seconds", type=int, help="wrk duration [10; quick 3]")
+    ap.add_argument(
+        "--paced-deliveries",
+        type=float,
+        default=10_000,
+        help="deliveries/s of the paced fan-out latency test [10000]",
+    )
+    ap.add_argument(
+        "--pushd-src",
+        type=Path,
+        default=ROOT,
+        help="run pushd from this source tree (e.g. a git worktree) [this checkout]",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="seconds to wait in all, before the phases, for other processes to leave the "
+        "CPUs [60; quick 0]",
+    )
+    ap.add_argument(
+        "--publishers",
+        type=int,
+        default=16,
+        help="keep-alive connections of the max-rate publisher [16]",
+    )
+    ap.add_argument("--skip", default="", help="comma-separated tests to skip: idle,fanout,post")
+    args = ap.parse_args()
+
+    quick = args.quick
+    global QUIET_WAIT
+    QUIET_WAIT = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
+    global PUBLISHERS
+    PUBLISHERS = args.publishers
+    idle_n = args.idle if args.idle is not None else (2000 if quick else 15000)
+    fanouts = args.fanout or ([200, 1000] if quick else [1000, 10000])
+    post_s = args.post_seconds or (3 if quick else 10)
+    skip = set(filter(None, args.skip.split(",")))
+
+    # Fan-out parameters per subscriber count. Max rate: ~2M deliveries from
+    # --publishers connections, then ~500k from one (a tenth of that in quick mode).
+    # Paced: --paced-deliveries per second in all (10 msg/s to 1,000 subscribers,
+    # 1 msg/s to 10,000), well under the server's capacity, for 15 s (3 s quick).
+    def plan(subs: int) -> tuple[int, int, float, int]:
+        scale = 100_000 if quick else 1_000_000
+        burst = max(20, min(4000, 2 * scale // subs))
+        serial = max(10, min(1000, scale // 2 // subs))
+        rate = args.paced_deliveries / subs
+        msgs = max(5 if quick else 10, round(rate * (3 if quick else 15)))
+        return burst, serial, rate, msgs
+
+    for tool in ("redis-server", "wrk", "gcc", "taskset"):
+        if not shutil.which(tool):
+            raise BenchError(f"{tool} is not installed")
+    # Explicit, also for SIGINT: a shell's background job starts with SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    if (os.cpu_count() or 1) < 2:
+        Child.pin = False
+        say("only one CPU: not pinning server and clients apart")
+    else:
+        os.sched_setaffinity(0, {int(CLIENT_CPU)})  # the publisher runs here
+    OUT.mkdir(exist_ok=True)
+    for stale in [*OUT.glob("*.log"), OUT / "results.json"]:
+        stale.unlink(missing_ok=True)  # the last run's
+    build_wsclient()
+
+    results: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "fd_limit": hard,
+        "cpus": os.cpu_count(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "pushd_source": describe_source(args.pushd_src),
+    }
+    say(
+        f"pushd benchmark ({results['mode']}): server+redis on CPU {SERVER_CPU}, "
+        f"clients on CPU {CLIENT_CPU}; fd limit {hard}; logs in {OUT.relative_to(ROOT)}/"
+    )
+    results["loadavg_start"] = Path("/proc/loadavg").read_text().split()[0]
+    say(f"pushd source: {results['pushd_source']}; load average {results['loadavg_start']}")
+    try:
+        s = Servers(args.pushd_src)
+        say(f"redis-server pid {s.redis.pid} on 127.0.0.1:{s.redis_port}; "
+            f"pushd pid {s.pid} on 127.0.0.1:{s.port} (Redis broker)")  # fmt: skip
+        if "idle" not in skip:
+            results["idle"] = test_idle(s, idle_n)
+        if "fanout" not in skip:
+            results["fanout"] = []
+            for subs in fanouts:
+                results["fanout"].append(test_fanout(s, subs, *plan(subs)))
+        if "post" not in skip:
+            results["post"] = test_post(s, post_s, threads=1, conns=4)
+        results["pushd_rss_end_kib"] = rss_kib(s.pid)
+    finally:
+        Child.stop_all()
+    results["total_s"] = time.monotonic() - T0
+    results["problems"] = problems(results)
+    results["other_load"] = OTHER_LOAD
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(f"pushd benchmark results ({results['mode']}, {results['total_s']:.0f}s; "
+          f"raw figures: {(OUT / 'results.json').relative_to(ROOT)})")  # fmt: skip
+    print(table(results))
+    if OTHER_LOAD:
+        print(
+            "note: other processes shared the server's CPU (figures are low): "
+            + "; ".join(OTHER_LOAD)
+        )
+    if results["problems"]:
+        print("checks FAILED:\n  " + "\n  ".join(results["problems"]))
+        return 1
+    print("checks: every connection held, no delivery missing, every POST answered 2xx")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        Child.stop_all()
+        print("interrupted; all children stopped", file=sys.stderr)
+        sys.exit(130)
+    except BenchError as e:
+        Child.stop_all()
+        print(f"bench: error: {e}", file=sys.stderr)
+        sys.exit(1)
