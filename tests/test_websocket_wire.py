@@ -10,7 +10,14 @@ import struct
 import pytest
 import pytest_twisted
 
-from tests.support import PushdUnderTest, RawClient, connect_raw, wait_for
+from tests.support import (
+    PushdUnderTest,
+    RawClient,
+    StartPushd,
+    connect_raw,
+    wait_for,
+    with_timeout,
+)
 
 HANDSHAKE = (
     b"GET /ws%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -111,3 +118,17 @@ async def test_garbage_instead_of_a_handshake_gets_400(pushd: PushdUnderTest) ->
     raw.transport.write(b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n")
     await raw.lost
     assert raw.data.startswith(b"HTTP/1.1 400")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peer_that_never_answers_pings_is_dropped(start_pushd: StartPushd) -> None:
+    # Autobahn's timers run in whole seconds: shorter values would not work.
+    pushd = await start_pushd(ping_interval=1, ping_timeout=1)
+    silent = await open_raw(pushd)
+    polite = await pushd.connect()  # Autobahn answers pings by itself
+    await with_timeout(silent.lost, 5)
+    assert any(opcode == 0x9 for opcode, _ in server_frames(silent.data))
+    assert not polite.closed.called
+    polite.send({"type": "ping"})
+    assert await polite.next() == {"type": "pong"}
+    await polite.close()
