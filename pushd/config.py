@@ -97,6 +97,20 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL")
+    return text
+
+
 def _switch(text: str) -> bool:
     value = text.strip().lower()
     if value in ("on", "yes", "true", "1"):
@@ -194,6 +208,67 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
+        "token-secret",
+        _non_empty,
+        None,
+        "HS256 secret of subscriber tokens (JWT); absent: anonymous subscribers",
+        metavar="S",
+    ),
+    Option("token-audience", _non_empty, None, "required `aud` claim of tokens", metavar="AUD"),
+    Option(
+        "auth-url",
+        _http_url,
+        None,
+        "the application's URL asked at connect for a client without token",
+        metavar="URL",
+    ),
+    Option("auth-timeout", _positive_float, 5.0, "seconds --auth-url may take", metavar="S"),
+    Option(
+        "allowed-origin",
+        _non_empty,
+        (),
+        "allowed Origin of browser pages, `*` wildcards, repeatable; absent: any",
+        repeatable=True,
+        metavar="PATTERN",
+    ),
+    Option(
+        "max-connections-per-ip",
+        _positive_int,
+        1000,
+        "open WebSocket and stream connections from one client address",
+        metavar="N",
+    ),
+    Option("max-subscriptions", _positive_int, 100, "channels per connection", metavar="N"),
+    Option(
+        "publish-rate",
+        _positive_float,
+        10.0,
+        "messages per second a connection may publish (token bucket)",
+        metavar="R",
+    ),
+    Option("publish-burst", _positive_int, 20, "burst of the publish token bucket", metavar="N"),
+    Option(
+        "max-send-buffer",
+        _positive_int,
+        1048576,
+        "bytes queued for a client that does not read before it is dropped (4008)",
+        metavar="B",
+    ),
+    Option(
+        "handshake-timeout",
+        _positive_float,
+        10.0,
+        "seconds a client has to send its request headers",
+        metavar="S",
+    ),
+    Option(
+        "max-header-size",
+        _positive_int,
+        16384,
+        "bytes of request line (URL) and headers",
+        metavar="B",
+    ),
+    Option(
         "access-log",
         _switch,
         False,
@@ -217,6 +292,18 @@ class Config:
     history_ttl: int = 3600
     ping_interval: float = 30.0
     ping_timeout: float = 10.0
+    token_secret: str | None = None
+    token_audience: str | None = None
+    auth_url: str | None = None
+    auth_timeout: float = 5.0
+    allowed_origin: tuple[str, ...] = ()
+    max_connections_per_ip: int = 1000
+    max_subscriptions: int = 100
+    publish_rate: float = 10.0
+    publish_burst: int = 20
+    max_send_buffer: int = 1048576
+    handshake_timeout: float = 10.0
+    max_header_size: int = 16384
     access_log: bool = False
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

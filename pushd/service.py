@@ -10,10 +10,13 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from pushd.auth import Authenticator, TokenVerifier
+from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
 from pushd.broker.memory import MemoryBroker
 from pushd.config import Config
 from pushd.hub import Hub
+from pushd.limits import ConnectionCounter
 from pushd.web import make_site
 from pushd.websocket import PushdServerFactory
 
@@ -70,6 +73,17 @@ class PushdService(MultiService):
         return d.addCallback(lambda results: [port for _, port in results])
 
 
+class _Closing(Service):
+    """Runs `close` when the service stops."""
+
+    def __init__(self, close: Any) -> None:
+        self._close = close
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._close()
+
+
 def make_broker(config: Config, reactor: Any) -> Broker:
     if config.redis is None:
         return MemoryBroker(reactor, config.history_size, config.history_ttl)
@@ -93,22 +107,22 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     hub = Hub(broker)
     service = PushdService(config, broker, hub)
     broker.setServiceParent(service)
+    application = None
+    if config.auth_url is not None:
+        application = ConnectAuthorizer(config.auth_url, config.auth_timeout, reactor)
+        service.addService(_Closing(application.close))
+    verifier = None
+    if config.token_secret is not None:
+        verifier = TokenVerifier(config.token_secret, config.token_audience)
     ws_factory = PushdServerFactory(
         hub,
         broker,
+        config,
         reactor=reactor,
-        max_message_size=config.max_message_size,
-        ping_interval=config.ping_interval,
-        ping_timeout=config.ping_timeout,
+        authenticator=Authenticator(verifier, application),
+        connections=ConnectionCounter(config.max_connections_per_ip),
     )
-    site = make_site(
-        broker=broker,
-        ws_factory=ws_factory,
-        api_keys=config.api_key,
-        max_body=config.max_message_size,
-        history_size=config.history_size,
-        access_log=config.access_log,
-    )
+    site = make_site(broker=broker, ws_factory=ws_factory, config=config, reactor=reactor)
     for description in config.listen:
         listener = Listener(endpoints.serverFromString(reactor, description), site, description)
         listener.setServiceParent(service)

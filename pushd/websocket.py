@@ -31,12 +31,18 @@ import json
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.logger import Logger
 
-from pushd.broker import Broker
+from pushd.auth import ANONYMOUS, Authenticator, AuthError, Grants, OriginPolicy, token_from
+from pushd.broker import Broker, BrokerUnavailable
+from pushd.config import Config
 from pushd.hub import Hub
+from pushd.limits import ConnectionCounter, TokenBucket
 from pushd.message import Message, dump_json, is_channel, parse_id
 from pushd.session import AlreadySubscribed, Session
+
+log = Logger()
 
 _PONG = dump_json({"type": "pong"})
 
@@ -84,14 +90,66 @@ def _since_of(msg: dict[str, Any], channel: str) -> str | None:
 class PushdServerProtocol(WebSocketServerProtocol):
     factory: PushdServerFactory
     session: Session
-    _initial: list[dict[str, Any]]
+    grants: Grants = ANONYMOUS
+    # The client address counted against --max-connections-per-ip, once admitted.
+    _address: str | None = None
+    _expiry: Any = None
+    _bucket: TokenBucket | None = None
+    # Set while the transport's buffer is full; _backlog counts what was queued since.
+    _paused = False
+    _backlog = 0
 
-    def onConnect(self, request: ConnectionRequest) -> None:
-        self.session = Session(self.factory.hub, self.factory.broker, self)
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        factory = self.factory
+        headers = request.headers
+        if not factory.origins.admits(headers.get("origin")):
+            raise ConnectionDeny(403, "origin not allowed")
+        address = peer_address(self.transport.getPeer())  # type: ignore[union-attr, misc]
+        if not factory.connections.acquire(address):
+            raise ConnectionDeny(429, "too many connections from this address")
+        self._address = address
+        self.session = Session(factory.hub, factory.broker, self)
+        channels = request.params.get("channel", [])
         since = request.params.get("since", [None])[-1]
-        self._initial = [{"channel": c, "since": since} for c in request.params.get("channel", [])]
+        self._initial = [{"channel": c, "since": since} for c in channels]
+        token = token_from(request.params, headers.get("authorization"))
+        try:
+            grants = factory.authenticator.grants(
+                token, transport="websocket", address=address, channels=channels, headers=headers
+            )
+        except AuthError as e:
+            self._refused(e)
+        if isinstance(grants, Grants):
+            return self._admitted(grants)
+        return grants.addCallbacks(self._admitted, lambda f: self._refused(f.value))
+
+    def _admitted(self, grants: Grants) -> None:
+        self.grants = grants
+        if grants.expires is not None:
+            delay = grants.expires - self.factory.reactor.seconds()
+            if delay <= 0:
+                self._refused(AuthError(401, "token_expired", "the token has expired"))
+            self._expiry = self.factory.reactor.callLater(delay, self._token_expired)
+
+    def _refused(self, error: Any) -> None:
+        if self._address is not None:
+            self.factory.connections.release(self._address)
+            self._address = None
+        if isinstance(error, AuthError):
+            raise ConnectionDeny(error.status, error.message)
+        raise ConnectionDeny(500, "internal error")
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self.session.close()
+        self.sendClose(4001, "token expired")
 
     def onOpen(self) -> None:
+        # Twisted Web's channel is still the transport's producer after the
+        # upgrade (library findings, 3): take its place to hear of a full buffer.
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
         for msg in self._initial:
             self._handle(self.handle_subscribe, msg)
         del self._initial
@@ -125,12 +183,21 @@ class PushdServerProtocol(WebSocketServerProtocol):
         session = getattr(self, "session", None)
         if session is not None:
             session.close()
+        if self._address is not None:
+            self.factory.connections.release(self._address)
+            self._address = None
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
 
     # -- client frames
 
     def handle_subscribe(self, msg: dict[str, Any]) -> None:
         channel = _channel_of(msg)
         since = _since_of(msg, channel)
+        if not self.grants.may_subscribe(channel):
+            raise FrameError("forbidden", "not allowed to subscribe here", channel)
+        if channel not in self.session and len(self.session) >= self.factory.max_subscriptions:
+            raise FrameError("too_many_subscriptions", "too many subscriptions", channel)
         try:
             self.session.subscribe(channel, since)
         except AlreadySubscribed:
@@ -146,7 +213,26 @@ class PushdServerProtocol(WebSocketServerProtocol):
 
     def handle_publish(self, msg: dict[str, Any]) -> None:
         channel = _channel_of(msg)
-        raise FrameError("forbidden", "this connection may not publish here", channel)
+        if "data" not in msg:
+            raise FrameError("bad_request", 'a publish frame has "data"', channel)
+        if not self.grants.may_publish(channel):
+            raise FrameError("forbidden", "not allowed to publish here", channel)
+        factory = self.factory
+        data = dump_json(msg["data"])
+        if len(data) > factory.max_message_size:
+            raise FrameError("too_large", "data larger than --max-message-size", channel)
+        if self._bucket is None:
+            self._bucket = TokenBucket(factory.publish_rate, factory.publish_burst, factory.reactor)
+        if not self._bucket.take():
+            raise FrameError("rate_limited", "publishing too fast", channel)
+
+        def failed(failure: Any) -> None:
+            if failure.check(BrokerUnavailable):
+                self._reply(FrameError("unavailable", "not published, retry", channel).frame())
+            else:
+                log.failure("client publish failed", failure)
+
+        factory.broker.publish(channel, data).addErrback(failed)
 
     _handlers = {
         "subscribe": handle_subscribe,
@@ -166,14 +252,47 @@ class PushdServerProtocol(WebSocketServerProtocol):
         frame = message.frame
         if frame is None:
             frame = message.frame = self.factory.prepareMessage(message.payload)
+        if self._paused and self._queued(len(frame.payloadHybi)):
+            return
         self.sendPreparedMessage(frame)
 
     def replayed(self, channel: str, payload: bytes) -> None:
         self._reply(payload)
 
     def _reply(self, payload: bytes) -> None:
-        if self.state == self.STATE_OPEN:
-            self.sendMessage(payload)
+        if self.state != self.STATE_OPEN:
+            return
+        if self._paused and self._queued(len(payload) + 10):
+            return
+        self.sendMessage(payload)
+
+    # -- backpressure: IPushProducer for the transport
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _queued(self, size: int) -> bool:
+        """Count bytes queued for a client that does not read; True once it is dropped."""
+        self._backlog += size
+        if self._backlog <= self.factory.max_send_buffer:
+            return False
+        self.factory.slow_consumers += 1
+        log.info("dropping a slow consumer: {peer}", peer=self.peer)
+        self.session.close()
+        self.sendClose(4008, "slow consumer")
+        return True
+
+
+def peer_address(peer: Any) -> str:
+    host = getattr(peer, "host", None)
+    return host if isinstance(host, str) else "local"
 
 
 class PushdServerFactory(WebSocketServerFactory):
@@ -183,22 +302,31 @@ class PushdServerFactory(WebSocketServerFactory):
         self,
         hub: Hub,
         broker: Broker,
+        config: Config,
         *,
         reactor: Any,
-        max_message_size: int = 65536,
-        ping_interval: float = 30.0,
-        ping_timeout: float = 10.0,
+        authenticator: Authenticator,
+        connections: ConnectionCounter,
     ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
         self.broker = broker
+        self.authenticator = authenticator
+        self.connections = connections
+        self.origins = OriginPolicy(config.allowed_origin)
+        self.max_subscriptions = config.max_subscriptions
+        self.max_message_size = config.max_message_size
+        self.max_send_buffer = config.max_send_buffer
+        self.publish_rate = config.publish_rate
+        self.publish_burst = config.publish_burst
+        self.slow_consumers = 0
         # Autobahn's defaults are unsafe for a public server (library findings, 3).
         self.setProtocolOptions(
-            maxMessagePayloadSize=max_message_size,
-            maxFramePayloadSize=max_message_size,
-            autoPingInterval=ping_interval,
-            autoPingTimeout=ping_timeout,
-            openHandshakeTimeout=5,
+            maxMessagePayloadSize=config.max_message_size,
+            maxFramePayloadSize=config.max_message_size,
+            autoPingInterval=config.ping_interval,
+            autoPingTimeout=config.ping_timeout,
+            openHandshakeTimeout=config.handshake_timeout,
             closeHandshakeTimeout=1,
             failByDrop=False,
         )

@@ -340,3 +340,28 @@ class Node:
 
     async def connect(self, query: str = "") -> WSClient:
         return await connect_ws(self.port, f"/ws{query}")
+
+
+SECRET = "test-secret-of-at-least-32-bytes!!"
+
+
+def token(
+    sub: str | None = None,
+    channels: list[str] | None = None,
+    publish: list[str] | None = None,
+    *,
+    ttl: float = 3600,
+    secret: str = SECRET,
+    **claims: Any,
+) -> str:
+    """An HS256 subscriber token."""
+    import jwt
+
+    body: dict[str, Any] = {"exp": int(time.time() + ttl), **claims}
+    if sub is not None:
+        body["sub"] = sub
+    if channels is not None:
+        body["channels"] = channels
+    if publish is not None:
+        body["publish"] = publish
+    return jwt.encode(body, secret, algorithm="HS256")

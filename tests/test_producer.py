@@ -14,7 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from pushd.message import parse_id
 from pushd.web.errors import ApiError
 from pushd.web.resource import ProducerAuth
-from tests.support import PushdUnderTest, connect_raw
+from tests.support import SECRET, PushdUnderTest, StartPushd, connect_raw, token
 
 
 async def _error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
@@ -50,8 +50,9 @@ async def test_ids_strictly_increase_per_channel(pushd: PushdUnderTest) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_user_channel_name_is_accepted(pushd: PushdUnderTest) -> None:
-    client = await pushd.connect("?channel=dm%23alice,bob")
+async def test_user_channel_name_is_accepted(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(token_secret=SECRET)
+    client = await pushd.connect(f"?channel=dm%23alice,bob&token={token('bob')}")
     await client.next_of("subscribed")
     msg_id = await pushd.publish("dm#alice,bob", "hi")
     assert (await client.next_of("message"))["id"] == msg_id

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from pushd import __version__
 from pushd.broker import Broker
+from pushd.config import Config
 from pushd.message import dump_json
 from pushd.web.producer import ChannelsResource
 from pushd.web.resource import NotFound, ProducerAuth
@@ -58,22 +60,98 @@ class Root(Resource):
         return dump_json({"service": "pushd", "version": __version__})
 
 
-def make_site(
-    *,
-    broker: Broker,
-    ws_factory: Any,
-    api_keys: tuple[str, ...],
-    max_body: int,
-    history_size: int = 100,
-    access_log: bool = False,
-) -> Site:
+class PushdChannel(HTTPChannel):
+    """Twisted Web's connection with pushd's bounds on what a stranger sends
+    before a request is complete: `handshake_timeout` seconds for the request
+    line and headers (slowloris), `max_header_size` bytes for them (414 for
+    a request line over it, 431 for headers)."""
+
+    handshake_timeout = 10.0
+    max_header_size = 16384
+    _deadline: Any = None
+    _header_bytes = 0
+    _refused = False
+
+    def connectionMade(self) -> None:
+        self.MAX_LENGTH = self.totalHeadersSize = self.max_header_size
+        super().connectionMade()
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        self._header_bytes = 0
+        self._deadline = self.callLater(self.handshake_timeout, self._too_slow)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def lineReceived(self, line: bytes) -> None:
+        self._header_bytes += len(line) + 2
+        if self._header_bytes > self.max_header_size:
+            self._refuse(b"431 Request Header Fields Too Large", "headers_too_large")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if self._header_bytes == 0:
+            self._refuse(b"414 URI Too Long", "url_too_long")
+        else:
+            self._refuse(b"431 Request Header Fields Too Large", "headers_too_large")
+
+    def allHeadersReceived(self) -> None:
+        self._stop_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self._handlingRequest:
+            self._start_deadline()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(b"408 Request Timeout", "timeout")
+
+    def _refuse(self, status: bytes, code: str) -> None:
+        self._stop_deadline()
+        if self.transport is None:
+            return
+        body = dump_json({"error": code, "message": status[4:].decode()})
+        transport: Any = self.transport
+        transport.write(
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        self._refused = True
+        self.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._refused:
+            super().dataReceived(data)
+
+
+def make_site(*, broker: Broker, ws_factory: Any, config: Config, reactor: Any) -> Site:
     root = Root()
     root.putChild(b"ws", WebSocketResource(ws_factory))  # type: ignore[arg-type]
-    channels = ChannelsResource(broker, ProducerAuth(api_keys), history_size)
+    channels = ChannelsResource(broker, ProducerAuth(config.api_key), config.history_size)
     root.putChild(b"channels", channels)  # type: ignore[arg-type]
 
-    site = Site(root) if access_log else QuietSite(root)
-    request_type = type("PushdRequest", (PushdRequest,), {"max_body": max_body})
+    # Idle keep-alive connections go after a minute (the headers' own deadline is shorter).
+    site_type = Site if config.access_log else QuietSite
+    site = site_type(root, timeout=max(60.0, config.handshake_timeout), reactor=reactor)
+    request_type = type("PushdRequest", (PushdRequest,), {"max_body": config.max_message_size})
     site.requestFactory = request_type  # type: ignore[assignment]
+    site.protocol = type(  # type: ignore[method-assign]
+        "PushdChannel",
+        (PushdChannel,),
+        {
+            "handshake_timeout": config.handshake_timeout,
+            "max_header_size": config.max_header_size,
+        },
+    )
     site.ws_factory = ws_factory  # type: ignore[attr-defined]
     return site

@@ -1,0 +1,164 @@
+"""Who may subscribe and publish where: subscriber tokens, grants, origins.
+
+A subscriber's rights are a Grants: its user id (`sub`), the channel patterns
+it may subscribe to and those it may publish to (`*` matches any run of
+characters). They come from an HS256 JWT (`--token-secret`), from the
+application's answer at connect (`--auth-url`, see pushd.auth_url), or, with
+neither configured, from the anonymous default: subscribe to any channel that
+is not a user channel, publish nowhere.
+
+User channels (`name#alice,bob`) are decided by `sub` alone: only the listed
+users may subscribe, whatever the channel patterns say.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import jwt
+
+
+class AuthError(Exception):
+    """A refused credential: HTTP `status` before upgrading, `code` in the body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@lru_cache(maxsize=1024)
+def _pattern(glob: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in glob.split("*")))
+
+
+def matches(patterns: Iterable[str], name: str) -> bool:
+    return any(_pattern(p).fullmatch(name) is not None for p in patterns)
+
+
+def user_ids(channel: str) -> tuple[str, ...] | None:
+    """The users of a user channel (`dm#alice,bob` -> alice, bob); None otherwise."""
+    _, sep, ids = channel.partition("#")
+    return tuple(ids.split(",")) if sep else None
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    sub: str | None = None
+    channels: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    #: POSIX time after which the connection must end (token `exp`); None: never.
+    expires: float | None = None
+
+    def _admits(self, patterns: tuple[str, ...], channel: str) -> bool:
+        users = user_ids(channel)
+        if users is not None:
+            return self.sub is not None and self.sub in users
+        return matches(patterns, channel)
+
+    def may_subscribe(self, channel: str) -> bool:
+        return self._admits(self.channels, channel)
+
+    def may_publish(self, channel: str) -> bool:
+        users = user_ids(channel)
+        if users is not None and (self.sub is None or self.sub not in users):
+            return False
+        return matches(self.publish, channel)
+
+    @classmethod
+    def from_claims(cls, claims: Mapping[str, Any], expires: float | None = None) -> Grants:
+        """Grants from token claims or an --auth-url answer; bad shapes are refused."""
+
+        def names(key: str) -> tuple[str, ...]:
+            value = claims.get(key, [])
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise AuthError(401, "bad_token", f"claim {key!r} must be a list of strings")
+            return tuple(value)
+
+        sub = claims.get("sub")
+        if sub is not None and not isinstance(sub, str):
+            raise AuthError(401, "bad_token", "claim 'sub' must be a string")
+        return cls(sub=sub, channels=names("channels"), publish=names("publish"), expires=expires)
+
+
+ANONYMOUS = Grants(channels=("*",))
+
+
+class TokenVerifier:
+    """HS256 only (`alg` pinned: `none` and every other algorithm are refused); `exp` required."""
+
+    def __init__(self, secret: str, audience: str | None = None, leeway: float = 0) -> None:
+        self._secret = secret
+        self._audience = audience
+        self._leeway = leeway
+
+    def verify(self, token: str) -> Grants:
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": ["exp"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "token_expired", "the token has expired") from None
+        except jwt.InvalidTokenError as e:
+            raise AuthError(401, "bad_token", f"invalid token: {e}") from None
+        return Grants.from_claims(claims, expires=float(claims["exp"]))
+
+
+def token_from(query: Mapping[str, list[str]], authorization: str | None) -> str | None:
+    """`?token=` or `Authorization: Bearer <token>`."""
+    values = query.get("token")
+    if values:
+        return values[-1]
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return None
+
+
+class OriginPolicy:
+    """`--allowed-origin` patterns; none configured admits any origin.
+
+    A request without an Origin header is not from a browser page and is
+    admitted: the policy protects users' browsers, not the server.
+    """
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.patterns = patterns
+
+    def admits(self, origin: str | None) -> bool:
+        if not self.patterns or origin is None:
+            return True
+        return matches(self.patterns, origin)
+
+
+class Authenticator:
+    """The grants of a connecting client, from whichever source is configured:
+    a token when one is presented (and a secret configured), else the
+    application (`--auth-url`), else anonymous unless tokens are required."""
+
+    def __init__(self, verifier: TokenVerifier | None = None, application: Any = None) -> None:
+        self._verifier = verifier
+        self._application = application
+
+    def grants(self, token: str | None, **context: Any) -> Any:
+        """Grants, or a Deferred of them (asking the application); AuthError when refused."""
+        if token is not None and self._verifier is not None:
+            return self._verifier.verify(token)
+        if self._application is not None:
+            return self._application.authorize(**context)
+        if self._verifier is not None:
+            raise AuthError(401, "token_required", "a token is required (?token= or Bearer)")
+        return ANONYMOUS
