@@ -48,5 +48,8 @@ class ConnectionCounter:
         else:
             self._counts.pop(address, None)
 
+    def count(self, address: str) -> int:
+        return self._counts.get(address, 0)
+
     def __len__(self) -> int:
         return len(self._counts)

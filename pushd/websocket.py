@@ -45,6 +45,7 @@ from pushd.session import AlreadySubscribed, Session
 log = Logger()
 
 _PONG = dump_json({"type": "pong"})
+FRAME_OVERHEAD = 1024
 
 
 class FrameError(Exception):
@@ -320,10 +321,13 @@ class PushdServerFactory(WebSocketServerFactory):
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
         self.slow_consumers = 0
+        # A publish frame carries up to --max-message-size of data plus its own fields:
+        # such a frame is answered `too_large`; a frame larger still is closed with 1009.
+        frame_limit = config.max_message_size + FRAME_OVERHEAD
         # Autobahn's defaults are unsafe for a public server (library findings, 3).
         self.setProtocolOptions(
-            maxMessagePayloadSize=config.max_message_size,
-            maxFramePayloadSize=config.max_message_size,
+            maxMessagePayloadSize=frame_limit,
+            maxFramePayloadSize=frame_limit,
             autoPingInterval=config.ping_interval,
             autoPingTimeout=config.ping_timeout,
             openHandshakeTimeout=config.handshake_timeout,

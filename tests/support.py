@@ -255,8 +255,12 @@ class WSClient(WebSocketClientProtocol):
         return await with_timeout(self.closed, timeout)
 
 
-async def connect_ws(port: int, path: str, **options: Any) -> WSClient:
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", reactor=reactor)
+async def connect_ws(
+    port: int, path: str, headers: dict[str, str] | None = None, **options: Any
+) -> WSClient:
+    factory = WebSocketClientFactory(
+        f"ws://127.0.0.1:{port}{path}", headers=headers, reactor=reactor
+    )
     factory.protocol = WSClient
     factory.setProtocolOptions(**options)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)

@@ -130,7 +130,7 @@ async def test_invalid_channel_in_url_is_an_error_frame(pushd: PushdUnderTest) -
 async def test_oversize_frame_closes_with_1009(start_pushd: StartPushd) -> None:
     small = await start_pushd(max_message_size=1024)
     client = await small.connect()
-    client.sendMessage(b'{"type":"ping","pad":"' + b"x" * 2000 + b'"}')
+    client.sendMessage(b'{"type":"ping","pad":"' + b"x" * 3000 + b'"}')
     _, code, _ = await client.closed
     assert code == 1009
 

@@ -81,7 +81,7 @@ async def close_code(raw: RawClient) -> int:
         (frame(0x1, b'{"type":"ping","x":"\xff\xfe"}'), 1007),  # invalid UTF-8
         (frame(0x1, b'{"type":"ping"}', masked=False), 1002),  # client frames must be masked
         (frame(0x3, b"?"), 1002),  # reserved opcode
-        (frame(0x1, b"x" * 70000), 1009),  # over --max-message-size
+        (frame(0x1, b"x" * 70000), 1009),  # over --max-message-size and a frame's fields
         (frame(0x9, b"p" * 200), 1002),  # control frame over 125 bytes
         (frame(0x1, b"a", fin=False) + frame(0x1, b"b"), 1002),  # new message mid-fragments
     ],
