@@ -270,8 +270,10 @@ class PushdServerProtocol(WebSocketServerProtocol):
     # -- backpressure: IPushProducer for the transport
 
     def pauseProducing(self) -> None:
-        self._paused = True
-        self._backlog = 0
+        # Twisted calls this on every write while the buffer is over its mark.
+        if not self._paused:
+            self._paused = True
+            self._backlog = 0
 
     def resumeProducing(self) -> None:
         self._paused = False

@@ -256,12 +256,16 @@ class WSClient(WebSocketClientProtocol):
 
 
 async def connect_ws(
-    port: int, path: str, headers: dict[str, str] | None = None, **options: Any
-) -> WSClient:
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+    client_type: type[WSClient] | None = None,
+    **options: Any,
+) -> Any:
     factory = WebSocketClientFactory(
         f"ws://127.0.0.1:{port}{path}", headers=headers, reactor=reactor
     )
-    factory.protocol = WSClient
+    factory.protocol = client_type or WSClient
     factory.setProtocolOptions(**options)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=TIMEOUT)
     client: WSClient = await with_timeout(endpoint.connect(factory))
