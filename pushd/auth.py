@@ -20,6 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 import jwt
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 
 
 class AuthError(Exception):
@@ -162,3 +163,37 @@ class Authenticator:
         if self._verifier is not None:
             raise AuthError(401, "token_required", "a token is required (?token= or Bearer)")
         return ANONYMOUS
+
+
+class Gate:
+    """Admission of a subscriber connection, the same for every transport:
+    its origin, its address's share of connections, then its grants."""
+
+    def __init__(
+        self, authenticator: Authenticator, origins: OriginPolicy, connections: Any
+    ) -> None:
+        self.authenticator = authenticator
+        self.origins = origins
+        self.connections = connections
+
+    def admit(
+        self, *, address: str, token: str | None, headers: Mapping[str, str], **context: Any
+    ) -> Deferred[Grants]:
+        """Grants for an admitted client, which then holds one of its address's
+        connections until `release`; fails with AuthError otherwise."""
+        if not self.origins.admits(headers.get("origin")):
+            return fail(AuthError(403, "forbidden", "origin not allowed"))
+        if not self.connections.acquire(address):
+            return fail(AuthError(429, "too_many_connections", "too many connections"))
+        d = maybeDeferred(
+            self.authenticator.grants, token, address=address, headers=headers, **context
+        )
+
+        def refused(failure: Any) -> Any:
+            self.connections.release(address)
+            return failure
+
+        return d.addErrback(refused)
+
+    def release(self, address: str) -> None:
+        self.connections.release(address)

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from pushd.auth import Authenticator, TokenVerifier
+from pushd.auth import Authenticator, Gate, OriginPolicy, TokenVerifier
 from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
 from pushd.broker.memory import MemoryBroker
@@ -114,13 +114,17 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     verifier = None
     if config.token_secret is not None:
         verifier = TokenVerifier(config.token_secret, config.token_audience)
+    gate = Gate(
+        Authenticator(verifier, application),
+        OriginPolicy(config.allowed_origin),
+        ConnectionCounter(config.max_connections_per_ip),
+    )
     ws_factory = PushdServerFactory(
         hub,
         broker,
         config,
         reactor=reactor,
-        authenticator=Authenticator(verifier, application),
-        connections=ConnectionCounter(config.max_connections_per_ip),
+        gate=gate,
     )
     site = make_site(broker=broker, ws_factory=ws_factory, config=config, reactor=reactor)
     for description in config.listen:

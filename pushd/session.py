@@ -28,10 +28,7 @@ class Outlet(Protocol):
     def subscribed(self, channel: str, recovered: bool) -> None: ...
 
     def message(self, message: Message) -> None:
-        """A live message: the same object goes to every local subscriber."""
-
-    def replayed(self, channel: str, payload: bytes) -> None:
-        """An envelope read back from history for this client alone."""
+        """A message: a live one is the same object for every local subscriber."""
 
 
 class AlreadySubscribed(Exception):
@@ -83,7 +80,7 @@ class Session:
         else:
             last = parse_id(since)
             for msg_id, data in history.messages:
-                out.replayed(channel, envelope(channel, msg_id, data))
+                out.message(Message(channel, msg_id, envelope(channel, msg_id, data)))
                 last = parse_id(msg_id)
             # Pub/sub runs on another connection than the history read: messages
             # just replayed may still arrive live. Drop them until a newer one.

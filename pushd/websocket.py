@@ -34,11 +34,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.logger import Logger
 
-from pushd.auth import ANONYMOUS, Authenticator, AuthError, Grants, OriginPolicy, token_from
+from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, token_from
 from pushd.broker import Broker, BrokerUnavailable
 from pushd.config import Config
 from pushd.hub import Hub
-from pushd.limits import ConnectionCounter, TokenBucket
+from pushd.limits import TokenBucket
 from pushd.message import Message, dump_json, is_channel, parse_id
 from pushd.session import AlreadySubscribed, Session
 
@@ -102,42 +102,32 @@ class PushdServerProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
-        headers = request.headers
-        if not factory.origins.admits(headers.get("origin")):
-            raise ConnectionDeny(403, "origin not allowed")
         address = peer_address(self.transport.getPeer())  # type: ignore[union-attr, misc]
-        if not factory.connections.acquire(address):
-            raise ConnectionDeny(429, "too many connections from this address")
-        self._address = address
-        self.session = Session(factory.hub, factory.broker, self)
         channels = request.params.get("channel", [])
         since = request.params.get("since", [None])[-1]
         self._initial = [{"channel": c, "since": since} for c in channels]
-        token = token_from(request.params, headers.get("authorization"))
-        try:
-            grants = factory.authenticator.grants(
-                token, transport="websocket", address=address, channels=channels, headers=headers
-            )
-        except AuthError as e:
-            self._refused(e)
-        if isinstance(grants, Grants):
-            return self._admitted(grants)
-        return grants.addCallbacks(self._admitted, lambda f: self._refused(f.value))
+        self.session = Session(factory.hub, factory.broker, self)
+        d = factory.gate.admit(
+            address=address,
+            token=token_from(request.params, request.headers.get("authorization")),
+            headers=request.headers,
+            transport="websocket",
+            channels=channels,
+        )
+        return d.addCallbacks(self._admitted, self._refused, callbackArgs=(address,))
 
-    def _admitted(self, grants: Grants) -> None:
+    def _admitted(self, grants: Grants, address: str) -> None:
+        self._address = address
         self.grants = grants
         if grants.expires is not None:
-            delay = grants.expires - self.factory.reactor.seconds()
-            if delay <= 0:
-                self._refused(AuthError(401, "token_expired", "the token has expired"))
+            delay = max(0.0, grants.expires - self.factory.reactor.seconds())
             self._expiry = self.factory.reactor.callLater(delay, self._token_expired)
 
-    def _refused(self, error: Any) -> None:
-        if self._address is not None:
-            self.factory.connections.release(self._address)
-            self._address = None
+    def _refused(self, failure: Any) -> None:
+        error = failure.value
         if isinstance(error, AuthError):
             raise ConnectionDeny(error.status, error.message)
+        log.failure("admitting a WebSocket client failed", failure)
         raise ConnectionDeny(500, "internal error")
 
     def _token_expired(self) -> None:
@@ -185,7 +175,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         if session is not None:
             session.close()
         if self._address is not None:
-            self.factory.connections.release(self._address)
+            self.factory.gate.release(self._address)
             self._address = None
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
@@ -257,9 +247,6 @@ class PushdServerProtocol(WebSocketServerProtocol):
             return
         self.sendPreparedMessage(frame)
 
-    def replayed(self, channel: str, payload: bytes) -> None:
-        self._reply(payload)
-
     def _reply(self, payload: bytes) -> None:
         if self.state != self.STATE_OPEN:
             return
@@ -308,15 +295,12 @@ class PushdServerFactory(WebSocketServerFactory):
         config: Config,
         *,
         reactor: Any,
-        authenticator: Authenticator,
-        connections: ConnectionCounter,
+        gate: Gate,
     ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
         self.broker = broker
-        self.authenticator = authenticator
-        self.connections = connections
-        self.origins = OriginPolicy(config.allowed_origin)
+        self.gate = gate
         self.max_subscriptions = config.max_subscriptions
         self.max_message_size = config.max_message_size
         self.max_send_buffer = config.max_send_buffer

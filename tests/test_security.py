@@ -158,7 +158,7 @@ async def test_allowed_origins(start_pushd: StartPushd) -> None:
 @pytest_twisted.ensureDeferred
 async def test_connections_per_address_are_capped(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(max_connections_per_ip=3)
-    counter = pushd.service.listeners[0].factory.ws_factory.connections
+    counter = pushd.service.listeners[0].factory.ws_factory.gate.connections
     clients = [await pushd.connect() for _ in range(3)]
     assert await handshake_status(pushd) == 429
     await clients[0].close()
