@@ -117,11 +117,10 @@ class TokenVerifier:
         return Grants.from_claims(claims, expires=float(claims["exp"]))
 
 
-def token_from(query: Mapping[str, list[str]], authorization: str | None) -> str | None:
+def token_from(query_token: str | None, authorization: str | None) -> str | None:
     """`?token=` or `Authorization: Bearer <token>`."""
-    values = query.get("token")
-    if values:
-        return values[-1]
+    if query_token:
+        return query_token
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value.strip():

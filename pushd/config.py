@@ -255,6 +255,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="B",
     ),
     Option(
+        "keepalive",
+        _positive_float,
+        15.0,
+        "seconds between keep-alives on SSE and NDJSON streams",
+        metavar="S",
+    ),
+    Option(
         "handshake-timeout",
         _positive_float,
         10.0,
@@ -302,6 +309,7 @@ class Config:
     publish_rate: float = 10.0
     publish_burst: int = 20
     max_send_buffer: int = 1048576
+    keepalive: float = 15.0
     handshake_timeout: float = 10.0
     max_header_size: int = 16384
     access_log: bool = False

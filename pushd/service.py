@@ -126,7 +126,9 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         reactor=reactor,
         gate=gate,
     )
-    site = make_site(broker=broker, ws_factory=ws_factory, config=config, reactor=reactor)
+    site = make_site(
+        hub=hub, broker=broker, gate=gate, ws_factory=ws_factory, config=config, reactor=reactor
+    )
     for description in config.listen:
         listener = Listener(endpoints.serverFromString(reactor, description), site, description)
         listener.setServiceParent(service)

@@ -109,7 +109,9 @@ class PushdServerProtocol(WebSocketServerProtocol):
         self.session = Session(factory.hub, factory.broker, self)
         d = factory.gate.admit(
             address=address,
-            token=token_from(request.params, request.headers.get("authorization")),
+            token=token_from(
+                request.params.get("token", [None])[-1], request.headers.get("authorization")
+            ),
             headers=request.headers,
             transport="websocket",
             channels=channels,

@@ -10,11 +10,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from pushd import __version__
+from pushd.auth import Gate
 from pushd.broker import Broker
 from pushd.config import Config
+from pushd.hub import Hub
 from pushd.message import dump_json
 from pushd.web.producer import ChannelsResource
 from pushd.web.resource import NotFound, ProducerAuth
+from pushd.web.streams import StreamResource
 
 
 class PushdRequest(Request):
@@ -134,9 +137,14 @@ class PushdChannel(HTTPChannel):
             super().dataReceived(data)
 
 
-def make_site(*, broker: Broker, ws_factory: Any, config: Config, reactor: Any) -> Site:
+def make_site(
+    *, hub: Hub, broker: Broker, gate: Gate, ws_factory: Any, config: Config, reactor: Any
+) -> Site:
     root = Root()
     root.putChild(b"ws", WebSocketResource(ws_factory))  # type: ignore[arg-type]
+    for name, sse in ((b"sse", True), (b"stream", False)):
+        stream = StreamResource(hub, broker, gate, config, reactor, sse=sse)
+        root.putChild(name, stream)  # type: ignore[arg-type]
     channels = ChannelsResource(broker, ProducerAuth(config.api_key), config.history_size)
     root.putChild(b"channels", channels)  # type: ignore[arg-type]
 

@@ -1,0 +1,307 @@
+"""Subscribers over plain HTTP: Server-Sent Events (`/sse`) and NDJSON (`/stream`).
+
+Both hold the response open and write server events as they come, through the
+same Session as a WebSocket (so recovery with `since` keeps the same promises).
+
+  GET /sse?channel=a&channel=b[&since=<id>][&token=...]   text/event-stream
+      id: <id>                 (several channels: an opaque cursor of every
+      data: <envelope JSON>     channel's last id, so Last-Event-ID resumes all)
+
+      event: subscribed        (EventSource hands these to
+      data: {"type":"subscribed","channel":"a","recovered":true}   listeners of
+                                "subscribed", not to onmessage)
+      : keep-alive             (a comment every --keepalive seconds, 15)
+
+  GET /stream?channel=a                                     application/x-ndjson
+      {"type":"subscribed","channel":"a","recovered":false}
+      {"type":"message","channel":"a","id":"...","data":...}
+      (an empty line every --keepalive seconds keeps proxies from timing out
+       the stream: readers skip empty lines)
+
+Refusals come before the stream starts, as the producer API's JSON errors:
+400 bad channel or since, 401 bad or missing token, 403 a channel not granted
+or an origin not allowed, 429 too many connections from the address. A client
+that stops reading is cut off once --max-send-buffer bytes wait for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from pushd.auth import AuthError, Gate, Grants, token_from
+from pushd.broker import Broker
+from pushd.hub import Hub
+from pushd.message import Message, dump_json, is_channel, parse_id
+from pushd.session import Session
+from pushd.web import errors
+from pushd.web.errors import ApiError, write_error
+
+log = Logger()
+
+
+def encode_cursor(last: dict[str, str]) -> str:
+    """Every channel's last id as one URL-safe Last-Event-ID."""
+    raw = json.dumps(last, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def decode_cursor(value: str, channels: list[str]) -> dict[str, str]:
+    """A Last-Event-ID (or since) as channel -> id; a plain id applies to every channel."""
+    try:
+        parse_id(value)
+        return dict.fromkeys(channels, value)
+    except ValueError:
+        pass
+    try:
+        padded = value + "=" * (-len(value) % 4)
+        last = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (binascii.Error, ValueError):
+        raise ApiError(*errors.BAD_SINCE) from None
+    if not isinstance(last, dict):
+        raise ApiError(*errors.BAD_SINCE)
+    cursor = {}
+    for channel, msg_id in last.items():
+        if channel in channels:
+            try:
+                parse_id(msg_id)
+            except (TypeError, ValueError):
+                raise ApiError(*errors.BAD_SINCE) from None
+            cursor[channel] = msg_id
+    return cursor
+
+
+@implementer(IPushProducer)
+class _Stream:
+    """One open stream: the Session's outlet, the transport's producer."""
+
+    __slots__ = ("_backlog", "_last", "_limit", "_paused", "_request", "_sse", "session")
+
+    def __init__(self, request: Request, sse: bool, limit: int, multi: bool) -> None:
+        self._request = request
+        self._sse = sse
+        self._limit = limit
+        self._paused = False
+        self._backlog = 0
+        # Several SSE channels: their last ids, for the cursor in `id:`.
+        self._last: dict[str, str] | None = {} if multi and sse else None
+        self.session: Session | None = None
+
+    # -- the session's outlet
+
+    def subscribed(self, channel: str, recovered: bool) -> None:
+        event = dump_json({"type": "subscribed", "channel": channel, "recovered": recovered})
+        self._write(b"event: subscribed\ndata: " + event + b"\n\n" if self._sse else event + b"\n")
+
+    def message(self, message: Message) -> None:
+        if not self._sse:
+            self._write(message.payload + b"\n")
+        elif message.id is None:
+            self._write(b"data: " + message.payload + b"\n\n")
+        elif self._last is None:
+            self._write(b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n")
+        else:
+            self._last[message.channel] = message.id
+            cursor = encode_cursor(self._last).encode()
+            self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
+
+    def keepalive(self) -> None:
+        self._write(b": keep-alive\n\n" if self._sse else b"\n")
+
+    def _write(self, data: bytes) -> None:
+        if self._request.finished or self._request._disconnected:
+            return
+        if self._paused:
+            self._backlog += len(data)
+            if self._backlog > self._limit:
+                log.info("dropping a slow stream consumer")
+                self.close()
+                transport = self._request.channel.transport
+                if transport is not None:
+                    transport.abortConnection()
+                return
+        self._request.write(data)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    # -- IPushProducer
+
+    def pauseProducing(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+
+    def stopProducing(self) -> None:
+        self.close()
+
+
+class StreamResource(Resource):
+    """`/sse` (sse=True) or `/stream`."""
+
+    isLeaf = True
+
+    def __init__(
+        self, hub: Hub, broker: Broker, gate: Gate, config: Any, clock: Any, sse: bool
+    ) -> None:
+        super().__init__()
+        self._hub = hub
+        self._broker = broker
+        self._gate = gate
+        self._max_subscriptions = config.max_subscriptions
+        self._max_send_buffer = config.max_send_buffer
+        self._keepalive_every = config.keepalive
+        self._clock = clock
+        self._sse = sse
+        self._streams: set[_Stream] = set()
+        self._keepalive = LoopingCall(self._beat)
+        self._keepalive.clock = clock
+
+    def _beat(self) -> None:
+        for stream in tuple(self._streams):
+            stream.keepalive()
+
+    def _cors(self, request: Request) -> None:
+        origin = request.getHeader(b"origin")
+        if origin is not None and self._gate.origins.admits(origin.decode("latin-1")):
+            request.setHeader(b"access-control-allow-origin", origin)
+            request.setHeader(b"access-control-allow-credentials", b"true")
+            request.setHeader(b"vary", b"Origin")
+
+    def render_OPTIONS(self, request: Request) -> bytes:
+        self._cors(request)
+        request.setHeader(b"access-control-allow-methods", b"GET, OPTIONS")
+        request.setHeader(b"access-control-allow-headers", b"Authorization, Last-Event-ID")
+        request.setHeader(b"access-control-max-age", b"86400")
+        request.setResponseCode(204)
+        return b""
+
+    def render_GET(self, request: Request) -> Any:
+        self._cors(request)
+        try:
+            channels, cursor = self._parse(request)
+        except ApiError as e:
+            write_error(request, e.status, e.code, e.message)
+            return NOT_DONE_YET
+        token = token_from(_last(request.args or {}, b"token"), _header(request, b"authorization"))
+        headers = {
+            k.decode("latin-1").lower(): b",".join(v).decode("latin-1")
+            for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        address = _address(request)
+        d = self._gate.admit(
+            address=address,
+            token=token,
+            headers=headers,
+            transport="sse" if self._sse else "stream",
+            channels=channels,
+        )
+        d.addCallback(self._start, request, channels, cursor, address)
+        d.addErrback(self._refused, request)
+        return NOT_DONE_YET
+
+    def _parse(self, request: Request) -> tuple[list[str], dict[str, str]]:
+        args = request.args or {}
+        channels = list(
+            dict.fromkeys(c.decode("utf-8", "replace") for c in args.get(b"channel", []))
+        )
+        if not channels or not all(is_channel(c) for c in channels):
+            raise ApiError(*errors.BAD_CHANNEL)
+        if len(channels) > self._max_subscriptions:
+            raise ApiError(400, "too_many_subscriptions", "too many channels")
+        since = (
+            _header(request, b"last-event-id")
+            or _last(args, b"since")
+            or _last(args, b"last_event_id")
+        )
+        return channels, decode_cursor(since, channels) if since else {}
+
+    def _refused(self, failure: Any, request: Request) -> None:
+        error = failure.value
+        if isinstance(error, AuthError):
+            write_error(request, error.status, error.code, error.message)
+        else:
+            log.failure("opening a stream failed", failure)
+            write_error(request, 500, "internal", "internal error")
+
+    def _start(
+        self,
+        grants: Grants,
+        request: Request,
+        channels: list[str],
+        cursor: dict[str, str],
+        address: str,
+    ) -> None:
+        refused = [c for c in channels if not grants.may_subscribe(c)]
+        if refused or request._disconnected:
+            self._gate.release(address)
+            if refused:
+                write_error(request, 403, "forbidden", f"not allowed to subscribe to {refused[0]}")
+            return
+        request.setHeader(
+            b"content-type", b"text/event-stream" if self._sse else b"application/x-ndjson"
+        )
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-accel-buffering", b"no")
+        stream = _Stream(request, self._sse, self._max_send_buffer, len(channels) > 1)
+        if stream._last is not None:
+            stream._last.update(cursor)
+        stream.session = Session(self._hub, self._broker, stream)
+        request.registerProducer(stream, True)
+        self._streams.add(stream)
+        if not self._keepalive.running:
+            self._keepalive.start(self._keepalive_every, now=False)
+        request.write(b": ok\n\n" if self._sse else b"")
+
+        def gone(_: object) -> None:
+            stream.close()
+            self._streams.discard(stream)
+            self._gate.release(address)
+            if not self._streams and self._keepalive.running:
+                self._keepalive.stop()
+
+        request.notifyFinish().addBoth(gone)
+        for channel in channels:
+            stream.session.subscribe(channel, cursor.get(channel))
+        if grants.expires is not None:
+            delay = max(0.0, grants.expires - self._clock.seconds())
+            ending = self._clock.callLater(delay, _end, request)
+            request.notifyFinish().addBoth(lambda _: ending.active() and ending.cancel())
+
+    def stop(self) -> None:
+        if self._keepalive.running:
+            self._keepalive.stop()
+
+
+def _end(request: Request) -> None:
+    if not request.finished and not request._disconnected:
+        request.finish()
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value else None
+
+
+def _last(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
+    values = args.get(name)
+    return values[-1].decode("utf-8", "replace") if values else None
+
+
+def _address(request: Request) -> str:
+    host = getattr(request.getClientAddress(), "host", None)
+    return host if isinstance(host, str) else "local"

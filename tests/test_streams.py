@@ -1,0 +1,162 @@
+"""Server-Sent Events and NDJSON streaming, read as browsers and curl read them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.internet.utils import getProcessOutputAndValue
+
+from tests.sse import open_sse
+from tests.support import SECRET, PushdUnderTest, StartPushd, connect_raw, token, wait_for
+
+
+@pytest_twisted.ensureDeferred
+async def test_sse_delivers_ids_and_envelopes(pushd: PushdUnderTest) -> None:
+    stream = await open_sse(f"{pushd.url}/sse?channel=news")
+    assert stream.response.headers.getRawHeaders("content-type") == ["text/event-stream"]
+    subscribed = await stream.next()
+    assert subscribed.type == "subscribed"
+    assert json.loads(subscribed.data) == {
+        "type": "subscribed", "channel": "news", "recovered": False
+    }  # fmt: skip
+    msg_id = await pushd.publish("news", {"n": 1})
+    event = await stream.next()
+    assert (event.type, event.last_event_id) == ("message", msg_id)
+    assert json.loads(event.data) == {
+        "type": "message", "channel": "news", "id": msg_id, "data": {"n": 1}
+    }  # fmt: skip
+    stream.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sse_resumes_with_last_event_id_on_one_and_many_channels(
+    pushd: PushdUnderTest,
+) -> None:
+    first = await open_sse(f"{pushd.url}/sse?channel=a&channel=b")
+    for _ in range(2):
+        await first.next()
+    await pushd.publish("a", "a1")
+    await pushd.publish("b", "b1")
+    for _ in range(2):
+        await first.next()
+    cursor = first.last_event_id
+    first.close()
+    missed = [await pushd.publish("a", "a2"), await pushd.publish("b", "b2")]
+
+    # The browser reconnects with the Last-Event-ID header: both channels resume.
+    again = await open_sse(f"{pushd.url}/sse?channel=a&channel=b", {"Last-Event-ID": cursor})
+    events = [json.loads((await again.next()).data) for _ in range(4)]
+    assert [e["recovered"] for e in events if e["type"] == "subscribed"] == [True, True]
+    assert sorted(e["id"] for e in events if e["type"] == "message") == sorted(missed)
+    again.close()
+
+    # One channel: the id is the message id; ?since= and ?last_event_id= do the same.
+    last = missed[0]
+    for name in ("since", "last_event_id"):
+        one = await open_sse(f"{pushd.url}/sse?channel=a&{name}={last}")
+        assert json.loads((await one.next()).data)["recovered"] is True
+        last = await pushd.publish("a", "a3")
+        assert (await one.next()).last_event_id == last
+        one.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sse_sends_keepalive_comments(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(keepalive=0.2)
+    stream = await open_sse(f"{pushd.url}/sse?channel=quiet")
+    await stream.next()
+    await wait_for(lambda: "keep-alive" in stream.comments, what="a keep-alive comment")
+    stream.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sse_refusals_and_cors(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(token_secret=SECRET, allowed_origin=("https://app.example",))
+    url = f"{pushd.url}/sse?channel=news"
+
+    async def status(query: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+        response = await treq.get(
+            url + query, headers={k: [v] for k, v in (headers or {}).items()}, persistent=False
+        )
+        body = await response.json()
+        return response.code, body["error"]
+
+    assert await status("") == (401, "token_required")
+    assert await status("&token=garbage") == (401, "bad_token")
+    assert await status(f"&token={token('a', channels=['other'])}") == (403, "forbidden")
+    good = f"&token={token('a', channels=['news'])}"
+    assert await status(good, {"Origin": "https://evil.example"}) == (403, "forbidden")
+    stream = await open_sse(url + good, {"Origin": "https://app.example"})
+    headers = stream.response.headers
+    assert headers.getRawHeaders("access-control-allow-origin") == ["https://app.example"]
+    assert (await stream.next()).type == "subscribed"
+    stream.close()
+    preflight = await treq.request(
+        "OPTIONS", url, headers={"Origin": ["https://app.example"]}, persistent=False
+    )
+    assert preflight.code == 204
+    assert "Last-Event-ID" in preflight.headers.getRawHeaders("access-control-allow-headers")[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ndjson_stream_with_curl(pushd: PushdUnderTest) -> None:
+    curl = getProcessOutputAndValue(
+        "curl", ["-sN", "--max-time", "2", f"{pushd.url}/stream?channel=news"], reactor=reactor
+    )
+    await wait_for(lambda: pushd.hub.count("news") == 1, what="curl to subscribe")
+    ids = [await pushd.publish("news", {"n": n}) for n in range(3)]
+    out, _, _ = await curl
+    lines = [json.loads(line) for line in out.decode().splitlines() if line]
+    assert lines[0] == {"type": "subscribed", "channel": "news", "recovered": False}
+    assert [(m["id"], m["data"]) for m in lines[1:]] == [(i, {"n": n}) for n, i in enumerate(ids)]
+    await wait_for(lambda: pushd.hub.channels() == {}, what="curl's subscription to go")
+
+
+@pytest_twisted.ensureDeferred
+async def test_abandoned_streams_leave_no_subscription(
+    pushd: PushdUnderTest, redis_client: object
+) -> None:
+    clients = []
+    for n in range(1000):
+        raw = await connect_raw(pushd.port)
+        raw.transport.write(f"GET /stream?channel=s{n % 10} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        clients.append(raw)
+    for raw in clients:
+        await raw.until(b'"subscribed"')
+    assert sum(pushd.hub.channels().values()) == 1000
+    for n, raw in enumerate(clients):
+        if n % 2:
+            raw.transport.abortConnection()
+        else:
+            raw.transport.loseConnection()
+    await wait_for(lambda: pushd.hub.channels() == {}, what="every subscription to go")
+    assert pushd.service.broker.subscribed_channels() == frozenset()
+    gate = pushd.service.listeners[0].factory.ws_factory.gate
+    assert len(gate.connections) == 0
+    if pushd.cfg.redis is not None:
+        pattern = pushd.cfg.redis_prefix + "*"
+
+        async def unsubscribed() -> bool:
+            return await redis_client.execute_command("PUBSUB", "CHANNELS", pattern) == []  # type: ignore[attr-defined]
+
+        await wait_for(unsubscribed, what="Redis subscriptions to go")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_that_stops_reading_is_cut_off(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(max_send_buffer=65536)
+    raw = await connect_raw(pushd.port)
+    raw.transport.write(b"GET /stream?channel=flood HTTP/1.1\r\nHost: x\r\n\r\n")
+    await raw.until(b'"subscribed"')
+    raw.transport.pauseProducing()
+    payload = json.dumps({"pad": "x" * 1000}).encode()
+    for _ in range(20000):
+        await pushd.service.broker.publish("flood", payload)
+        if not pushd.hub.count("flood"):
+            break
+    assert pushd.hub.count("flood") == 0
+    raw.transport.resumeProducing()
+    await raw.lost
