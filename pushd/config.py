@@ -185,6 +185,20 @@ OPTIONS: tuple[Option, ...] = (
         "largest message body or client frame, in bytes",
         metavar="B",
     ),
+    Option(
+        "max-batch-size",
+        _positive_int,
+        1048576,
+        "largest body of a batch publish (POST /publish), in bytes",
+        metavar="B",
+    ),
+    Option(
+        "push-event-list",
+        _non_empty,
+        "message_gateway_event",
+        "the Redis list POST /push pushes channel names to (nginx+Lua gateway contract)",
+        metavar="KEY",
+    ),
     Option("history-size", _positive_int, 100, "messages kept per channel", metavar="N"),
     Option(
         "history-ttl",
@@ -295,6 +309,8 @@ class Config:
     redis_timeout: float = 5.0
     api_key: tuple[str, ...] = ()
     max_message_size: int = 65536
+    max_batch_size: int = 1048576
+    push_event_list: str = "message_gateway_event"
     history_size: int = 100
     history_ttl: int = 3600
     ping_interval: float = 30.0

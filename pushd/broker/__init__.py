@@ -31,6 +31,10 @@ LocalCount = Callable[[str], int]
 IDEMPOTENCY_TTL = 300
 
 
+def _item_key(key: str | None, index: int) -> str | None:
+    return None if key is None else f"{key}#{index}"
+
+
 class BrokerUnavailable(Exception):
     """The broker cannot take a publish now; nothing was stored (HTTP 503)."""
 
@@ -70,6 +74,18 @@ class Broker(Service):
         With an idempotency key seen in the last IDEMPOTENCY_TTL seconds it
         publishes nothing and answers the first publish's id.
         """
+        raise NotImplementedError
+
+    def publish_many(
+        self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
+    ) -> Deferred[list[Published]]:
+        """Publish (channel, data) pairs in order, pipelined; each item is
+        idempotent on its own (`<key>#<index>`). Fails with BrokerUnavailable."""
+        raise NotImplementedError
+
+    def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
+        """The nginx+Lua gateway's store: in one MULTI/EXEC, `LPUSH <channel> <entry>`
+        and `LPUSH <event_list> <channel>`. False when this broker keeps no lists."""
         raise NotImplementedError
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
-from pushd.broker import IDEMPOTENCY_TTL, Broker, History, Listener, Published
+from pushd.broker import IDEMPOTENCY_TTL, Broker, History, Listener, Published, _item_key
 from pushd.message import envelope, format_id, parse_id
 
 
@@ -63,11 +63,14 @@ class MemoryBroker(Broker):
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None
     ) -> Deferred[Published]:
+        return succeed(self._publish(channel, data, idempotency_key))
+
+    def _publish(self, channel: str, data: bytes, idempotency_key: str | None) -> Published:
         now = self._clock.seconds()
         if idempotency_key is not None:
             seen = self._seen.get(idempotency_key)
             if seen is not None and seen[0] >= now:
-                return succeed(Published(seen[1], repeated=True))
+                return Published(seen[1], repeated=True)
         if len(self._histories) + len(self._seen) > 1024:
             self._expire()
         history = self._live_history(channel)
@@ -85,7 +88,20 @@ class MemoryBroker(Broker):
             self._seen[idempotency_key] = (now + IDEMPOTENCY_TTL, entry.id)
         if channel in self._subscribed and self.listener is not None:
             self.listener(channel, envelope(channel, entry.id, data))
-        return succeed(Published(entry.id))
+        return Published(entry.id)
+
+    def publish_many(
+        self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
+    ) -> Deferred[list[Published]]:
+        return succeed(
+            [
+                self._publish(channel, data, _item_key(idempotency_key, n))
+                for n, (channel, data) in enumerate(items)
+            ]
+        )
+
+    def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
+        return succeed(False)
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         h = self._live_history(channel)

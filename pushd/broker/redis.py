@@ -24,6 +24,7 @@ import hashlib
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
+from importlib.resources import files
 from typing import Any
 
 import txredisapi
@@ -38,7 +39,15 @@ from twisted.internet.defer import (
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pushd.broker import IDEMPOTENCY_TTL, Broker, BrokerUnavailable, History, Listener, Published
+from pushd.broker import (
+    IDEMPOTENCY_TTL,
+    Broker,
+    BrokerUnavailable,
+    History,
+    Listener,
+    Published,
+    _item_key,
+)
 from pushd.config import RedisAddress
 from pushd.message import dump_json, envelope_prefix
 
@@ -51,22 +60,33 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-# KEYS: history stream, [idempotency key]
-# ARGV: pub/sub channel, envelope prefix, data, maxlen, ttl, idempotency ttl
-PUBLISH = Script("""
-if KEYS[2] then
-  local seen = redis.call('GET', KEYS[2])
-  if seen then return {1, seen} end
+# The publish script ships as a file so that backends can run it too.
+_PUBLISH_LUA = (files("pushd.broker") / "publish.lua").read_text()
+PUBLISH = Script(_PUBLISH_LUA)
+
+# Many publishes in one script, in order: publish.lua as a function of its own
+# KEYS and ARGV. ARGV: count, keyed (1: each item has an idempotency key), then
+# publish.lua's six arguments per item; KEYS: each item's one or two keys.
+PUBLISH_MANY = Script(
+    "local function publish(KEYS, ARGV)\n"
+    + _PUBLISH_LUA
+    + """end
+local keyed = ARGV[2] == '1'
+local out, k, a = {}, 1, 3
+for i = 1, tonumber(ARGV[1]) do
+  local keys = {KEYS[k]}
+  k = k + 1
+  if keyed then
+    keys[2] = KEYS[k]
+    k = k + 1
+  end
+  out[i] = publish(keys, {ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]})
+  a = a + 6
 end
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local prev = ''
-if last[1] then prev = last[1][1] end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[4], '*', 'd', ARGV[3], 'p', prev)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('PUBLISH', ARGV[1], ARGV[2] .. '"' .. id .. '","data":' .. ARGV[3] .. '}')
-if KEYS[2] then redis.call('SET', KEYS[2], id, 'EX', ARGV[6]) end
-return {0, id}
-""")
+return out
+"""
+)
+BATCH_CHUNK = 500
 
 # KEYS: history stream; ARGV: since, count. Returns {complete, entries}.
 READ_AFTER = Script("""
@@ -279,7 +299,9 @@ class RedisBroker(Broker):
         and within the timeout when it does not answer."""
         if not (self._pool_factory and self._pool_factory.size):
             raise BrokerUnavailable("Redis is not connected")
-        d = getattr(self._pool, method)(*args, **kwargs)
+        return await self._wait(getattr(self._pool, method)(*args, **kwargs))
+
+    async def _wait(self, d: Deferred[Any]) -> Any:
         d.addTimeout(self._timeout or 3600, self._reactor)
         try:
             return await d
@@ -288,17 +310,59 @@ class RedisBroker(Broker):
         except (txredisapi.RedisError, TimeoutError, CancelledError) as e:
             raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
 
-    def publish(
-        self, channel: str, data: bytes, idempotency_key: str | None = None
-    ) -> Deferred[Published]:
+    def _publish_args(
+        self, channel: str, data: bytes, idempotency_key: str | None
+    ) -> tuple[list[str], list[Any]]:
         keys = [self._stream(channel)]
         if idempotency_key is not None:
             keys.append(f"{self._prefix}idempotency:{idempotency_key}")
         args = [self._prefix + channel, envelope_prefix(channel), data, *self._history_args]
+        return keys, args
 
+    def publish(
+        self, channel: str, data: bytes, idempotency_key: str | None = None
+    ) -> Deferred[Published]:
         async def run() -> Published:
-            repeated, msg_id = await self._run(PUBLISH, keys, args)
+            repeated, msg_id = await self._run(
+                PUBLISH, *self._publish_args(channel, data, idempotency_key)
+            )
             return Published(msg_id, repeated=bool(int(repeated)))
+
+        return Deferred.fromCoroutine(run())
+
+    def publish_many(
+        self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
+    ) -> Deferred[list[Published]]:
+        async def run() -> list[Published]:
+            published: list[Published] = []
+            # Chunks one after the other: a script blocks Redis while it runs.
+            for start in range(0, len(items), BATCH_CHUNK):
+                keys: list[str] = []
+                args: list[Any] = [0, int(idempotency_key is not None)]
+                for n, (channel, data) in enumerate(items[start : start + BATCH_CHUNK], start):
+                    item_keys, item_args = self._publish_args(
+                        channel, data, _item_key(idempotency_key, n)
+                    )
+                    keys += item_keys
+                    args += item_args
+                    args[0] += 1
+                answers = await self._run(PUBLISH_MANY, keys, args)
+                published += [Published(i, repeated=bool(int(r))) for r, i in answers]
+            return published
+
+        return Deferred.fromCoroutine(run())
+
+    def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
+        async def run() -> bool:
+            transaction = await self._call("multi")
+            try:
+                await self._wait(transaction.lpush(channel, entry))
+                await self._wait(transaction.lpush(event_list, channel))
+            except BaseException:
+                transaction.discard()
+                raise
+            await self._wait(transaction.commit())
+            return True
 
         return Deferred.fromCoroutine(run())
 

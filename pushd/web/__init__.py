@@ -15,6 +15,7 @@ from pushd.broker import Broker
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.message import dump_json
+from pushd.web.batch import PublishResource, PushResource
 from pushd.web.producer import ChannelsResource
 from pushd.web.resource import NotFound, ProducerAuth
 from pushd.web.streams import StreamResource
@@ -145,13 +146,20 @@ def make_site(
     for name, sse in ((b"sse", True), (b"stream", False)):
         stream = StreamResource(hub, broker, gate, config, reactor, sse=sse)
         root.putChild(name, stream)  # type: ignore[arg-type]
-    channels = ChannelsResource(broker, ProducerAuth(config.api_key), config.history_size)
+    auth = ProducerAuth(config.api_key)
+    size = config.max_message_size
+    channels = ChannelsResource(broker, auth, config.history_size, size)
     root.putChild(b"channels", channels)  # type: ignore[arg-type]
+    batch = PublishResource(broker, auth, config.max_batch_size, size)
+    root.putChild(b"publish", batch)  # type: ignore[arg-type]
+    push = PushResource(broker, auth, size, config.push_event_list)
+    root.putChild(b"push", push)  # type: ignore[arg-type]
 
     # Idle keep-alive connections go after a minute (the headers' own deadline is shorter).
     site_type = Site if config.access_log else QuietSite
     site = site_type(root, timeout=max(60.0, config.handshake_timeout), reactor=reactor)
-    request_type = type("PushdRequest", (PushdRequest,), {"max_body": config.max_message_size})
+    largest = max(config.max_message_size, config.max_batch_size)
+    request_type = type("PushdRequest", (PushdRequest,), {"max_body": largest})
     site.requestFactory = request_type  # type: ignore[assignment]
     site.protocol = type(  # type: ignore[method-assign]
         "PushdChannel",

@@ -21,16 +21,19 @@ IDEMPOTENCY_KEY_MAX = 256
 class ChannelsResource(Resource):
     """`/channels/{channel}` and `/channels/{channel}/history`, made per request."""
 
-    def __init__(self, broker: Broker, auth: ProducerAuth, default_limit: int) -> None:
+    def __init__(
+        self, broker: Broker, auth: ProducerAuth, default_limit: int, max_size: int
+    ) -> None:
         super().__init__()
         self._broker = broker
         self._auth = auth
         self._default_limit = default_limit
+        self._max_size = max_size
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         channel = path.decode("utf-8", "replace")
         if not request.postpath:
-            return ChannelResource(channel, self._broker, self._auth)
+            return ChannelResource(channel, self._broker, self._auth, self._max_size)
         if request.postpath == [b"history"]:
             assert request.prepath is not None
             request.prepath.append(request.postpath.pop())
@@ -62,19 +65,21 @@ class _ChannelApi(ApiResource):
 
 
 class ChannelResource(_ChannelApi):
+    def __init__(self, channel: str, broker: Broker, auth: ProducerAuth, max_size: int) -> None:
+        super().__init__(channel, broker, auth)
+        self._max_size = max_size
+
     async def _publish(self, data: bytes, idempotency_key: str | None) -> bytes:
         published = await _ask(self._broker.publish(self._channel, data, idempotency_key))
         return dump_json({"channel": self._channel, "id": published.id})
 
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
         self._checked(request)
-        if getattr(request, "body_too_large", False):
-            raise ApiError(*errors.TOO_LARGE)
         key = idempotency_key(request)
+        body = read_body(request, self._max_size)
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
-        assert request.content is not None
         try:
-            data = data_from_body(request.content.read(), ctype)
+            data = data_from_body(body, ctype)
         except ValueError as e:
             error = errors.BAD_JSON if str(e) == "bad_json" else errors.BAD_TEXT
             raise ApiError(*error) from None
@@ -120,6 +125,15 @@ class HistoryResource(_ChannelApi):
                 raise ApiError(*errors.BAD_LIMIT)
             limit = int(limit_text)
         return self._read(since, limit)
+
+
+def read_body(request: Request, max_size: int) -> bytes:
+    """The body, or 413 when it is over `max_size` (or was cut off at the site's cap)."""
+    assert request.content is not None
+    body = request.content.read(max_size + 1)
+    if getattr(request, "body_too_large", False) or len(body) > max_size:
+        raise ApiError(*errors.TOO_LARGE)
+    return body
 
 
 def query_value(request: Request, name: bytes) -> str | None:

@@ -20,8 +20,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from pushd.message import dump_json
 from pushd.web import errors
-from pushd.web.errors import ApiError, write_error, write_json
+from pushd.web.errors import ApiError
 
 log = Logger()
 
@@ -58,6 +59,7 @@ class ProducerAuth:
 
 class ApiResource(Resource):
     isLeaf = True
+    content_type = b"application/json"
 
     def render(self, request: Request) -> Any:
         method = request.method.decode("ascii", "replace")
@@ -65,45 +67,47 @@ class ApiResource(Resource):
         if handler is None:
             allowed = sorted(m[7:] for m in dir(self) if m.startswith("handle_"))
             request.setHeader(b"allow", ", ".join(allowed).encode())
-            return _error_body(
-                request, ApiError(405, "method_not_allowed", f"{method} is not allowed here")
-            )
+            error = ApiError(405, "method_not_allowed", f"{method} is not allowed here")
+            return self._answer(request, error.status, self.error_body(error))
         try:
             result = handler(request)
         except ApiError as e:
-            return _error_body(request, e)
+            return self._answer(request, e.status, self.error_body(e))
         if not isinstance(result, Coroutine):
-            request.setHeader(b"content-type", b"application/json")
-            return result
+            return self._answer(request, 200, result)
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def answer(body: bytes) -> None:
             if not gone:
-                write_json(request, 200, body)
+                request.write(self._answer(request, 200, body))
+                request.finish()
 
         def fail(failure: Failure) -> None:
             if gone:
                 return
-            if failure.check(ApiError):
-                e: ApiError = failure.value  # type: ignore[assignment]
-                write_error(request, e.status, e.code, e.message)
-            else:
+            error = failure.value
+            if not isinstance(error, ApiError):
                 log.failure("request {uri} failed", failure, uri=request.uri)
-                write_error(request, 500, "internal", "internal error")
+                error = ApiError(500, "internal", "internal error")
+            request.write(self._answer(request, error.status, self.error_body(error)))
+            request.finish()
 
         Deferred.fromCoroutine(result).addCallbacks(answer, fail)
         return NOT_DONE_YET
 
+    def _answer(self, request: Request, status: int, body: bytes) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
-def _error_body(request: Request, e: ApiError) -> bytes:
-    request.setResponseCode(e.status)
-    request.setHeader(b"content-type", b"application/json")
-    from pushd.message import dump_json
-
-    return dump_json({"error": e.code, "message": e.message})
+    def error_body(self, error: ApiError) -> bytes:
+        """The contract's JSON error; a resource with another contract overrides it."""
+        return dump_json({"error": error.code, "message": error.message})
 
 
 class NotFound(ApiResource):
     def render(self, request: Request) -> bytes:
-        return _error_body(request, ApiError(*errors.NOT_FOUND))
+        error = ApiError(*errors.NOT_FOUND)
+        return self._answer(request, error.status, self.error_body(error))

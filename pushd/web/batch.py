@@ -1,0 +1,153 @@
+"""Producers' other ways in: a batch (`POST /publish`) and the nginx+Lua
+gateway's contract (`POST /push?c=`)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from pushd.broker import Broker, BrokerUnavailable
+from pushd.message import dump_json, is_channel
+from pushd.web import errors
+from pushd.web.errors import ApiError
+from pushd.web.producer import idempotency_key, query_value, read_body
+from pushd.web.resource import ApiResource, ProducerAuth
+
+log = Logger()
+
+
+def _items_of(obj: Any, line: int | None, max_message_size: int) -> list[tuple[str, bytes]]:
+    where = f" (line {line})" if line is not None else ""
+    if not isinstance(obj, dict) or "data" not in obj:
+        raise ApiError(400, "bad_batch", f'each message is an object with "data"{where}')
+    if "channels" in obj:
+        channels = obj["channels"]
+        if not isinstance(channels, list) or not channels:
+            raise ApiError(400, "bad_batch", f'"channels" is a list of channel names{where}')
+    elif "channel" in obj:
+        channels = [obj["channel"]]
+    else:
+        raise ApiError(400, "bad_batch", f'a message names "channel" or "channels"{where}')
+    if not all(isinstance(c, str) and is_channel(c) for c in channels):
+        raise ApiError(400, "bad_channel", f"invalid channel name{where}")
+    data = dump_json(obj["data"])
+    if len(data) > max_message_size:
+        raise ApiError(413, "too_large", f"a message is larger than --max-message-size{where}")
+    return [(channel, data) for channel in channels]
+
+
+def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[tuple[str, bytes]]:
+    """Every (channel, data) of a batch, or ApiError for the first bad part."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(*errors.BAD_TEXT) from None
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    items: list[tuple[str, bytes]] = []
+    if ctype in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise ApiError(400, "bad_json", f"line {n} is not valid JSON") from None
+            items.extend(_items_of(obj, n, max_message_size))
+    else:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise ApiError(*errors.BAD_JSON) from None
+        items.extend(_items_of(obj, None, max_message_size))
+    if not items:
+        raise ApiError(400, "bad_batch", "the batch has no message")
+    return items
+
+
+class PublishResource(ApiResource):
+    """`POST /publish`: one message to many channels, or many messages, all or nothing."""
+
+    def __init__(
+        self, broker: Broker, auth: ProducerAuth, max_batch_size: int, max_message_size: int
+    ) -> None:
+        super().__init__()
+        self._broker = broker
+        self._auth = auth
+        self._max_batch_size = max_batch_size
+        self._max_message_size = max_message_size
+
+    async def _publish(self, items: list[tuple[str, bytes]], key: str | None) -> bytes:
+        try:
+            published = await self._broker.publish_many(items, key)
+        except BrokerUnavailable:
+            raise ApiError(*errors.UNAVAILABLE) from None
+        results = [{"channel": c, "id": p.id} for (c, _), p in zip(items, published, strict=True)]
+        return dump_json({"results": results})
+
+    def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
+        self._auth.check(request)
+        key = idempotency_key(request)
+        body = read_body(request, self._max_batch_size)
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        return self._publish(parse_batch(body, ctype, self._max_message_size), key)
+
+
+class PushResource(ApiResource):
+    """`POST /push?c=<channel>`, the nginx+Lua gateway's contract, for drop-in use.
+
+    Answers `text/plain`: `S|<ms timestamp>|<request id>` or `F|<reason>`. In one
+    MULTI/EXEC it runs `LPUSH <channel> "<ms>|<request id>|<body>"` and
+    `LPUSH <event list> <channel>`, then delivers the body live like any
+    publish (history included). The memory broker keeps no lists: it says so in
+    a `Warning` header and still delivers.
+    """
+
+    def __init__(
+        self, broker: Broker, auth: ProducerAuth, max_message_size: int, event_list: str
+    ) -> None:
+        super().__init__()
+        self._broker = broker
+        self._auth = auth
+        self._max_message_size = max_message_size
+        self._event_list = event_list
+
+    content_type = b"text/plain; charset=utf-8"
+
+    def error_body(self, error: ApiError) -> bytes:
+        # The gateway's clients read `F|<reason>`, not the JSON errors.
+        return f"F|{error.message}".encode()
+
+    def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
+        self._auth.check(request)
+        channel = query_value(request, b"c")
+        if channel is None or not is_channel(channel):
+            raise ApiError(400, "bad_channel", "bad channel name")
+        body = read_body(request, self._max_message_size)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_text", "the body is not UTF-8") from None
+        try:
+            data = dump_json(json.loads(text))
+        except ValueError:
+            data = dump_json(text)
+        return self._push(request, channel, body, data)
+
+    async def _push(self, request: Request, channel: str, body: bytes, data: bytes) -> bytes:
+        ms = int(time.time() * 1000)
+        request_id = uuid.uuid4().hex
+        entry = f"{ms}|{request_id}|".encode() + body
+        try:
+            kept = await self._broker.push_lists(channel, entry, self._event_list)
+            await self._broker.publish(channel, data)
+        except BrokerUnavailable:
+            raise ApiError(503, "unavailable", "redis unavailable") from None
+        if not kept:
+            request.setHeader(b"warning", b'299 pushd "memory broker: no Redis lists kept"')
+        return f"S|{ms}|{request_id}".encode()
