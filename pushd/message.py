@@ -15,9 +15,27 @@ CHANNEL_RE = re.compile(
     r"[A-Za-z0-9_.:@=+-]{1,128}(#[A-Za-z0-9_.@=+-]{1,64}(,[A-Za-z0-9_.@=+-]{1,64})*)?"
 )
 ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ID_MAX = 2**64 - 1  # each part of a Redis stream id is 64 bits
 
 _ENVELOPE_HEAD = b'{"type":"message","channel":'
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def load_json(text: str | bytes) -> Any:
+    """Strict JSON: NaN and Infinity refused, nesting too deep for Python refused;
+    every refusal is a ValueError."""
+    try:
+        return _decoder.decode(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def is_channel(name: str) -> bool:
@@ -27,7 +45,7 @@ def is_channel(name: str) -> bool:
 def parse_id(text: str) -> tuple[int, int]:
     """`"<ms>-<seq>"` as a tuple that sorts like the ids do; ValueError otherwise."""
     m = ID_RE.fullmatch(text)
-    if m is None:
+    if m is None or int(m.group(1)) > _ID_MAX or int(m.group(2)) > _ID_MAX:
         raise ValueError(f"not a message id: {text!r}")
     return int(m.group(1)), int(m.group(2))
 
@@ -38,7 +56,20 @@ def format_id(ms: int, seq: int) -> str:
 
 def dump_json(value: Any) -> bytes:
     """Compact JSON, UTF-8, no newline inside: safe for NDJSON and SSE lines."""
-    return _compact(value).encode()
+    try:
+        return _compact(value).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON may escape one) has no UTF-8: keep it escaped.
+        return _ascii(value).encode()
+
+
+def data_json(value: Any) -> bytes:
+    """A message's data as JSON; ValueError when a string in it is not Unicode
+    (a lone surrogate): subscribers would get text no UTF-8 decoder takes."""
+    try:
+        return _compact(value).encode()
+    except UnicodeEncodeError:
+        raise ValueError("a string of the data is not valid Unicode") from None
 
 
 def data_from_body(body: bytes, content_type: str | None) -> bytes:
@@ -53,10 +84,9 @@ def data_from_body(body: bytes, content_type: str | None) -> bytes:
         raise ValueError("bad_text") from None
     if ctype == "application/json" or ctype.endswith("+json"):
         try:
-            value = json.loads(text)
+            return data_json(load_json(text))
         except ValueError:
             raise ValueError("bad_json") from None
-        return dump_json(value)
     return dump_json(text)
 
 
@@ -100,7 +130,7 @@ class Message:
         except UnicodeDecodeError:
             text = raw.decode("utf-8", "replace")
         try:
-            data = dump_json(json.loads(text))
+            data = dump_json(load_json(text))
         except ValueError:
             data = dump_json(text)
         return cls(channel, None, envelope(channel, None, data))

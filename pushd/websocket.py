@@ -27,7 +27,6 @@ consumer, 4001 token expired, 4003 disconnected by the application.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -39,7 +38,7 @@ from pushd.broker import Broker, BrokerUnavailable
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import TokenBucket
-from pushd.message import Message, dump_json, is_channel, parse_id
+from pushd.message import Message, data_json, dump_json, is_channel, load_json, parse_id
 from pushd.session import AlreadySubscribed, Session
 
 log = Logger()
@@ -70,9 +69,16 @@ def _channel_of(msg: dict[str, Any]) -> str:
         raise FrameError(
             "bad_channel",
             "channel names match [A-Za-z0-9_.:@=+-]{1,128}, optionally #ids",
-            channel if isinstance(channel, str) else None,
+            channel if isinstance(channel, str) and _echoable(channel) else None,
         )
     return channel
+
+
+def _echoable(text: str) -> bool:
+    """Short and valid Unicode: fit to be echoed back in an error frame."""
+    return (
+        len(text) <= 256 and text.isprintable() and not any("\ud800" <= c <= "\udfff" for c in text)
+    )
 
 
 def _since_of(msg: dict[str, Any], channel: str) -> str | None:
@@ -152,7 +158,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
             self._reply(FrameError("bad_request", "frames are JSON text, not binary").frame())
             return
         try:
-            msg = json.loads(payload)
+            msg = load_json(payload)
         except ValueError:
             self._reply(FrameError("bad_json", "the frame is not valid JSON").frame())
             return
@@ -211,7 +217,10 @@ class PushdServerProtocol(WebSocketServerProtocol):
         if not self.grants.may_publish(channel):
             raise FrameError("forbidden", "not allowed to publish here", channel)
         factory = self.factory
-        data = dump_json(msg["data"])
+        try:
+            data = data_json(msg["data"])
+        except ValueError:
+            raise FrameError("bad_json", "the data is not valid Unicode JSON", channel) from None
         if len(data) > factory.max_message_size:
             raise FrameError("too_large", "data larger than --max-message-size", channel)
         if self._bucket is None:

@@ -46,6 +46,22 @@ class PushdRequest(Request):
         super().handleContentChunk(data)
 
 
+class WebSocketEndpoint(WebSocketResource):
+    """`/ws`: a request that does not ask to upgrade gets the contract's JSON
+    error (426) instead of Autobahn's HTML status page."""
+
+    def render(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setResponseCode(426)
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"connection", b"close")
+            request.channel.persistent = False
+            request.setHeader(b"content-type", b"application/json")
+            return dump_json({"error": "upgrade_required", "message": "this is a WebSocket"})
+        return super().render(request)
+
+
 class QuietSite(Site):
     """A Site without an access log: at push rates a line per request costs more than the push."""
 
@@ -142,7 +158,7 @@ def make_site(
     *, hub: Hub, broker: Broker, gate: Gate, ws_factory: Any, config: Config, reactor: Any
 ) -> Site:
     root = Root()
-    root.putChild(b"ws", WebSocketResource(ws_factory))  # type: ignore[arg-type]
+    root.putChild(b"ws", WebSocketEndpoint(ws_factory))  # type: ignore[arg-type]
     for name, sse in ((b"sse", True), (b"stream", False)):
         stream = StreamResource(hub, broker, gate, config, reactor, sse=sse)
         root.putChild(name, stream)  # type: ignore[arg-type]

@@ -3,7 +3,6 @@ gateway's contract (`POST /push?c=`)."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Coroutine
@@ -13,7 +12,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from pushd.broker import Broker, BrokerUnavailable
-from pushd.message import dump_json, is_channel
+from pushd.message import data_json, dump_json, is_channel, load_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
 from pushd.web.producer import idempotency_key, query_value, read_body
@@ -36,7 +35,10 @@ def _items_of(obj: Any, line: int | None, max_message_size: int) -> list[tuple[s
         raise ApiError(400, "bad_batch", f'a message names "channel" or "channels"{where}')
     if not all(isinstance(c, str) and is_channel(c) for c in channels):
         raise ApiError(400, "bad_channel", f"invalid channel name{where}")
-    data = dump_json(obj["data"])
+    try:
+        data = data_json(obj["data"])
+    except ValueError:
+        raise ApiError(400, "bad_json", f"the data is not valid Unicode{where}") from None
     if len(data) > max_message_size:
         raise ApiError(413, "too_large", f"a message is larger than --max-message-size{where}")
     return [(channel, data) for channel in channels]
@@ -55,13 +57,13 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = load_json(line)
             except ValueError:
                 raise ApiError(400, "bad_json", f"line {n} is not valid JSON") from None
             items.extend(_items_of(obj, n, max_message_size))
     else:
         try:
-            obj = json.loads(text)
+            obj = load_json(text)
         except ValueError:
             raise ApiError(*errors.BAD_JSON) from None
         items.extend(_items_of(obj, None, max_message_size))
@@ -134,7 +136,7 @@ class PushResource(ApiResource):
         except UnicodeDecodeError:
             raise ApiError(400, "bad_text", "the body is not UTF-8") from None
         try:
-            data = dump_json(json.loads(text))
+            data = data_json(load_json(text))
         except ValueError:
             data = dump_json(text)
         return self._push(request, channel, body, data)
