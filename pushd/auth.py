@@ -169,30 +169,54 @@ class Gate:
     its origin, its address's share of connections, then its grants."""
 
     def __init__(
-        self, authenticator: Authenticator, origins: OriginPolicy, connections: Any
+        self, authenticator: Authenticator, origins: OriginPolicy, connections: Any, metrics: Any
     ) -> None:
         self.authenticator = authenticator
         self.origins = origins
         self.connections = connections
+        self._metrics = metrics
 
     def admit(
-        self, *, address: str, token: str | None, headers: Mapping[str, str], **context: Any
+        self,
+        *,
+        transport: str,
+        address: str,
+        token: str | None,
+        headers: Mapping[str, str],
+        **context: Any,
     ) -> Deferred[Grants]:
         """Grants for an admitted client, which then holds one of its address's
         connections until `release`; fails with AuthError otherwise."""
         if not self.origins.admits(headers.get("origin")):
-            return fail(AuthError(403, "forbidden", "origin not allowed"))
+            return self._refuse(AuthError(403, "forbidden", "origin not allowed"))
         if not self.connections.acquire(address):
-            return fail(AuthError(429, "too_many_connections", "too many connections"))
+            return self._refuse(AuthError(429, "too_many_connections", "too many connections"))
         d = maybeDeferred(
-            self.authenticator.grants, token, address=address, headers=headers, **context
+            self.authenticator.grants,
+            token,
+            transport=transport,
+            address=address,
+            headers=headers,
+            **context,
         )
+
+        def admitted(grants: Grants) -> Grants:
+            self._metrics.connections.labels(transport).inc()
+            return grants
 
         def refused(failure: Any) -> Any:
             self.connections.release(address)
+            if isinstance(failure.value, AuthError):
+                self._metrics.refused.labels(failure.value.code).inc()
             return failure
 
-        return d.addErrback(refused)
+        return d.addCallbacks(admitted, refused)
 
-    def release(self, address: str) -> None:
+    def _refuse(self, error: AuthError) -> Deferred[Grants]:
+        self._metrics.refused.labels(error.code).inc()
+        return fail(error)
+
+    def release(self, address: str, transport: str) -> None:
+        """An admitted client has gone."""
         self.connections.release(address)
+        self._metrics.connections.labels(transport).dec()

@@ -290,6 +290,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="B",
     ),
     Option(
+        "shutdown-timeout",
+        _positive_float,
+        10.0,
+        "seconds a stop may take to say goodbye to clients and finish publishes",
+        metavar="S",
+    ),
+    Option(
         "access-log",
         _switch,
         False,
@@ -328,6 +335,7 @@ class Config:
     keepalive: float = 15.0
     handshake_timeout: float = 10.0
     max_header_size: int = 16384
+    shutdown_timeout: float = 10.0
     access_log: bool = False
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

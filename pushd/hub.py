@@ -13,7 +13,7 @@ connected clients see a delay, not a hole.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -22,6 +22,10 @@ from pushd.broker import Broker, BrokerUnavailable
 from pushd.message import Message, envelope, format_id, parse_id
 
 log = Logger()
+
+
+def _ignore(n: int) -> None:
+    pass
 
 
 class Subscriber(Protocol):
@@ -40,8 +44,9 @@ class _Channel:
 
 
 class Hub:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, metrics: Any = None) -> None:
         self._broker = broker
+        self._delivered = metrics.deliveries.inc if metrics is not None else _ignore
         self._channels: dict[str, _Channel] = {}
         broker.listener = self.dispatch
         broker.resumed = self.resume
@@ -85,8 +90,10 @@ class Hub:
                 return  # already handed out while filling a gap
             state.last = key
         # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
-        for subscriber in tuple(state.subscribers):
+        subscribers = tuple(state.subscribers)
+        for subscriber in subscribers:
             subscriber.deliver(message)
+        self._delivered(len(subscribers))
 
     def resume(self, channel: str) -> None:
         """The broker subscribed `channel` again after losing its bus connection."""

@@ -6,8 +6,15 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    gatherResults,
+    maybeDeferred,
+)
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from pushd.auth import Authenticator, Gate, OriginPolicy, TokenVerifier
@@ -17,6 +24,7 @@ from pushd.broker.memory import MemoryBroker
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import ConnectionCounter
+from pushd.metrics import Metrics
 from pushd.web import make_site
 from pushd.websocket import PushdServerFactory
 
@@ -61,12 +69,42 @@ class Listener(Service):
 
 
 class PushdService(MultiService):
-    def __init__(self, config: Config, broker: Broker, hub: Hub) -> None:
+    """Everything of one pushd process; stopping it is graceful: stop accepting,
+    say goodbye to clients (1001; streams end), finish the publishes in flight,
+    then let go of the broker; all within --shutdown-timeout."""
+
+    def __init__(
+        self, config: Config, broker: Broker, hub: Hub, metrics: Metrics, reactor: Any
+    ) -> None:
         super().__init__()
         self.config = config
         self.broker = broker
         self.hub = hub
+        self.metrics = metrics
+        self.reactor = reactor
         self.listeners: list[Listener] = []
+        self.site: Any = None
+
+    async def _goodbye(self) -> None:
+        await gatherResults([maybeDeferred(lst.stopService) for lst in self.listeners])
+        for streams in self.site.streams:
+            streams.end_all()
+        leaving = gatherResults([self.site.ws_factory.close_all(), self.broker.drain()])
+        leaving.addTimeout(self.config.shutdown_timeout, self.reactor)
+        try:
+            await leaving
+        except TimeoutError:
+            log.warn("shutdown timeout: closing what is left")
+        # Let the last answers and close frames reach the sockets.
+        await deferLater(self.reactor, 0.05, lambda: None)
+
+    def stopService(self) -> Deferred[None]:
+        async def stop() -> None:
+            if self.site is not None:
+                await self._goodbye()
+            await maybeDeferred(super(PushdService, self).stopService)
+
+        return Deferred.fromCoroutine(stop())
 
     def when_listening(self) -> Deferred[list[IListeningPort]]:
         d = DeferredList([lst.listening for lst in self.listeners], fireOnOneErrback=True)
@@ -104,8 +142,10 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     if reactor is None:
         from twisted.internet import reactor
     broker = make_broker(config, reactor)
-    hub = Hub(broker)
-    service = PushdService(config, broker, hub)
+    metrics = Metrics()
+    hub = Hub(broker, metrics)
+    metrics.watch(hub, broker)
+    service = PushdService(config, broker, hub, metrics, reactor)
     broker.setServiceParent(service)
     application = None
     if config.auth_url is not None:
@@ -118,16 +158,19 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         Authenticator(verifier, application),
         OriginPolicy(config.allowed_origin),
         ConnectionCounter(config.max_connections_per_ip),
+        metrics,
     )
     ws_factory = PushdServerFactory(
-        hub,
-        broker,
-        config,
-        reactor=reactor,
-        gate=gate,
+        hub, broker, config, reactor=reactor, gate=gate, metrics=metrics
     )
-    site = make_site(
-        hub=hub, broker=broker, gate=gate, ws_factory=ws_factory, config=config, reactor=reactor
+    site = service.site = make_site(
+        hub=hub,
+        broker=broker,
+        gate=gate,
+        ws_factory=ws_factory,
+        config=config,
+        metrics=metrics,
+        reactor=reactor,
     )
     for description in config.listen:
         listener = Listener(endpoints.serverFromString(reactor, description), site, description)

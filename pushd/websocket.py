@@ -31,6 +31,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, token_from
@@ -102,6 +103,8 @@ class PushdServerProtocol(WebSocketServerProtocol):
     _address: str | None = None
     _expiry: Any = None
     _bucket: TokenBucket | None = None
+    # The client's last publish, which its next one waits for.
+    _publishing: Deferred[None] | None = None
     # Set while the transport's buffer is full; _backlog counts what was queued since.
     _paused = False
     _backlog = 0
@@ -149,6 +152,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         transport: Any = self.transport
         transport.unregisterProducer()
         transport.registerProducer(self, True)
+        self.factory.clients.add(self)
         for msg in self._initial:
             self._handle(self.handle_subscribe, msg)
         del self._initial
@@ -183,10 +187,11 @@ class PushdServerProtocol(WebSocketServerProtocol):
         if session is not None:
             session.close()
         if self._address is not None:
-            self.factory.gate.release(self._address)
+            self.factory.gate.release(self._address, "websocket")
             self._address = None
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
+        self.factory.gone(self)
 
     # -- client frames
 
@@ -228,13 +233,24 @@ class PushdServerProtocol(WebSocketServerProtocol):
         if not self._bucket.take():
             raise FrameError("rate_limited", "publishing too fast", channel)
 
-        def failed(failure: Any) -> None:
-            if failure.check(BrokerUnavailable):
-                self._reply(FrameError("unavailable", "not published, retry", channel).frame())
-            else:
-                log.failure("client publish failed", failure)
+        # One after the other: a client's messages keep their order on the pool.
+        previous, self._publishing = self._publishing, Deferred()
+        Deferred.fromCoroutine(self._publish(previous, channel, data)).chainDeferred(
+            self._publishing
+        )
 
-        factory.broker.publish(channel, data).addErrback(failed)
+    async def _publish(self, previous: Deferred[None] | None, channel: str, data: bytes) -> None:
+        if previous is not None:
+            await previous
+        factory = self.factory
+        try:
+            await factory.broker.publish(channel, data)
+        except BrokerUnavailable:
+            self._reply(FrameError("unavailable", "not published, retry", channel).frame())
+        except Exception:
+            log.failure("client publish failed")
+        else:
+            factory.metrics.published.labels("client").inc()
 
     _handlers = {
         "subscribe": handle_subscribe,
@@ -284,7 +300,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         self._backlog += size
         if self._backlog <= self.factory.max_send_buffer:
             return False
-        self.factory.slow_consumers += 1
+        self.factory.metrics.slow_consumers.labels("websocket").inc()
         log.info("dropping a slow consumer: {peer}", peer=self.peer)
         self.session.close()
         self.sendClose(4008, "slow consumer")
@@ -307,6 +323,7 @@ class PushdServerFactory(WebSocketServerFactory):
         *,
         reactor: Any,
         gate: Gate,
+        metrics: Any,
     ) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
@@ -317,7 +334,10 @@ class PushdServerFactory(WebSocketServerFactory):
         self.max_send_buffer = config.max_send_buffer
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
-        self.slow_consumers = 0
+        self.metrics = metrics
+        # Open connections, to say goodbye (1001) when the service stops.
+        self.clients: set[PushdServerProtocol] = set()
+        self._all_gone: list[Deferred[None]] = []
         # A publish frame carries up to --max-message-size of data plus its own fields:
         # such a frame is answered `too_large`; a frame larger still is closed with 1009.
         frame_limit = config.max_message_size + FRAME_OVERHEAD
@@ -331,3 +351,23 @@ class PushdServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=1,
             failByDrop=False,
         )
+
+    def gone(self, client: PushdServerProtocol) -> None:
+        self.clients.discard(client)
+        if not self.clients:
+            waiters, self._all_gone = self._all_gone, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_all(self) -> Deferred[None]:
+        """Close every connection with 1001 (going away); fires once all are gone."""
+        if not self.clients:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._all_gone.append(d)
+        for client in tuple(self.clients):
+            client.session.close()
+            # sendClose() refuses 1001 (applications may only send 1000 and 4xxx),
+            # but "going away" is exactly what a stopping server says.
+            client.sendCloseFrame(1001, b"server shutting down")
+        return d

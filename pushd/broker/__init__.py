@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 #: Called with (channel, raw envelope bytes) for every message of a subscribed channel.
 Listener = Callable[[str, bytes], None]
@@ -64,6 +65,37 @@ class Broker(Service):
     resumed: Callable[[str], None] | None = None
     local_counts: LocalCounts | None = None
     local_count: LocalCount | None = None
+
+    def __init__(self) -> None:
+        self._in_flight: set[Deferred[Any]] = set()
+        self._drained: list[Deferred[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        """False while the bus is unreachable (the memory broker always answers)."""
+        return True
+
+    def track(self, d: Deferred[Any]) -> Deferred[Any]:
+        """Count `d` as a publish in flight until it fires (see `drain`)."""
+        self._in_flight.add(d)
+
+        def done(result: Any) -> Any:
+            self._in_flight.discard(d)
+            if not self._in_flight:
+                waiters, self._drained = self._drained, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            return result
+
+        return d.addBoth(done)
+
+    def drain(self) -> Deferred[None]:
+        """Fires once no publish is in flight: a stopping service waits for this."""
+        if not self._in_flight:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
 
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None

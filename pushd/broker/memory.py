@@ -37,6 +37,7 @@ class _History:
 
 class MemoryBroker(Broker):
     def __init__(self, clock: Any, history_size: int, history_ttl: float) -> None:
+        super().__init__()
         self.listener: Listener | None = None
         self._clock = clock
         self._history_size = history_size

@@ -194,6 +194,7 @@ class RedisBroker(Broker):
         history_size: int = 100,
         history_ttl: int = 3600,
     ) -> None:
+        super().__init__()
         self.listener: Listener | None = None
         self.node = uuid.uuid4().hex[:16]
         self._reactor = reactor
@@ -254,6 +255,7 @@ class RedisBroker(Broker):
         self._reporter.start(COUNTS_REFRESH, now=False)
 
     async def _stop(self) -> None:
+        await self.drain()
         self._reporter.stop()
         if self._reported and self.connected:
             # Leave the counts at once rather than when they expire.
@@ -328,7 +330,7 @@ class RedisBroker(Broker):
             )
             return Published(msg_id, repeated=bool(int(repeated)))
 
-        return Deferred.fromCoroutine(run())
+        return self.track(Deferred.fromCoroutine(run()))
 
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
@@ -350,7 +352,7 @@ class RedisBroker(Broker):
                 published += [Published(i, repeated=bool(int(r))) for r, i in answers]
             return published
 
-        return Deferred.fromCoroutine(run())
+        return self.track(Deferred.fromCoroutine(run()))
 
     def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
         async def run() -> bool:
@@ -364,7 +366,7 @@ class RedisBroker(Broker):
             await self._wait(transaction.commit())
             return True
 
-        return Deferred.fromCoroutine(run())
+        return self.track(Deferred.fromCoroutine(run()))
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         async def run() -> History:

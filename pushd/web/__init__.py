@@ -15,8 +15,10 @@ from pushd.broker import Broker
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.message import dump_json
+from pushd.metrics import Metrics
 from pushd.web.batch import PublishResource, PushResource
-from pushd.web.producer import ChannelsResource
+from pushd.web.ops import HealthResource, MetricsResource
+from pushd.web.producer import ChannelsResource, Producing
 from pushd.web.resource import NotFound, ProducerAuth
 from pushd.web.streams import StreamResource
 
@@ -155,21 +157,29 @@ class PushdChannel(HTTPChannel):
 
 
 def make_site(
-    *, hub: Hub, broker: Broker, gate: Gate, ws_factory: Any, config: Config, reactor: Any
+    *,
+    hub: Hub,
+    broker: Broker,
+    gate: Gate,
+    ws_factory: Any,
+    config: Config,
+    metrics: Metrics,
+    reactor: Any,
 ) -> Site:
     root = Root()
-    root.putChild(b"ws", WebSocketEndpoint(ws_factory))  # type: ignore[arg-type]
-    for name, sse in ((b"sse", True), (b"stream", False)):
-        stream = StreamResource(hub, broker, gate, config, reactor, sse=sse)
-        root.putChild(name, stream)  # type: ignore[arg-type]
-    auth = ProducerAuth(config.api_key)
-    size = config.max_message_size
-    channels = ChannelsResource(broker, auth, config.history_size, size)
-    root.putChild(b"channels", channels)  # type: ignore[arg-type]
-    batch = PublishResource(broker, auth, config.max_batch_size, size)
-    root.putChild(b"publish", batch)  # type: ignore[arg-type]
-    push = PushResource(broker, auth, size, config.push_event_list)
-    root.putChild(b"push", push)  # type: ignore[arg-type]
+    producing = Producing(broker, ProducerAuth(config.api_key), metrics, config)
+    children: dict[bytes, Any] = {
+        b"ws": WebSocketEndpoint(ws_factory),
+        b"sse": StreamResource(hub, broker, gate, config, reactor, metrics, sse=True),
+        b"stream": StreamResource(hub, broker, gate, config, reactor, metrics, sse=False),
+        b"channels": ChannelsResource(producing),
+        b"publish": PublishResource(producing),
+        b"push": PushResource(producing),
+        b"health": HealthResource(broker, "memory" if config.redis is None else "redis"),
+        b"metrics": MetricsResource(metrics, producing.auth),
+    }
+    for name, child in children.items():
+        root.putChild(name, child)
 
     # Idle keep-alive connections go after a minute (the headers' own deadline is shorter).
     site_type = Site if config.access_log else QuietSite
@@ -186,4 +196,5 @@ def make_site(
         },
     )
     site.ws_factory = ws_factory  # type: ignore[attr-defined]
+    site.streams = [children[b"sse"], children[b"stream"]]  # type: ignore[attr-defined]
     return site

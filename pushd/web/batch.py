@@ -11,12 +11,12 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from pushd.broker import Broker, BrokerUnavailable
+from pushd.broker import BrokerUnavailable
 from pushd.message import data_json, dump_json, is_channel, load_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
-from pushd.web.producer import idempotency_key, query_value, read_body
-from pushd.web.resource import ApiResource, ProducerAuth
+from pushd.web.producer import Producing, idempotency_key, query_value, read_body
+from pushd.web.resource import ApiResource
 
 log = Logger()
 
@@ -75,29 +75,23 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
 class PublishResource(ApiResource):
     """`POST /publish`: one message to many channels, or many messages, all or nothing."""
 
-    def __init__(
-        self, broker: Broker, auth: ProducerAuth, max_batch_size: int, max_message_size: int
-    ) -> None:
+    def __init__(self, producing: Producing) -> None:
         super().__init__()
-        self._broker = broker
-        self._auth = auth
-        self._max_batch_size = max_batch_size
-        self._max_message_size = max_message_size
+        self._p = producing
 
     async def _publish(self, items: list[tuple[str, bytes]], key: str | None) -> bytes:
-        try:
-            published = await self._broker.publish_many(items, key)
-        except BrokerUnavailable:
-            raise ApiError(*errors.UNAVAILABLE) from None
+        d = self._p.broker.publish_many(items, key)
+        published = await self._p.publish("publish", d, len(items))
         results = [{"channel": c, "id": p.id} for (c, _), p in zip(items, published, strict=True)]
         return dump_json({"results": results})
 
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
-        self._auth.check(request)
+        self._p.auth.check(request)
         key = idempotency_key(request)
-        body = read_body(request, self._max_batch_size)
+        body = read_body(request, self._p.config.max_batch_size)
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
-        return self._publish(parse_batch(body, ctype, self._max_message_size), key)
+        items = parse_batch(body, ctype, self._p.config.max_message_size)
+        return self._publish(items, key)
 
 
 class PushResource(ApiResource):
@@ -110,14 +104,9 @@ class PushResource(ApiResource):
     a `Warning` header and still delivers.
     """
 
-    def __init__(
-        self, broker: Broker, auth: ProducerAuth, max_message_size: int, event_list: str
-    ) -> None:
+    def __init__(self, producing: Producing) -> None:
         super().__init__()
-        self._broker = broker
-        self._auth = auth
-        self._max_message_size = max_message_size
-        self._event_list = event_list
+        self._p = producing
 
     content_type = b"text/plain; charset=utf-8"
 
@@ -126,11 +115,11 @@ class PushResource(ApiResource):
         return f"F|{error.message}".encode()
 
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
-        self._auth.check(request)
+        self._p.auth.check(request)
         channel = query_value(request, b"c")
         if channel is None or not is_channel(channel):
             raise ApiError(400, "bad_channel", "bad channel name")
-        body = read_body(request, self._max_message_size)
+        body = read_body(request, self._p.config.max_message_size)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -145,10 +134,11 @@ class PushResource(ApiResource):
         ms = int(time.time() * 1000)
         request_id = uuid.uuid4().hex
         entry = f"{ms}|{request_id}|".encode() + body
+        broker = self._p.broker
         try:
-            kept = await self._broker.push_lists(channel, entry, self._event_list)
-            await self._broker.publish(channel, data)
-        except BrokerUnavailable:
+            kept = await broker.push_lists(channel, entry, self._p.config.push_event_list)
+            await self._p.publish("push", broker.publish(channel, data))
+        except (ApiError, BrokerUnavailable):
             raise ApiError(503, "unavailable", "redis unavailable") from None
         if not kept:
             request.setHeader(b"warning", b'299 pushd "memory broker: no Redis lists kept"')

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from pushd.broker import Broker, BrokerUnavailable
+from pushd.config import Config
 from pushd.message import data_from_body, dump_json, envelope, is_channel, parse_id
+from pushd.metrics import Metrics
 from pushd.web import errors
 from pushd.web.errors import ApiError
 from pushd.web.resource import ApiResource, NotFound, ProducerAuth
@@ -18,26 +23,39 @@ MAX_LIMIT = 10_000
 IDEMPOTENCY_KEY_MAX = 256
 
 
+@dataclass(frozen=True)
+class Producing:
+    """What every producer resource works with."""
+
+    broker: Broker
+    auth: ProducerAuth
+    metrics: Metrics
+    config: Config
+
+    async def publish(self, api: str, d: Deferred[Any], count: int = 1) -> Any:
+        """Wait for a publish: 503 when the broker could not take it; counted and timed."""
+        start = time.monotonic()
+        result = await _ask(d)
+        self.metrics.published.labels(api).inc(count)
+        self.metrics.publish_seconds.observe(time.monotonic() - start)
+        return result
+
+
 class ChannelsResource(Resource):
     """`/channels/{channel}` and `/channels/{channel}/history`, made per request."""
 
-    def __init__(
-        self, broker: Broker, auth: ProducerAuth, default_limit: int, max_size: int
-    ) -> None:
+    def __init__(self, producing: Producing) -> None:
         super().__init__()
-        self._broker = broker
-        self._auth = auth
-        self._default_limit = default_limit
-        self._max_size = max_size
+        self._p = producing
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         channel = path.decode("utf-8", "replace")
         if not request.postpath:
-            return ChannelResource(channel, self._broker, self._auth, self._max_size)
+            return ChannelResource(channel, self._p)
         if request.postpath == [b"history"]:
             assert request.prepath is not None
             request.prepath.append(request.postpath.pop())
-            return HistoryResource(channel, self._broker, self._auth, self._default_limit)
+            return HistoryResource(channel, self._p)
         return NotFound()
 
     def render(self, request: Request) -> bytes:
@@ -52,31 +70,28 @@ async def _ask(d: Any) -> Any:
 
 
 class _ChannelApi(ApiResource):
-    def __init__(self, channel: str, broker: Broker, auth: ProducerAuth) -> None:
+    def __init__(self, channel: str, producing: Producing) -> None:
         super().__init__()
         self._channel = channel
-        self._broker = broker
-        self._auth = auth
+        self._p = producing
+        self._broker = producing.broker
 
     def _checked(self, request: Request) -> None:
-        self._auth.check(request)
+        self._p.auth.check(request)
         if not is_channel(self._channel):
             raise ApiError(*errors.BAD_CHANNEL)
 
 
 class ChannelResource(_ChannelApi):
-    def __init__(self, channel: str, broker: Broker, auth: ProducerAuth, max_size: int) -> None:
-        super().__init__(channel, broker, auth)
-        self._max_size = max_size
-
     async def _publish(self, data: bytes, idempotency_key: str | None) -> bytes:
-        published = await _ask(self._broker.publish(self._channel, data, idempotency_key))
+        d = self._broker.publish(self._channel, data, idempotency_key)
+        published = await self._p.publish("channels", d)
         return dump_json({"channel": self._channel, "id": published.id})
 
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
         self._checked(request)
         key = idempotency_key(request)
-        body = read_body(request, self._max_size)
+        body = read_body(request, self._p.config.max_message_size)
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
         try:
             data = data_from_body(body, ctype)
@@ -96,12 +111,6 @@ class ChannelResource(_ChannelApi):
 
 
 class HistoryResource(_ChannelApi):
-    def __init__(
-        self, channel: str, broker: Broker, auth: ProducerAuth, default_limit: int
-    ) -> None:
-        super().__init__(channel, broker, auth)
-        self._default_limit = default_limit
-
     async def _read(self, since: str | None, limit: int) -> bytes:
         history = await _ask(self._broker.history(self._channel, since, limit))
         return (
@@ -119,7 +128,7 @@ class HistoryResource(_ChannelApi):
             except ValueError:
                 raise ApiError(*errors.BAD_SINCE) from None
         limit_text = query_value(request, b"limit")
-        limit = self._default_limit
+        limit = self._p.config.history_size
         if limit_text is not None:
             if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
                 raise ApiError(*errors.BAD_LIMIT)

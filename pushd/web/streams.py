@@ -84,10 +84,20 @@ def decode_cursor(value: str, channels: list[str]) -> dict[str, str]:
 class _Stream:
     """One open stream: the Session's outlet, the transport's producer."""
 
-    __slots__ = ("_backlog", "_last", "_limit", "_paused", "_request", "_sse", "session")
+    __slots__ = (
+        "_backlog",
+        "_last",
+        "_limit",
+        "_on_slow",
+        "_paused",
+        "_request",
+        "_sse",
+        "session",
+    )
 
-    def __init__(self, request: Request, sse: bool, limit: int, multi: bool) -> None:
+    def __init__(self, request: Request, sse: bool, limit: int, multi: bool, on_slow: Any) -> None:
         self._request = request
+        self._on_slow = on_slow
         self._sse = sse
         self._limit = limit
         self._paused = False
@@ -124,6 +134,7 @@ class _Stream:
             self._backlog += len(data)
             if self._backlog > self._limit:
                 log.info("dropping a slow stream consumer")
+                self._on_slow()
                 self.close()
                 transport = self._request.channel.transport
                 if transport is not None:
@@ -135,6 +146,10 @@ class _Stream:
         if self.session is not None:
             self.session.close()
             self.session = None
+
+    def end(self) -> None:
+        self.close()
+        _end(self._request)
 
     # -- IPushProducer
 
@@ -156,9 +171,18 @@ class StreamResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, hub: Hub, broker: Broker, gate: Gate, config: Any, clock: Any, sse: bool
+        self,
+        hub: Hub,
+        broker: Broker,
+        gate: Gate,
+        config: Any,
+        clock: Any,
+        metrics: Any,
+        sse: bool,
     ) -> None:
         super().__init__()
+        self._metrics = metrics
+        self._transport = "sse" if sse else "stream"
         self._hub = hub
         self._broker = broker
         self._gate = gate
@@ -207,7 +231,7 @@ class StreamResource(Resource):
             address=address,
             token=token,
             headers=headers,
-            transport="sse" if self._sse else "stream",
+            transport=self._transport,
             channels=channels,
         )
         d.addCallback(self._start, request, channels, cursor, address)
@@ -248,8 +272,9 @@ class StreamResource(Resource):
     ) -> None:
         refused = [c for c in channels if not grants.may_subscribe(c)]
         if refused or request._disconnected:
-            self._gate.release(address)
+            self._gate.release(address, self._transport)
             if refused:
+                self._metrics.refused.labels("forbidden").inc()
                 write_error(request, 403, "forbidden", f"not allowed to subscribe to {refused[0]}")
             return
         request.setHeader(
@@ -257,7 +282,9 @@ class StreamResource(Resource):
         )
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
-        stream = _Stream(request, self._sse, self._max_send_buffer, len(channels) > 1)
+        stream = _Stream(
+            request, self._sse, self._max_send_buffer, len(channels) > 1, self._slow_consumer
+        )
         if stream._last is not None:
             stream._last.update(cursor)
         stream.session = Session(self._hub, self._broker, stream)
@@ -270,7 +297,7 @@ class StreamResource(Resource):
         def gone(_: object) -> None:
             stream.close()
             self._streams.discard(stream)
-            self._gate.release(address)
+            self._gate.release(address, self._transport)
             if not self._streams and self._keepalive.running:
                 self._keepalive.stop()
 
@@ -282,9 +309,13 @@ class StreamResource(Resource):
             ending = self._clock.callLater(delay, _end, request)
             request.notifyFinish().addBoth(lambda _: ending.active() and ending.cancel())
 
-    def stop(self) -> None:
-        if self._keepalive.running:
-            self._keepalive.stop()
+    def _slow_consumer(self) -> None:
+        self._metrics.slow_consumers.labels(self._transport).inc()
+
+    def end_all(self) -> None:
+        """End every stream (the service is stopping)."""
+        for stream in tuple(self._streams):
+            stream.end()
 
 
 def _end(request: Request) -> None:

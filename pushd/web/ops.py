@@ -1,0 +1,49 @@
+"""What operators and their tools ask: `GET /health` and `GET /metrics`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.web.server import Request
+
+from pushd.broker import Broker
+from pushd.message import dump_json
+from pushd.metrics import Metrics
+from pushd.web.resource import ApiResource, ProducerAuth
+
+
+class HealthResource(ApiResource):
+    """200 `{"status":"ok",...}` while the broker answers, 503 otherwise: for load
+    balancers and orchestrators, so open to all and revealing nothing private."""
+
+    def __init__(self, broker: Broker, kind: str) -> None:
+        super().__init__()
+        self._broker = broker
+        self._kind = kind
+
+    def handle_GET(self, request: Request) -> bytes:
+        up = self._broker.connected
+        if not up:
+            request.setResponseCode(503)
+        status = "ok" if up else "unavailable"
+        return dump_json({"status": status, "broker": self._kind, "broker_up": up})
+
+    def _answer(self, request: Request, status: int, body: bytes) -> bytes:
+        # handle_GET chose the status itself.
+        return super()._answer(request, request.code if status == 200 else status, body)
+
+
+class MetricsResource(ApiResource):
+    """The Prometheus text format; protected like the producer API."""
+
+    content_type = CONTENT_TYPE_LATEST.encode()
+
+    def __init__(self, metrics: Metrics, auth: ProducerAuth) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._auth = auth
+
+    def handle_GET(self, request: Request) -> Any:
+        self._auth.check(request)
+        return generate_latest(self._metrics.registry)
