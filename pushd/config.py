@@ -111,6 +111,12 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _positive_int(text)
+
+
 def _switch(text: str) -> bool:
     value = text.strip().lower()
     if value in ("on", "yes", "true", "1"):
@@ -297,6 +303,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
+        "workers",
+        _workers,
+        1,
+        "processes serving the same sockets (auto: one per core); more than 1 needs --redis",
+        metavar="N|auto",
+    ),
+    Option(
         "access-log",
         _switch,
         False,
@@ -336,8 +349,10 @@ class Config:
     handshake_timeout: float = 10.0
     max_header_size: int = 16384
     shutdown_timeout: float = 10.0
+    workers: int = 1
     access_log: bool = False
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    #: The values as they were given, per option: what a worker process is handed.
+    given: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
 
 def _read_ini(path: str) -> dict[str, list[str]]:
@@ -375,7 +390,7 @@ def load(
     from_file = _read_ini(config_path) if config_path else {}
 
     values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
+    given: dict[str, tuple[str, ...]] = {}
     for option in OPTIONS:
         cli = command_line.get(option.name)
         if cli not in (None, [], ()):
@@ -395,5 +410,7 @@ def load(
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"--{option.name} {item!r} ({where}): {e}") from None
         values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
-        sources[option.key] = where
-    return Config(**values, sources=sources)
+        given[option.key] = tuple(raw)
+    if values.get("workers", 1) > 1 and values.get("redis") is None:
+        raise ConfigError("--workers: more than one worker needs --redis to coordinate through")
+    return Config(**values, given=given)

@@ -58,4 +58,14 @@ for _o in _config.OPTIONS:
 
 
 def makeService(options: Options) -> Any:
-    return make_service(options.config)
+    config = options.config
+    if config.workers > 1:
+        from twisted.application.service import MultiService
+        from twisted.internet import reactor
+
+        from pushd.workers import WorkerPool
+
+        parent = MultiService()
+        WorkerPool(config, reactor).setServiceParent(parent)
+        return parent
+    return make_service(config)

@@ -126,7 +126,7 @@ class PushdUnderTest:
     @classmethod
     def config(cls, **overrides: Any) -> PushdUnderTest:
         base = Config(listen=("tcp:0:interface=127.0.0.1",), ping_interval=0)
-        return cls(Config(**{**base.__dict__, **overrides, "sources": {}}))
+        return cls(Config(**{**base.__dict__, **overrides, "given": {}}))
 
     async def start(self) -> None:
         self.service = make_service(self.cfg, reactor)

@@ -484,7 +484,8 @@ class RedisBroker(Broker):
 
     def _disconnected(self, proto: _Subscriber) -> None:
         if self._proto is proto:
-            log.warn("Redis subscriber connection lost; reconnecting")
+            if self.running:
+                log.warn("Redis subscriber connection lost; reconnecting")
             self._proto = None
             self._active.clear()
             self._sent.clear()

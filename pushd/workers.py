@@ -1,0 +1,159 @@
+"""`--workers N`: every core serves.
+
+The parent process opens each `--listen` socket once and starts N workers,
+`twistd pushd` processes handed the sockets the way systemd hands them
+(LISTEN_FDS and LISTEN_FDNAMES, descriptors from 3 on): each worker listens with a `systemd:`
+endpoint, and the kernel spreads connections over them. The workers know
+nothing of each other: they coordinate through Redis exactly like separate
+nodes. The parent serves nothing itself; it starts a worker again when one
+dies, and on stop it asks them all to stop (SIGTERM: their graceful stop).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+from pushd.config import OPTIONS, Config, ConfigError
+
+log = Logger()
+
+RESTART_DELAY = 1.0
+
+# LISTEN_PID must be the worker's own pid: the shell exports its $$, then execs.
+_SHELL = 'export LISTEN_PID=$$; exec "$@"'
+_TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+def open_socket(description: str) -> tuple[socket.socket, str]:
+    """A listening socket for a `tcp:` or `unix:` endpoint, and its systemd domain."""
+    kind, args, kwargs = endpoints._parseServer(description, None)
+    if kind == "TCP":
+        interface = kwargs.get("interface", "")
+        family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((interface, int(args[0])))
+        domain = "INET6" if family == socket.AF_INET6 else "INET"
+    elif kind == "UNIX":
+        path = args[0]
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        domain = "UNIX"
+    else:
+        raise ConfigError(f"--workers: --listen {description!r}: only tcp: and unix: are shared")
+    sock.listen(int(kwargs.get("backlog", 50)))
+    sock.setblocking(False)
+    return sock, domain
+
+
+def worker_arguments(config: Config, domains: list[str]) -> list[str]:
+    """A worker's pushd options: everything given to the parent, but its sockets."""
+    args: list[str] = []
+    for option in OPTIONS:
+        if option.key in ("listen", "workers"):
+            continue
+        for value in config.given.get(option.key, ()):
+            args.append(f"--{option.name}={value}")
+    for index, domain in enumerate(domains):
+        args.append(f"--listen=systemd:domain={domain}:index={index}")
+    return args
+
+
+class _Worker(ProcessProtocol):
+    transport: Any
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.ended: Deferred[None] = Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+        self.pool._ended(self)
+
+
+class WorkerPool(Service):
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._sockets: list[socket.socket] = []
+        self._domains: list[str] = []
+        self.workers: dict[int, _Worker] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        for description in self._config.listen:
+            sock, domain = open_socket(description)
+            self._sockets.append(sock)
+            self._domains.append(domain)
+        log.info(
+            "pushd: {n} workers serving {listen}",
+            n=self._config.workers,
+            listen=", ".join(self._config.listen),
+        )
+        for number in range(self._config.workers):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        worker = _Worker(self, number)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        names = ":".join(f"listen{n}" for n in range(len(self._sockets)))
+        # Twisted wants as many names as descriptors, as systemd >= 227 gives.
+        env.update(LISTEN_FDS=str(len(self._sockets)), LISTEN_FDNAMES=names, PUSHD_WORKERS="1")
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        for index, sock in enumerate(self._sockets):
+            child_fds[3 + index] = sock.fileno()
+        argv = [
+            "/bin/sh", "-c", _SHELL, "pushd-worker",
+            sys.executable, "-c", _TWISTD, "--nodaemon", "--pidfile=",
+            "pushd", *worker_arguments(self._config, self._domains),
+        ]  # fmt: skip
+        self._reactor.spawnProcess(worker, "/bin/sh", argv, env=env, childFDs=child_fds)
+        self.workers[number] = worker
+
+    def _ended(self, worker: _Worker) -> None:
+        if self.workers.get(worker.number) is not worker:
+            return
+        del self.workers[worker.number]
+        if self.running:
+            log.warn("worker {n} ended; starting it again", n=worker.number)
+            self._reactor.callLater(RESTART_DELAY, self._respawn, worker.number)
+
+    def _respawn(self, number: int) -> None:
+        if self.running and number not in self.workers:
+            self._spawn(number)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        workers = list(self.workers.values())
+        for worker in workers:
+            worker.transport.signalProcess(signal.SIGTERM)
+        # Past their own --shutdown-timeout, they are killed.
+        kill = self._reactor.callLater(self._config.shutdown_timeout + 5, self._kill, workers)
+        d = DeferredList([w.ended for w in workers])
+
+        def done(result: Any) -> Any:
+            if kill.active():
+                kill.cancel()
+            for sock in self._sockets:
+                sock.close()
+            return result
+
+        return d.addBoth(done)
+
+    def _kill(self, workers: list[_Worker]) -> None:
+        for worker in workers:
+            if not worker.ended.called:
+                worker.transport.signalProcess(signal.SIGKILL)
