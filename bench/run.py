@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
-"""pushd benchmarks: idle connections, fan-out, POST publishes per second.
+"""pushd benchmarks: idle connections, fan-out, POST/s, recovery, the cost of history.
 
     python bench/run.py [--quick]
 
 Starts its own redis-server and pushd (Redis broker) on free loopback ports,
-pinned to CPU 0; the load (bench/bin/wsclient processes, the publisher in this
-process, wrk) runs on CPU 1. Prints each figure as it is measured and a table
-at the end; logs and the raw figures (results.json) go to bench/out/.
-See bench/README.md for what each figure means.
+pinned to CPU 0 (and, for the recovery and history tests, more pushd processes
+with their own options, one at a time); the load (bench/bin/wsclient processes,
+the publisher in this process, wrk, redis-benchmark) runs on CPU 1. Prints each
+figure as it is measured and a table at the end; logs and the raw figures
+(results.json) go to bench/out/. See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -41,6 +43,9 @@ OUT = BENCH / "out"
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 PER_PROCESS = 5000  # connections per wsclient process, at most
+# Connections per client source address, at most: pushd admits 1,000 per address
+# (--max-connections-per-ip), and the run keeps its default.
+PER_ADDRESS = 500
 CHANNEL = "bench"
 PAD = "x" * 69  # {"t":<16 digits>,"pad":"<69>"} is 100 bytes
 
@@ -198,6 +203,17 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full
+    (TcpExt ListenOverflows, all sockets): the client retries its SYN after 1 s."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    for names, values in zip(lines[::2], lines[1::2], strict=True):
+        if "ListenOverflows" in names:
+            return int(values[names.index("ListenOverflows")])
+    return 0
+
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -243,6 +259,8 @@ def wait_quiet() -> None:
         say(f"  waited {waited:.0f}s for other processes to leave the CPUs")
 
 
+TESTS = ("idle", "fanout", "post", "recovery", "history")
+RECOVERY_PHASES = ("one_at_a_time", "at_once", "at_once_backlog50")
 OTHER_LOAD: list[str] = []  # phases where other processes used the server's CPU
 QUIET_WAIT = 60.0  # --quiet-wait: what is left of it
 PUBLISHERS = 16  # --publishers
@@ -258,13 +276,17 @@ class CpuMeter:
         self.cpu = [cpu_seconds(p) for p in self.pids]
         self.busy = cpu_busy_seconds(SERVER_CPU)
 
+    def seconds(self) -> tuple[float, float, float]:
+        """CPU seconds of the server and redis since the start, and the wall time."""
+        server, redis = (cpu_seconds(p) - c for p, c in zip(self.pids, self.cpu, strict=True))
+        return server, redis, time.monotonic() - self.t
+
     def percent(self, phase: str) -> tuple[float, float, float]:
-        wall = time.monotonic() - self.t
-        server, redis = (
-            100 * (cpu_seconds(p) - c) / wall for p, c in zip(self.pids, self.cpu, strict=True)
-        )
+        server_s, redis_s, wall = self.seconds()
+        server, redis = 100 * server_s / wall, 100 * redis_s / wall
         other = max(0.0, 100 * (cpu_busy_seconds(SERVER_CPU) - self.busy) / wall - server - redis)
-        if Child.pin and other > 10:
+        # Ticks are 10 ms: in a short phase a few of them are noise, not another process.
+        if Child.pin and other > 10 and other * wall / 100 > 0.05:
             OTHER_LOAD.append(f"{phase}: {other:.0f}%")
             say(f"  warning: other processes used {other:.0f}% of CPU {SERVER_CPU} meanwhile")
         return server, redis, other
@@ -384,7 +406,7 @@ class ClientSet:
                 "--port", str(port),
                 "--path", path,
                 "--conns", str(size),
-                "--src", SOURCES.take(2),
+                "--src", SOURCES.take(max(2, math.ceil(size / PER_ADDRESS))),
                 "--rate", str(rate / nproc),
                 "--inflight", "128",
                 "--connect-timeout", str(60 + total / 200),
@@ -433,13 +455,22 @@ def body(t_us: int) -> bytes:
     return b'{"t":%d,"pad":"%s"}' % (t_us, PAD.encode())
 
 
-async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> int:
-    payload = body(time.time_ns() // 1000)
-    writer.write(
-        b"POST /channels/%s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (CHANNEL.encode(), port, len(payload), payload)
-    )
+async def _request(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    port: int,
+    path: str,
+    payload: bytes | None = None,
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a keep-alive connection: POST with a JSON payload, else GET."""
+    if payload is None:
+        writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % (path.encode(), port))
+    else:
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (path.encode(), port, len(payload), payload)
+        )
     status = int((await reader.readline()).split()[1])
     length = 0
     while True:
@@ -449,7 +480,15 @@ async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port
         key, _, value = line.partition(b":")
         if key.strip().lower() == b"content-length":
             length = int(value)
-    await reader.readexactly(length)
+    return status, await reader.readexactly(length)
+
+
+async def _post(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, channel: str = CHANNEL
+) -> int:
+    status, _ = await _request(
+        reader, writer, port, f"/channels/{channel}", body(time.time_ns() // 1000)
+    )
     return status
 
 
@@ -510,6 +549,41 @@ def publish_paced(
     return asyncio.run(asyncio.wait_for(_paced(port, n, rate, 8), timeout))
 
 
+def publish_ids(port: int, channel: str, n: int) -> list[str]:
+    """POST n messages to `channel` one after another; their ids, oldest first."""
+
+    async def go() -> list[str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        ids = []
+        try:
+            for _ in range(n):
+                status, answer = await _request(
+                    reader, writer, port, f"/channels/{channel}", body(time.time_ns() // 1000)
+                )
+                if status != 200:
+                    raise BenchError(f"POST /channels/{channel} answered {status}: {answer!r}")
+                ids.append(json.loads(answer)["id"])
+        finally:
+            writer.close()
+        return ids
+
+    return asyncio.run(asyncio.wait_for(go(), 60 + n / 100))
+
+
+def get_json(port: int, path: str) -> Any:
+    async def go() -> Any:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            status, answer = await _request(reader, writer, port, path)
+        finally:
+            writer.close()
+        if status != 200:
+            raise BenchError(f"GET {path} answered {status}: {answer[:200]!r}")
+        return json.loads(answer)
+
+    return asyncio.run(asyncio.wait_for(go(), 30))
+
+
 def post_once(port: int) -> int:
     async def go() -> int:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -552,8 +626,55 @@ def describe_source(src: Path) -> str:
     return str(src)
 
 
+class Pushd:
+    """One pushd process on CPU 0: with the Redis broker (`redis_port`) or the memory one."""
+
+    def __init__(
+        self,
+        name: str,
+        src: Path,
+        redis_port: int | None,
+        options: list[str] | None = None,
+        *,
+        backlog: int | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.broker = "memory" if redis_port is None else "redis"
+        argv = [twistd_path(), "-n", "--pidfile=", "pushd",
+                "--listen", f"tcp:{self.port}:interface=127.0.0.1"]  # fmt: skip
+        ready = [rf"pushd listening on tcp:{self.port}:"]
+        # `backlog`: a second listener, on backlog_port, with that listen queue
+        # (Twisted's default is 50).
+        self.backlog_port = 0
+        if backlog is not None:
+            self.backlog_port = free_port()
+            argv += ["--listen", f"tcp:{self.backlog_port}:interface=127.0.0.1:backlog={backlog}"]
+            ready.append(rf"pushd listening on tcp:{self.backlog_port}:")
+        if redis_port is not None:
+            argv += ["--redis", f"redis://127.0.0.1:{redis_port}"]
+            ready.append(r"Redis subscriber connected")
+        self.child = Child(name, [*argv, *(options or [])], SERVER_CPU, env=pushd_env(src))
+        self.child.wait_all(ready, 30)
+        self.child.collect = False
+        self.pid = self.child.pid
+        status = post_once(self.port)
+        if status != 200:
+            raise BenchError(f"{name}: a test POST answered {status}")
+
+    def alive(self) -> None:
+        if self.child.proc.poll() is not None:
+            raise BenchError(
+                f"{self.child.name} died (code {self.child.proc.returncode}); "
+                f"see {self.child.log_path}"
+            )
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
 class Servers:
     def __init__(self, src: Path = ROOT) -> None:
+        self.src = src
         self.redis_port = free_port()
         self.redis = Child(
             "redis",
@@ -570,23 +691,26 @@ class Servers:
         )  # fmt: skip
         self.redis.wait_for(r"Ready to accept connections", 20)
         self.redis.collect = False
-        self.port = free_port()
-        self.pushd = Child(
-            "pushd",
-            [
-                twistd_path(), "-n", "--pidfile=", "pushd",
-                "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-                "--redis", f"redis://127.0.0.1:{self.redis_port}",
-            ],
-            SERVER_CPU,
-            env=pushd_env(src),
+        self.main = Pushd("pushd", src, self.redis_port)
+        self.pushd = self.main.child
+        self.pid = self.main.pid
+        self.port = self.main.port
+
+    def start_pushd(
+        self, name: str, broker: str, options: list[str], backlog: int | None = None
+    ) -> Pushd:
+        """Another pushd (beside the idle main one) with its own options."""
+        redis_port = self.redis_port if broker == "redis" else None
+        return Pushd(name, self.src, redis_port, options, backlog=backlog)
+
+    def redis_cli(self, *args: str, stdin: str | None = None, db: int = 0) -> str:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.redis_port), "-n", str(db), *args],
+            input=stdin, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        self.pushd.wait_all([r"pushd listening on", r"Redis subscriber connected"], 30)
-        self.pushd.collect = False
-        self.pid = self.pushd.pid
-        status = post_once(self.port)
-        if status != 200:
-            raise BenchError(f"a test POST answered {status}")
+        if out.returncode != 0 or out.stdout.startswith("ERR"):
+            raise BenchError(f"redis-cli {' '.join(args)[:80]}: {out.stdout}{out.stderr}")
+        return out.stdout.strip()
 
     def settle(self, baseline_fds: int, timeout: float = 60) -> None:
         """Wait until the server has let go of the last test's connections."""
@@ -613,10 +737,12 @@ def test_idle(s: Servers, n: int) -> dict[str, Any]:
     fds0 = open_fds(s.pid)
     wait_quiet()
     rss0 = rss_kib(s.pid)
+    overflows = listen_overflows()
     t0 = time.monotonic()
     clients = ClientSet(s.port, "idle", n, "/ws?channel=idle", idle=True)
     held = clients.wait_ready()
     connect_s = time.monotonic() - t0
+    overflows = listen_overflows() - overflows
     # RSS settles once the handshakes' garbage is collected: sample until stable.
     rss1 = rss_kib(s.pid)
     for _ in range(20):
@@ -645,12 +771,13 @@ def test_idle(s: Servers, n: int) -> dict[str, Any]:
         "kib_per_connection": kib,
         "server_fds_held": fds1,
         "closed_by_server": dropped,
+        "listen_overflows": overflows,
     }
     say(
         f"idle: {held:,} connections held ({len(clients.children)} processes, "
         f"{held / connect_s:,.0f} connects/s); server RSS {rss0 / 1024:.1f} -> "
         f"{rss1 / 1024:.1f} MiB = {kib:.1f} KiB per connection; "
-        f"{rss2 / 1024:.1f} MiB after they closed"
+        f"{rss2 / 1024:.1f} MiB after they closed; {overflows:,} SYNs dropped (listen queue full)"
     )
     return result
 
@@ -775,13 +902,26 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def test_post(s: Servers, seconds: int, threads: int, conns: int) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{s.port}/channels/{CHANNEL}"
-    say(f"POST: wrk -t{threads} -c{conns} -d{seconds}s --latency -s bench/post.lua {url}")
+def test_post(
+    s: Servers,
+    seconds: int,
+    threads: int,
+    conns: int,
+    *,
+    target: Pushd | None = None,
+    channel: str = CHANNEL,
+    label: str = "POST",
+    log_name: str = "wrk",
+    echo: bool = True,
+) -> dict[str, Any]:
+    """wrk POSTs to `channel` of `target` (the main pushd); `echo` prints wrk's output."""
+    target = target or s.main
+    url = f"http://127.0.0.1:{target.port}/channels/{channel}"
+    say(f"{label}: wrk -t{threads} -c{conns} -d{seconds}s --latency -s bench/post.lua {url}")
     wait_quiet()
-    cpu = CpuMeter(s.pid, s.redis.pid)
+    cpu = CpuMeter(target.pid, s.redis.pid)
     wrk = Child(
-        "wrk",
+        log_name,
         [
             "wrk",
             f"-t{threads}",
@@ -802,13 +942,14 @@ def test_post(s: Servers, seconds: int, threads: int, conns: int) -> dict[str, A
             if wrk.proc.poll() is None:
                 raise
             break
-    server_cpu, redis_cpu, other_cpu = cpu.percent("POST")
+    server_cpu, redis_cpu, other_cpu = cpu.percent(label)
     code = wrk.proc.wait()
     wrk.stop()
     out = "\n".join(text)
     if code != 0:
         raise BenchError(f"wrk exited {code}:\n{out}")
     s.alive()
+    target.alive()
 
     def find(pattern: str, default: str | None = None) -> str:
         m = re.search(pattern, out, re.M)
@@ -838,14 +979,347 @@ def test_post(s: Servers, seconds: int, threads: int, conns: int) -> dict[str, A
         "other_cpu0_percent": other_cpu,
         "wrk_output": out,
     }
-    for line in text:
-        print("    " + line, flush=True)
+    if echo:
+        for line in text:
+            print("    " + line, flush=True)
     say(
-        f"POST: {result['requests_per_s']:,.0f} requests/s, latency p50 {result['p50_ms']:.2f} ms "
-        f"p99 {result['p99_ms']:.2f} ms; non-2xx {result['non_2xx_lua']}, socket errors "
+        f"{label}: {result['requests_per_s']:,.0f} requests/s, latency p50 "
+        f"{result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms; non-2xx "
+        f"{result['non_2xx_lua']}, socket errors "
         f"{result['socket_errors']}; server CPU {server_cpu:.0f}%, redis {redis_cpu:.0f}%"
     )
     return result
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def catchup_phase(
+    s: Servers,
+    p: Pushd,
+    port: int,
+    name: str,
+    label: str,
+    path: str,
+    catchup: int,
+    conns: int,
+    at_once: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """`rounds` wsclient --catchup runs of `conns` clients, `at_once` catching up at a time."""
+    wait_quiet()
+    deadline = 30 + conns * rounds * 0.5
+    overflows = listen_overflows()
+    cpu = CpuMeter(p.pid, s.redis.pid)
+    reps = []
+    for r in range(rounds):
+        argv = [
+            str(WSCLIENT),
+            "--port", str(port),
+            "--path", path,
+            "--conns", str(conns),
+            "--inflight", str(at_once),
+            "--rate", "0",
+            "--catchup", str(catchup),
+            "--src", SOURCES.take(1),
+            "--connect-timeout", str(deadline),
+            "--label", f"{name}-{r}",
+        ]  # fmt: skip
+        child = Child(f"{name}-{r}", argv, CLIENT_CPU, merge_stderr=False)
+        child.wait_for(r"^done \d+ failed \d+", deadline + 30)
+        reps.append(child.json(30))
+        child.stop()
+    server_s, redis_s, wall = cpu.seconds()
+    server_pct, redis_pct, other_pct = cpu.percent(label)
+    overflows = listen_overflows() - overflows
+    p.alive()
+    s.alive()
+    cu = [r["catchup"] for r in reps]
+    done = sum(c["done"] for c in cu)
+    messages = sum(r["deliveries"] for r in reps)
+    client_s = sum(r["cpu_s"] for r in reps)
+    replay_s = sum(c["wall_s"] for c in cu)  # first connect to last catch-up, per round
+    per = 1000 / done if done else 0.0  # ms per catch-up, from seconds
+    out = {
+        "clients": conns * rounds,
+        "at_once": at_once,
+        "rounds": rounds,
+        "done": done,
+        "recovered": sum(c["recovered"] for c in cu),
+        "not_recovered": sum(c["not_recovered"] for c in cu),
+        "disorder": sum(c["disorder"] for c in cu),
+        "extra": sum(c["extra"] for c in cu),
+        "bad_id": sum(c["bad_id"] for c in cu),
+        "failed": sum(r["failed"] for r in reps),
+        "closed_by_server": sum(r["closed_by_server"] for r in reps),
+        "close_codes": dict(sum((Counter(r["close_codes"]) for r in reps), Counter())),
+        "messages": messages,
+        "replay_s": replay_s,
+        "messages_per_s": messages / replay_s if replay_s else 0.0,
+        "catchups_per_s": done / replay_s if replay_s else 0.0,
+        "server_cpu_ms_per_catchup": server_s * per,
+        "redis_cpu_ms_per_catchup": redis_s * per,
+        "client_cpu_ms_per_catchup": client_s * per,
+        "server_cpu_us_per_message": server_s * 1e6 / messages if messages else 0.0,
+        "server_cpu_percent": server_pct,
+        "redis_cpu_percent": redis_pct,
+        "other_cpu0_percent": other_pct,
+        "phase_s": wall,
+        "listen_overflows": overflows,
+        "catchup_ms": merge_latency([{"lat_us": c["done_us"]} for c in cu]),
+        "subscribed_ms": merge_latency([{"lat_us": c["subscribed_us"]} for c in cu]),
+    }
+    lat = out["catchup_ms"]
+    redis_part = f", redis {out['redis_cpu_ms_per_catchup']:.2f} ms" if p.broker == "redis" else ""
+    say(
+        f"{label}: {done:,} of {conns * rounds:,} clients caught up {catchup:,} messages "
+        f"(recovered {out['recovered']:,}); per catch-up p50 {lat.get('p50_ms', 0):.1f} ms, "
+        f"p99 {lat.get('p99_ms', 0):.1f} ms, max {lat.get('max_ms', 0):.1f} ms; "
+        f"{out['messages_per_s']:,.0f} messages/s replayed; CPU per catch-up: server "
+        f"{out['server_cpu_ms_per_catchup']:.2f} ms{redis_part}, client "
+        f"{out['client_cpu_ms_per_catchup']:.2f} ms; server CPU {server_pct:.0f}%"
+        + (f"; {overflows} SYNs dropped (listen queue full)" if overflows else "")
+    )
+    if out["closed_by_server"]:
+        say(
+            f"  the server closed {out['closed_by_server']} clients before they had caught up "
+            f"(close codes {out['close_codes']}), after {messages:,} messages in all"
+        )
+    return out
+
+
+HERD_BACKLOG = 1024
+
+
+def test_recovery(
+    s: Servers, broker: str, catchup: int, seq_n: int, herd_n: int, herd_rounds: int
+) -> dict[str, Any]:
+    """Clients subscribing with `since` = the first of catchup + 1 messages: each gets
+    `catchup` messages replayed from the history (Redis stream or memory)."""
+    size = 2 * catchup
+    p = s.start_pushd(
+        f"pushd-recovery-{broker}", broker, ["--history-size", str(size)], backlog=HERD_BACKLOG
+    )
+    try:
+        channel = f"recovery-{broker}"
+        say(
+            f"recovery ({broker} broker): pushd pid {p.pid} with --history-size {size}, on port "
+            f"{p.port} and {p.backlog_port} (backlog={HERD_BACKLOG}); publishing "
+            f"{catchup + 1:,} messages to {channel!r}"
+        )
+        ids = publish_ids(p.port, channel, catchup + 1)
+        since = ids[0]
+        limit = min(catchup, 10_000)  # the API's largest limit
+        history = get_json(p.port, f"/channels/{channel}/history?since={since}&limit={limit}")
+        got = [m["id"] for m in history["messages"]]
+        result: dict[str, Any] = {
+            "broker": broker,
+            "history_size": size,
+            "catchup": catchup,
+            "since": since,
+            "history_ok": got == ids[1 : 1 + limit],
+        }
+        if not result["history_ok"]:
+            say(f"  GET history after {since} answered {len(got)} messages, not the {limit:,}")
+        path = f"/ws?channel={channel}&since={since}"
+        result["one_at_a_time"] = catchup_phase(
+            s, p, p.port, f"recovery-{broker}-seq", f"recovery ({broker}) one at a time",
+            path, catchup, seq_n, 1, 1,
+        )  # fmt: skip
+        # A reconnect storm, where the listen queue holds every connect: the cost of
+        # recovery. Then the same on the default listener (Twisted's backlog of 50).
+        result["at_once"] = catchup_phase(
+            s, p, p.backlog_port, f"recovery-{broker}-herd",
+            f"recovery ({broker}) {herd_n} at once (backlog={HERD_BACKLOG})",
+            path, catchup, herd_n, herd_n, herd_rounds,
+        )  # fmt: skip
+        result["at_once_backlog50"] = catchup_phase(
+            s, p, p.port, f"recovery-{broker}-herd50",
+            f"recovery ({broker}) {herd_n} at once (default backlog 50)",
+            path, catchup, herd_n, herd_n, herd_rounds,
+        )  # fmt: skip
+    finally:
+        p.stop()
+    return result
+
+
+# ---------------------------------------------------------------- history cost
+
+
+# The 7 figures that end a line of redis-benchmark --csv (its test name is not quoted safely).
+_CSV_FIGURES = re.compile(",".join([r'"([\d.]+)"'] * 7) + r"\s*$")
+
+
+def run_to_end(child: Child, timeout: float) -> tuple[int, list[str]]:
+    """All of a child's stdout and its exit code."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lines.append(child.line(deadline - time.monotonic()))
+        except BenchError:
+            if child.proc.poll() is None:
+                raise
+            break
+    code = child.proc.wait()
+    child.stop()
+    return code, lines
+
+
+def publish_script(src: Path) -> str:
+    """pushd's PUBLISH Lua script, from the source tree under test."""
+    code = "from pushd.broker.redis import PUBLISH; print(PUBLISH.source, end='')"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=src, env=pushd_env(src),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise BenchError(f"cannot read pushd's PUBLISH script: {out.stderr.strip()}")
+    return out.stdout
+
+
+def redis_benchmark(
+    s: Servers, name: str, label: str, command: list[str], n: int, pipeline: int, rand: bool
+) -> dict[str, Any]:
+    """redis-benchmark -c 4 on CPU 1: ops/s, and redis's CPU time per op."""
+    argv = ["redis-benchmark", "-p", str(s.redis_port), "-c", "4", "-n", str(n),
+            "-P", str(pipeline), "--dbnum", str(BENCH_DB), "--csv"]  # fmt: skip
+    if rand:
+        argv += ["-r", "1000000000"]  # an int: a larger -r wraps, and every key is 0
+    wait_quiet()
+    cpu = CpuMeter(s.pid, s.redis.pid)
+    code, lines = run_to_end(Child(name, [*argv, *command], CLIENT_CPU), 120)
+    _, redis_s, wall = cpu.seconds()
+    _, redis_pct, other_pct = cpu.percent(label)
+    s.alive()
+    m = next((m for m in map(_CSV_FIGURES.search, reversed(lines)) if m), None)
+    errors = [line for line in lines if "rror" in line]
+    if code != 0 or m is None or errors:
+        raise BenchError(f"{name}: redis-benchmark exited {code}: " + "\n".join(lines[-5:]))
+    rps, _avg, _lo, p50, _p95, p99, _hi = (float(x) for x in m.groups())
+    return {
+        "requests": n,
+        "pipeline": pipeline,
+        "clients": 4,
+        "ops_per_s": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "redis_cpu_us_per_op": redis_s * 1e6 / n,
+        "redis_cpu_percent": redis_pct,
+        "other_cpu0_percent": other_pct,
+        "wall_s": wall,
+    }
+
+
+BENCH_DB = 9  # redis-benchmark's keys go to this db, flushed after the test
+
+
+def test_history(s: Servers, redis_n: int, post_s: int, sizes: list[int]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    # 1. Redis alone: pushd's PUBLISH script (what a publish with history costs Redis)
+    #    vs a plain PUBLISH of the same envelope (what pub/sub alone would cost).
+    source = publish_script(s.src)
+    sha = s.redis_cli("-x", "SCRIPT", "LOAD", stdin=source)
+    if sha != hashlib.sha1(source.encode()).hexdigest():
+        raise BenchError(f"SCRIPT LOAD answered {sha!r}")
+    channel = "histbench"
+    prefix = b'{"type":"message","channel":"%s","id":' % channel.encode()
+    data = body(time.time_ns() // 1000).decode()
+    stream = f"pushd:{{{channel}}}:history"
+    script_args = [f"pushd:{channel}", prefix.decode(), data, "100", "3600", "300"]
+    envelope = f'{prefix.decode()}"1732521234567-0","data":{data}}}'
+    check = s.redis_cli("EVALSHA", sha, "1", stream, *script_args, db=BENCH_DB)
+    if not re.fullmatch(r"0\n\d+-\d+", check):
+        raise BenchError(f"EVALSHA of the PUBLISH script answered {check!r}")
+    commands = {
+        "script": (["EVALSHA", sha, "1", stream, *script_args], False, 3),
+        "script_idempotency": (
+            ["EVALSHA", sha, "2", stream, "pushd:idempotency:__rand_int__", *script_args],
+            True,
+            3,
+        ),
+        "publish": (["PUBLISH", f"pushd:{channel}", envelope], False, 15),
+    }
+    say(
+        f"history: redis-benchmark -c 4 of pushd's PUBLISH script (EVALSHA {sha[:12]}…, "
+        f"100-byte data, MAXLEN ~ 100) vs PUBLISH {f'pushd:{channel}'} of the same "
+        f"{len(envelope)}-byte envelope (no subscriber)"
+    )
+    redis: dict[str, Any] = {}
+    for key, (command, rand, piped_scale) in commands.items():
+        redis[key] = {}
+        for pipeline, n in ((1, redis_n), (16, redis_n * piped_scale)):
+            r = redis_benchmark(
+                s, f"redis-benchmark-{key}-P{pipeline}", f"history redis {key} -P{pipeline}",
+                command, n, pipeline, rand,
+            )  # fmt: skip
+            redis[key][f"P{pipeline}"] = r
+        one, piped = redis[key]["P1"], redis[key]["P16"]
+        say(
+            f"history: redis {key:<18} {one['ops_per_s']:>9,.0f} ops/s (p50 "
+            f"{one['p50_ms']:.3f} ms, {one['redis_cpu_us_per_op']:.1f} us redis CPU/op); "
+            f"pipelined -P16 {piped['ops_per_s']:>9,.0f} ops/s "
+            f"({piped['redis_cpu_us_per_op']:.1f} us redis CPU/op)"
+        )
+    redis["stream_length"] = int(s.redis_cli("XLEN", stream, db=BENCH_DB))
+    # Every idempotency key was new (else the script answered early, and cheaply).
+    redis["idempotency_keys"] = int(s.redis_cli("DBSIZE", db=BENCH_DB)) - 1
+    idem = sum(r["requests"] for r in redis["script_idempotency"].values())
+    if redis["idempotency_keys"] < 0.99 * idem:
+        raise BenchError(f"{redis['idempotency_keys']} idempotency keys after {idem} requests")
+    s.redis_cli("FLUSHDB", db=BENCH_DB)
+    result["redis"] = redis
+    script, plain = redis["script"]["P16"], redis["publish"]["P16"]
+    say(
+        f"history: storing a message costs Redis "
+        f"{script['redis_cpu_us_per_op'] - plain['redis_cpu_us_per_op']:.1f} us more than "
+        f"publishing it ({script['redis_cpu_us_per_op']:.1f} vs "
+        f"{plain['redis_cpu_us_per_op']:.1f} us per op, pipelined)"
+    )
+
+    # 2. pushd POST/s with small, default and large histories (each stream starts
+    #    full: the steady state of a busy channel), and with the memory broker.
+    posts = []
+    for broker, size in [*(("redis", n) for n in sizes), ("memory", 100)]:
+        p = s.start_pushd(f"pushd-history-{broker}-{size}", broker, ["--history-size", str(size)])
+        try:
+            channel = f"hist-{broker}-{size}"
+            stream = f"pushd:{{{channel}}}:history"
+            if broker == "redis":
+                s.redis_cli("EVAL", FILL, "1", stream, data, str(size))
+            r = test_post(
+                s, post_s, 1, 4, target=p, channel=channel,
+                label=f"POST --history-size {size} ({broker})",
+                log_name=f"wrk-history-{broker}-{size}", echo=False,
+            )  # fmt: skip
+            r.pop("wrk_output")
+            r["broker"] = broker
+            r["history_size"] = size
+            if broker == "redis":
+                r["retained"] = int(s.redis_cli("XLEN", stream))
+            else:
+                path = f"/channels/{channel}/history?limit=10000"
+                r["retained"] = len(get_json(p.port, path)["messages"])
+            posts.append(r)
+        finally:
+            p.stop()
+    result["post"] = posts
+    say(
+        "history: POST/s by --history-size: "
+        + "; ".join(
+            f"{r['history_size']} ({r['broker']}): {r['requests_per_s']:,.0f} "
+            f"[{r['retained']:,} retained]"
+            for r in posts
+        )
+    )
+    return result
+
+
+# A stream of ARGV[2] entries like pushd's: the history of a busy channel.
+FILL = """
+for i = 1, tonumber(ARGV[2]) do redis.call('XADD', KEYS[1], '*', 'd', ARGV[1], 'p', '') end
+return redis.call('XLEN', KEYS[1])
+"""
 
 
 # ---------------------------------------------------------------- main
@@ -877,12 +1351,32 @@ def problems(results: dict[str, Any]) -> list[str]:
                 out.append(f"{name} {phase}: POST answers other than 200: {bad}")
         if f["closed_by_server"]:
             out.append(f"{name}: the server closed {f['closed_by_server']} connections")
-    post = results.get("post")
-    if post:
+    posts = [("POST", results["post"])] if results.get("post") else []
+    history = results.get("history")
+    if history:
+        posts += [(f"POST --history-size {r['history_size']} ({r['broker']})", r)
+                  for r in history["post"]]  # fmt: skip
+    for name, post in posts:
         if post["non_2xx_lua"] or post["non_2xx_3xx_wrk"]:
-            out.append(f"POST: {post['non_2xx_lua']} non-2xx answers")
+            out.append(f"{name}: {post['non_2xx_lua']} non-2xx answers")
         if post["socket_errors"]:
-            out.append(f"POST: {post['socket_errors']} socket errors")
+            out.append(f"{name}: {post['socket_errors']} socket errors")
+    for rec in results.get("recovery", []):
+        name = f"recovery ({rec['broker']})"
+        if not rec["history_ok"]:
+            out.append(f"{name}: GET history did not answer the {rec['catchup']} messages")
+        for phase in RECOVERY_PHASES:
+            part = rec[phase]
+            if part["done"] < part["clients"]:
+                out.append(
+                    f"{name} {phase}: {part['done']} of {part['clients']} caught up; the server "
+                    f"closed {part['closed_by_server']} (codes {part['close_codes']})"
+                )
+            if part["not_recovered"]:
+                out.append(f"{name} {phase}: {part['not_recovered']} got recovered false")
+            for key in ("disorder", "extra", "bad_id"):
+                if part[key]:
+                    out.append(f"{name} {phase}: {part[key]} messages {key.replace('_', ' ')}")
     return out
 
 
@@ -923,6 +1417,56 @@ def table(results: dict[str, Any]) -> str:
             ("POST latency", f"p50 {post['p50_ms']:.2f} ms, p99 {post['p99_ms']:.2f} ms"),
             ("POST non-2xx / socket errors", f"{post['non_2xx_lua']} / {post['socket_errors']}"),
         ]  # fmt: skip
+    for rec in results.get("recovery", []):
+        b = rec["broker"]
+        for phase in RECOVERY_PHASES:
+            part = rec[phase]
+            lat = part["catchup_ms"]
+            how = {
+                "one_at_a_time": "1 at a time",
+                "at_once": f"{part['at_once']} at once",
+                "at_once_backlog50": f"{part['at_once']} at once, backlog 50",
+            }[phase]
+            drops = f"; {part['listen_overflows']} SYN drops" if part["listen_overflows"] else ""
+            rows.append(
+                (f"recovery {b}: {how}",
+                 f"p50 {lat.get('p50_ms', 0):.1f} ms, p99 {lat.get('p99_ms', 0):.1f} ms; "
+                 f"{part['messages_per_s']:,.0f} msg/s{drops}")
+            )  # fmt: skip
+        one, herd = rec["one_at_a_time"], rec["at_once"]
+        rows.append(
+            (f"recovery {b}: server CPU/catch-up",
+             f"{one['server_cpu_ms_per_catchup']:.2f} ms (1 at a time), "
+             f"{herd['server_cpu_ms_per_catchup']:.2f} ms ({herd['at_once']} at once)")
+        )  # fmt: skip
+        if b == "redis":
+            rows.append(
+                ("recovery redis: redis CPU/catch-up",
+                 f"{one['redis_cpu_ms_per_catchup']:.2f} ms (1 at a time), "
+                 f"{herd['redis_cpu_ms_per_catchup']:.2f} ms ({herd['at_once']} at once)")
+            )  # fmt: skip
+    history = results.get("history")
+    if history:
+        names = {"script": "PUBLISH script", "script_idempotency": "script + idem. key",
+                 "publish": "plain PUBLISH"}  # fmt: skip
+        for key, label in names.items():
+            one, piped = history["redis"][key]["P1"], history["redis"][key]["P16"]
+            rows.append(
+                (f"redis: {label} ops/s",
+                 f"{one['ops_per_s']:,.0f} -c4, {piped['ops_per_s']:,.0f} -P16; "
+                 f"{piped['redis_cpu_us_per_op']:.1f} us redis CPU/op")
+            )  # fmt: skip
+        rows.append(
+            ("POST/s by --history-size",
+             ", ".join(f"{r['history_size']}: {r['requests_per_s']:,.0f}"
+                       for r in history["post"] if r["broker"] == "redis")
+             + (f" (main POST test, 100: {post['requests_per_s']:,.0f})" if post else ""))
+        )  # fmt: skip
+        rows += [
+            (f"POST/s, memory broker (history {r['history_size']})",
+             f"{r['requests_per_s']:,.0f}, p50 {r['p50_ms']:.2f} ms")
+            for r in history["post"] if r["broker"] == "memory"
+        ]  # fmt: skip
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     rule = "-" * max(len(line) for line in lines)
@@ -931,7 +1475,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (~30 s)")
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (~40 s)")
     ap.add_argument("--idle", type=int, help="idle connections [15000; quick 2000]")
     ap.add_argument(
         "--fanout", type=lambda s: [int(x) for x in s.split(",")],
@@ -962,7 +1506,34 @@ def main() -> int:
         default=16,
         help="keep-alive connections of the max-rate publisher [16]",
     )
-    ap.add_argument("--skip", default="", help="comma-separated tests to skip: idle,fanout,post")
+    ap.add_argument("--skip", default="", help=f"comma-separated tests to skip: {','.join(TESTS)}")
+    ap.add_argument(
+        "--only", default="", help="comma-separated tests to run, e.g. recovery,history"
+    )
+    ap.add_argument(
+        "--catchup", type=int, default=1000, help="messages each recovering client gets [1000]"
+    )
+    ap.add_argument(
+        "--recovery-clients",
+        type=int,
+        help="clients catching up one after another [200; quick 20]",
+    )
+    ap.add_argument(
+        "--recovery-herd",
+        type=lambda s: tuple(int(x) for x in s.split("x")),
+        help="clients catching up at once, x rounds [100x5; quick 20x1]",
+    )
+    ap.add_argument(
+        "--history-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="--history-size values of the POST/s comparison [1,100,10000; quick 1,10000]",
+    )
+    ap.add_argument(
+        "--redis-requests",
+        type=int,
+        help="requests per redis-benchmark run, unpipelined (x3 or x15 pipelined) "
+        "[100000; quick 10000]",
+    )
     args = ap.parse_args()
 
     quick = args.quick
@@ -974,6 +1545,18 @@ def main() -> int:
     fanouts = args.fanout or ([200, 1000] if quick else [1000, 10000])
     post_s = args.post_seconds or (3 if quick else 10)
     skip = set(filter(None, args.skip.split(",")))
+    only = set(filter(None, args.only.split(",")))
+    unknown = (skip | only) - set(TESTS)
+    if unknown:
+        ap.error(f"unknown tests {','.join(sorted(unknown))}; the tests: {','.join(TESTS)}")
+    if only:
+        skip |= set(TESTS) - only
+    catchup = args.catchup
+    seq_n = args.recovery_clients or (20 if quick else 200)
+    herd_n, herd_rounds = args.recovery_herd or ((20, 1) if quick else (100, 5))
+    hist_sizes = args.history_sizes or ([1, 10000] if quick else [1, 100, 10000])
+    hist_post_s = 2 if quick else 5
+    redis_n = args.redis_requests or (10_000 if quick else 100_000)
 
     # Fan-out parameters per subscriber count. Max rate: ~2M deliveries from
     # --publishers connections, then ~500k from one (a tenth of that in quick mode).
@@ -987,7 +1570,7 @@ def main() -> int:
         msgs = max(5 if quick else 10, round(rate * (3 if quick else 15)))
         return burst, serial, rate, msgs
 
-    for tool in ("redis-server", "wrk", "gcc", "taskset"):
+    for tool in ("redis-server", "redis-cli", "redis-benchmark", "wrk", "gcc", "taskset"):
         if not shutil.which(tool):
             raise BenchError(f"{tool} is not installed")
     # Explicit, also for SIGINT: a shell's background job starts with SIGINT ignored.
@@ -1031,6 +1614,13 @@ def main() -> int:
                 results["fanout"].append(test_fanout(s, subs, *plan(subs)))
         if "post" not in skip:
             results["post"] = test_post(s, post_s, threads=1, conns=4)
+        if "recovery" not in skip:
+            results["recovery"] = [
+                test_recovery(s, broker, catchup, seq_n, herd_n, herd_rounds)
+                for broker in ("redis", "memory")
+            ]
+        if "history" not in skip:
+            results["history"] = test_history(s, redis_n, hist_post_s, hist_sizes)
         results["pushd_rss_end_kib"] = rss_kib(s.pid)
     finally:
         Child.stop_all()
@@ -1050,7 +1640,10 @@ def main() -> int:
     if results["problems"]:
         print("checks FAILED:\n  " + "\n  ".join(results["problems"]))
         return 1
-    print("checks: every connection held, no delivery missing, every POST answered 2xx")
+    print(
+        "checks: every connection held, no delivery missing, every POST answered 2xx, "
+        "every catch-up complete and in order"
+    )
     return 0
 
 

@@ -35,6 +35,16 @@
  *
  * --idle only holds the connections (messages are counted, never parsed).
  *
+ * --catchup N measures recovery: every connection (opened with a path like
+ * /ws?channel=c&since=<id>) must get its "subscribed" frame and then N message
+ * frames; the time from its connect() to the subscribed frame and to the N-th
+ * message is recorded (two histograms, us), the connection is closed with a
+ * close frame (code 1000), and its slot goes to the next connection. --inflight
+ * is then the number of clients catching up at once (1: one after another,
+ * --conns: all at once). Message ids must increase on each connection. When
+ * every connection is done (or failed) it prints "done <n> failed <n>" and the
+ * final report, which has a "catchup" object.
+ *
  * The Sec-WebSocket-Key is fixed (the RFC's sample nonce) so the expected
  * Sec-WebSocket-Accept is a constant and the client needs no SHA-1; the server
  * does not care. This is a benchmark tool, not a general client.
@@ -74,7 +84,10 @@
 #define TAG_SIGNAL UINT64_MAX
 #define TAG_STDIN (UINT64_MAX - 1)
 
-enum { ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_WAIT_SUB, ST_OPEN, ST_CLOSED };
+enum {
+    ST_IDLE, ST_CONNECTING, ST_HANDSHAKE, ST_WAIT_SUB, ST_OPEN, ST_CLOSED,
+    ST_CLOSING, ST_DONE /* --catchup: close frame sent; caught up and closed */
+};
 
 typedef struct {
     int fd;
@@ -90,7 +103,17 @@ typedef struct {
     uint32_t wlen, wcap;
     uint8_t *frag;
     uint32_t flen, fcap;
+    /* --catchup */
+    int64_t t0_ns;       /* CLOCK_MONOTONIC at the first connect() */
+    uint32_t cu_count;   /* messages received */
+    uint32_t last_seq;   /* id of the last message, to check the order */
+    uint64_t last_ms;
 } conn_t;
+
+typedef struct {
+    uint64_t n, min, max, sum;
+    uint64_t hist[NBUCKETS];
+} hist_t;
 
 /* ---- options */
 static const char *opt_host = "127.0.0.1";
@@ -106,6 +129,7 @@ static uint64_t opt_expect = 0;    /* total deliveries; 0: none */
 static int opt_idle = 0;
 static int opt_control = 0;
 static const char *opt_label = "";
+static uint32_t opt_catchup = 0;   /* messages each connection waits for, then closes */
 
 /* ---- state */
 static conn_t *conns;
@@ -116,6 +140,7 @@ static int ep;
 static int *todo; /* stack of conn indexes waiting to connect */
 static int ntodo;
 static int inflight, nopen, nfailed, nclosed, nready_printed;
+static int done; /* leave the event loop */
 static uint64_t connect_errors, handshake_errors;
 static char hs_request[1024];
 static int hs_len;
@@ -137,6 +162,12 @@ static struct {
 static uint64_t total_deliveries;
 static double last_delivery_mono;
 
+/* --catchup: connect -> subscribed and connect -> N-th message, us */
+static hist_t cu_sub, cu_done;
+static uint64_t cu_recovered, cu_not_recovered, cu_disorder, cu_extra, cu_bad_id;
+static int ndone;
+static int64_t cu_first_ns, cu_last_ns; /* CLOCK_MONOTONIC: first connect, last done */
+
 /* expect command */
 static int expect_armed;
 static uint64_t expect_n;
@@ -147,6 +178,12 @@ static double mono(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int64_t mono_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 static int64_t realtime_ns(void) {
@@ -181,6 +218,27 @@ static inline uint64_t hlow(int b) {
     if (b < 128) return (uint64_t)b;
     int shift = b / 64 - 1;
     return (uint64_t)(b - shift * 64) << shift;
+}
+
+static void hist_add(hist_t *h, uint64_t v) {
+    if (!h->n || v < h->min) h->min = v;
+    if (v > h->max) h->max = v;
+    h->sum += v;
+    h->n++;
+    h->hist[hbucket(v)]++;
+}
+
+static void hist_print(const char *name, const hist_t *h) {
+    printf("\"%s\":{\"n\":%" PRIu64 ",\"min\":%" PRIu64 ",\"max\":%" PRIu64 ",\"sum\":%" PRIu64
+           ",\"hist\":[",
+           name, h->n, h->n ? h->min : 0, h->max, h->sum);
+    int first = 1;
+    for (int b = 0; b < NBUCKETS; b++) {
+        if (!h->hist[b]) continue;
+        printf("%s[%" PRIu64 ",%" PRIu64 "]", first ? "" : ",", hlow(b), h->hist[b]);
+        first = 0;
+    }
+    printf("]}");
 }
 
 static void reset_window(void) {
@@ -238,7 +296,19 @@ static void report(const char *kind) {
         printf("%s[%" PRIu64 ",%" PRIu64 "]", first ? "" : ",", hlow(b), w.hist[b]);
         first = 0;
     }
-    printf("]}}\n");
+    printf("]}");
+    if (opt_catchup) {
+        printf(",\"catchup\":{\"messages\":%u,\"done\":%d,\"recovered\":%" PRIu64
+               ",\"not_recovered\":%" PRIu64 ",\"disorder\":%" PRIu64 ",\"extra\":%" PRIu64
+               ",\"bad_id\":%" PRIu64 ",\"wall_s\":%.6f,",
+               opt_catchup, ndone, cu_recovered, cu_not_recovered, cu_disorder, cu_extra, cu_bad_id,
+               cu_last_ns > cu_first_ns ? (double)(cu_last_ns - cu_first_ns) / 1e9 : 0.0);
+        hist_print("subscribed_us", &cu_sub);
+        printf(",");
+        hist_print("done_us", &cu_done);
+        printf("}");
+    }
+    printf("}\n");
     fflush(stdout);
 }
 
@@ -271,14 +341,26 @@ static void drop(int idx, int server_closed) {
         c->fd = -1;
     }
     free_bufs(c);
+    (void)server_closed;
+    if (c->state == ST_CLOSING) { /* a catch-up finished: the slot is free */
+        nopen--;
+        ndone++;
+        inflight--;
+        c->state = ST_DONE;
+        maybe_ready();
+        return;
+    }
     if (c->state == ST_OPEN) {
         nopen--;
         nclosed++;
         c->state = ST_CLOSED;
-        (void)server_closed;
+        if (opt_catchup) { /* closed before the catch-up was complete */
+            inflight--;
+            maybe_ready();
+        }
         return;
     }
-    if (c->state == ST_CLOSED || c->state == ST_IDLE) return;
+    if (c->state == ST_CLOSED || c->state == ST_IDLE || c->state == ST_DONE) return;
     inflight--;
     if (++c->retries <= opt_retries) {
         c->state = ST_IDLE;
@@ -376,6 +458,10 @@ static void start_connect(int idx) {
     c->fd = fd;
     c->state = ST_CONNECTING;
     c->want_out = 1;
+    if (c->retries == 0) { /* a catch-up is timed from the first attempt */
+        c->t0_ns = mono_ns();
+        if (!cu_first_ns) cu_first_ns = c->t0_ns;
+    }
     inflight++;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u64 = (uint64_t)idx};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) {
@@ -393,6 +479,15 @@ static void start_connect(int idx) {
 
 static void maybe_ready(void) {
     if (nready_printed) return;
+    if (opt_catchup) {
+        if (ntodo == 0 && inflight == 0 && ndone + nfailed + nclosed >= opt_conns) {
+            printf("done %d failed %d\n", ndone, nfailed + nclosed);
+            fflush(stdout);
+            nready_printed = 1;
+            done = 1;
+        }
+        return;
+    }
     if (ntodo == 0 && inflight == 0 && nopen + nfailed + nclosed >= opt_conns) {
         printf("ready %d failed %d\n", nopen, nfailed + nclosed);
         fflush(stdout);
@@ -406,6 +501,13 @@ static void force_ready(void) {
     if (nready_printed) return;
     fprintf(stderr, "wsclient%s%s: connect phase timed out: %d subscribed, %d in flight, %d to go\n",
             *opt_label ? " " : "", opt_label, nopen, inflight, ntodo);
+    if (opt_catchup) {
+        printf("done %d failed %d\n", ndone, opt_conns - ndone);
+        fflush(stdout);
+        nready_printed = 1;
+        done = 1;
+        return;
+    }
     printf("ready %d failed %d\n", nopen, opt_conns - nopen);
     fflush(stdout);
     nready_printed = 1;
@@ -454,9 +556,42 @@ static void record_latency(const uint8_t *p, size_t n, int64_t now_ns) {
 
 static int err_frames_shown;
 
+/* --catchup: check the id order, and once N messages came, time it and close. */
+static void catchup_message(int idx, const uint8_t *p, size_t n) {
+    conn_t *c = &conns[idx];
+    const uint8_t *q = memmem(p, n, "\"id\":\"", 6);
+    uint64_t ms = 0, seq = 0;
+    int ok = q != NULL;
+    if (ok) {
+        const uint8_t *end = p + n;
+        int dm = 0, ds = 0;
+        for (q += 6; q < end && *q >= '0' && *q <= '9' && dm < 20; q++, dm++)
+            ms = ms * 10 + (uint64_t)(*q - '0');
+        if (q < end && *q == '-')
+            for (q++; q < end && *q >= '0' && *q <= '9' && ds < 10; q++, ds++)
+                seq = seq * 10 + (uint64_t)(*q - '0');
+        ok = dm && ds && q < end && *q == '"';
+    }
+    if (!ok) {
+        cu_bad_id++;
+    } else {
+        if (c->cu_count && (ms < c->last_ms || (ms == c->last_ms && seq <= c->last_seq)))
+            cu_disorder++;
+        c->last_ms = ms;
+        c->last_seq = (uint32_t)seq;
+    }
+    if (++c->cu_count < opt_catchup) return;
+    int64_t t = mono_ns();
+    hist_add(&cu_done, (uint64_t)(t - c->t0_ns) / 1000);
+    if (t > cu_last_ns) cu_last_ns = t;
+    static const uint8_t normal[2] = {0x03, 0xE8}; /* 1000 */
+    c->state = ST_CLOSING; /* the server answers the close and ends the connection */
+    if (send_frame(idx, 0x8, normal, 2) < 0) drop(idx, 0);
+}
+
 static void on_message(int idx, const uint8_t *p, size_t n, int64_t now_ns) {
     conn_t *c = &conns[idx];
-    if (c->state == ST_OPEN) {
+    if (c->state == ST_OPEN || c->state == ST_CLOSING) {
         if (n >= 17 && memcmp(p, "{\"type\":\"message\"", 17) == 0) {
             w.deliveries++;
             total_deliveries++;
@@ -464,7 +599,9 @@ static void on_message(int idx, const uint8_t *p, size_t n, int64_t now_ns) {
             w.bytes += n;
             if (!w.first_ns) w.first_ns = now_ns;
             w.last_ns = now_ns;
-            if (!opt_idle) record_latency(p, n, now_ns);
+            if (c->state == ST_CLOSING) cu_extra++;
+            else if (opt_catchup) catchup_message(idx, p, n);
+            else if (!opt_idle) record_latency(p, n, now_ns);
         } else {
             w.other_frames++;
         }
@@ -473,8 +610,14 @@ static void on_message(int idx, const uint8_t *p, size_t n, int64_t now_ns) {
     if (c->state == ST_WAIT_SUB) {
         if (memmem(p, n, "\"type\":\"subscribed\"", 19)) {
             c->state = ST_OPEN;
-            inflight--;
             nopen++;
+            if (opt_catchup) {
+                hist_add(&cu_sub, (uint64_t)(mono_ns() - c->t0_ns) / 1000);
+                if (memmem(p, n, "\"recovered\":true", 16)) cu_recovered++;
+                else cu_not_recovered++;
+                return; /* the slot stays taken until the catch-up is done */
+            }
+            inflight--;
             maybe_ready();
         } else if (err_frames_shown++ < 5) {
             fprintf(stderr, "wsclient: frame before subscribed: %.*s\n", (int)(n > 300 ? 300 : n),
@@ -529,6 +672,10 @@ static long parse_frames(int idx, uint8_t *p, size_t n, int64_t now_ns) {
             break;
         case 0x8: { /* close */
             int code = plen >= 2 ? (pl[0] << 8) | pl[1] : 1005;
+            if (c->state == ST_CLOSING) { /* the answer to our close */
+                drop(idx, 1);
+                return -1;
+            }
             note_close_code(code);
             uint8_t echo[2] = {(uint8_t)(code >> 8), (uint8_t)code};
             send_frame(idx, 0x8, echo, code == 1005 ? 0 : 2);
@@ -674,8 +821,6 @@ static void on_writable(int idx) {
 
 /* ---- control */
 
-static int done;
-
 static void command(char *line) {
     char *nl = strchr(line, '\n');
     if (nl) *nl = 0;
@@ -784,7 +929,9 @@ static void usage(void) {
             "  --expect N          final report after N deliveries in total [none]\n"
             "  --idle              only hold the connections (messages not parsed)\n"
             "  --control           read commands on stdin (stats, expect N IDLE_MS MAX_MS, quit)\n"
-            "  --label TEXT        put TEXT in the reports\n");
+            "  --label TEXT        put TEXT in the reports\n"
+            "  --catchup N         recovery mode: time connect -> N-th message per connection,\n"
+            "                      then close it; --inflight clients at a time\n");
 }
 
 int main(int argc, char **argv) {
@@ -794,10 +941,11 @@ int main(int argc, char **argv) {
         {"inflight", 1, 0, 'f'}, {"retries", 1, 0, 'R'},  {"connect-timeout", 1, 0, 'T'},
         {"duration", 1, 0, 'd'}, {"expect", 1, 0, 'e'},   {"idle", 0, 0, 'i'},
         {"control", 0, 0, 'C'},  {"label", 1, 0, 'l'},    {"help", 0, 0, 'h'},
+        {"catchup", 1, 0, 'N'},
         {0, 0, 0, 0}};
     int ch;
     const char *src_spec = NULL;
-    while ((ch = getopt_long(argc, argv, "H:p:u:n:s:r:f:R:T:d:e:iCl:h", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "H:p:u:n:s:r:f:R:T:d:e:iCl:hN:", longopts, NULL)) != -1) {
         switch (ch) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -813,6 +961,7 @@ int main(int argc, char **argv) {
         case 'i': opt_idle = 1; break;
         case 'C': opt_control = 1; break;
         case 'l': opt_label = optarg; break;
+        case 'N': opt_catchup = (uint32_t)strtoul(optarg, NULL, 10); break;
         default: usage(); return ch == 'h' ? 0 : 2;
         }
     }
