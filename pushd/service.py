@@ -122,6 +122,18 @@ class _Closing(Service):
         return self._close()
 
 
+BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """Twisted's listen queue of 50 drops connects when clients come back together
+    (after a restart): a `tcp:`, `ssl:` or `unix:` listener gets 1024 unless told."""
+    kind = description.split(":", 1)[0].lower()
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={BACKLOG}"
+    return description
+
+
 def make_broker(config: Config, reactor: Any) -> Broker:
     if config.redis is None:
         return MemoryBroker(reactor, config.history_size, config.history_ttl)
@@ -173,7 +185,8 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         reactor=reactor,
     )
     for description in config.listen:
-        listener = Listener(endpoints.serverFromString(reactor, description), site, description)
+        endpoint = endpoints.serverFromString(reactor, with_backlog(description))
+        listener = Listener(endpoint, site, description)
         listener.setServiceParent(service)
         service.listeners.append(listener)
     if not config.api_key:

@@ -25,6 +25,11 @@ log = Logger()
 class Outlet(Protocol):
     """What a transport does with the events of its session."""
 
+    #: True while history is replayed: a transport does not count those bytes
+    #: against its slow-consumer bound (the history bounds them), or a client
+    #: far behind could never catch up.
+    replaying: bool
+
     def subscribed(self, channel: str, recovered: bool) -> None: ...
 
     def message(self, message: Message) -> None:
@@ -79,9 +84,13 @@ class Session:
             self._subs[channel] = None
         else:
             last = parse_id(since)
-            for msg_id, data in history.messages:
-                out.message(Message(channel, msg_id, envelope(channel, msg_id, data)))
-                last = parse_id(msg_id)
+            out.replaying = True
+            try:
+                for msg_id, data in history.messages:
+                    out.message(Message(channel, msg_id, envelope(channel, msg_id, data)))
+                    last = parse_id(msg_id)
+            finally:
+                out.replaying = False
             # Pub/sub runs on another connection than the history read: messages
             # just replayed may still arrive live. Drop them until a newer one.
             self._subs[channel] = last

@@ -108,6 +108,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
     # Set while the transport's buffer is full; _backlog counts what was queued since.
     _paused = False
     _backlog = 0
+    replaying = False
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
@@ -270,7 +271,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         frame = message.frame
         if frame is None:
             frame = message.frame = self.factory.prepareMessage(message.payload)
-        if self._paused and self._queued(len(frame.payloadHybi)):
+        if self._paused and not self.replaying and self._queued(len(frame.payloadHybi)):
             return
         self.sendPreparedMessage(frame)
 

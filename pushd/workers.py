@@ -24,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from pushd.config import OPTIONS, Config, ConfigError
+from pushd.service import with_backlog
 
 log = Logger()
 
@@ -36,7 +37,7 @@ _TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'tw
 
 def open_socket(description: str) -> tuple[socket.socket, str]:
     """A listening socket for a `tcp:` or `unix:` endpoint, and its systemd domain."""
-    kind, args, kwargs = endpoints._parseServer(description, None)
+    kind, args, kwargs = endpoints._parseServer(with_backlog(description), None)
     if kind == "TCP":
         interface = kwargs.get("interface", "")
         family = socket.AF_INET6 if ":" in interface else socket.AF_INET

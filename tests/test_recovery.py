@@ -160,3 +160,20 @@ async def test_clients_joining_during_a_publish_storm_get_contiguous_sequences(
         assert got == expected
         await client.nothing_more()
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_far_behind_catches_up_past_the_send_buffer(
+    start_pushd: StartPushd,
+) -> None:
+    """Replayed history is bounded by --history-size, not --max-send-buffer: a
+    client 3,000 messages (600 KB) behind is not taken for a slow consumer."""
+    pushd = await start_pushd(history_size=3000, max_send_buffer=65536)
+    payload = b'{"pad":"' + b"x" * 200 + b'"}'
+    ids = [(await pushd.service.broker.publish("far", payload)).id for _ in range(3000)]
+    client = await pushd.connect(f"?channel=far&since={ids[0]}")
+    assert (await client.next_of("subscribed"))["recovered"] is True
+    got = [(await client.next_of("message"))["id"] for _ in ids[1:]]
+    assert got == ids[1:]
+    await client.nothing_more()
+    await client.close()

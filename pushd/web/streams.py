@@ -92,12 +92,14 @@ class _Stream:
         "_paused",
         "_request",
         "_sse",
+        "replaying",
         "session",
     )
 
     def __init__(self, request: Request, sse: bool, limit: int, multi: bool, on_slow: Any) -> None:
         self._request = request
         self._on_slow = on_slow
+        self.replaying = False
         self._sse = sse
         self._limit = limit
         self._paused = False
@@ -130,7 +132,7 @@ class _Stream:
     def _write(self, data: bytes) -> None:
         if self._request.finished or self._request._disconnected:
             return
-        if self._paused:
+        if self._paused and not self.replaying:
             self._backlog += len(data)
             if self._backlog > self._limit:
                 log.info("dropping a slow stream consumer")
