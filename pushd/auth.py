@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from ipaddress import ip_address
 from typing import Any
 
 import jwt
@@ -220,3 +221,27 @@ class Gate:
         """An admitted client has gone."""
         self.connections.release(address)
         self._metrics.connections.labels(transport).dec()
+
+
+def client_host(peer: Any, forwarded_for: str | None, trusted_proxies: int) -> str:
+    """The client's address: the connection's peer, or, behind `trusted_proxies`
+    proxies that each append to X-Forwarded-For, the address the farthest of
+    them saw (what a client writes into the header itself is never believed).
+    A unix socket's peer is "local"."""
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str):
+        host = "local"
+    if trusted_proxies and forwarded_for:
+        hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+        if hops:
+            host = hops[-min(trusted_proxies, len(hops))]
+    return host
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "local":
+        return True
+    try:
+        return ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False

@@ -77,6 +77,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -252,6 +262,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATTERN",
     ),
     Option(
+        "trusted-proxies",
+        _non_negative_int,
+        0,
+        "proxies in front of pushd that append to X-Forwarded-For (nginx: 1)",
+        metavar="N",
+    ),
+    Option(
         "max-connections-per-ip",
         _positive_int,
         1000,
@@ -340,6 +357,7 @@ class Config:
     auth_url: str | None = None
     auth_timeout: float = 5.0
     allowed_origin: tuple[str, ...] = ()
+    trusted_proxies: int = 0
     max_connections_per_ip: int = 1000
     max_subscriptions: int = 100
     publish_rate: float = 10.0

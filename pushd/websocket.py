@@ -34,7 +34,7 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, token_from
+from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, client_host, token_from
 from pushd.broker import Broker, BrokerUnavailable
 from pushd.config import Config
 from pushd.hub import Hub
@@ -112,7 +112,11 @@ class PushdServerProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
-        address = peer_address(self.transport.getPeer())  # type: ignore[union-attr, misc]
+        address = client_host(
+            self.transport.getPeer(),  # type: ignore[union-attr, misc]
+            request.headers.get("x-forwarded-for"),
+            factory.trusted_proxies,
+        )
         channels = request.params.get("channel", [])
         since = request.params.get("since", [None])[-1]
         self._initial = [{"channel": c, "since": since} for c in channels]
@@ -308,11 +312,6 @@ class PushdServerProtocol(WebSocketServerProtocol):
         return True
 
 
-def peer_address(peer: Any) -> str:
-    host = getattr(peer, "host", None)
-    return host if isinstance(host, str) else "local"
-
-
 class PushdServerFactory(WebSocketServerFactory):
     protocol = PushdServerProtocol  # type: ignore[assignment]
 
@@ -330,6 +329,7 @@ class PushdServerFactory(WebSocketServerFactory):
         self.hub = hub
         self.broker = broker
         self.gate = gate
+        self.trusted_proxies = config.trusted_proxies
         self.max_subscriptions = config.max_subscriptions
         self.max_message_size = config.max_message_size
         self.max_send_buffer = config.max_send_buffer

@@ -242,3 +242,24 @@ async def test_auth_url_asks_the_application(start_pushd: StartPushd, backend: A
     client.send({"type": "publish", "channel": "news", "data": "from alice"})
     assert (await client.next_of("message"))["data"] == "from alice"
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_behind_a_trusted_proxy_the_forwarded_address_counts(start_pushd: StartPushd) -> None:
+    pushd = await start_pushd(trusted_proxies=1, max_connections_per_ip=1)
+    # A producer the proxy saw at a public address is not on loopback.
+    far = {"x-forwarded-for": ["198.51.100.1, 203.0.113.9"]}
+    response = await pushd.post("news", "x", headers=far)
+    assert (response.code, (await response.json())["error"]) == (403, "forbidden")
+    near = {"x-forwarded-for": ["203.0.113.9, 127.0.0.1"]}
+    assert (await pushd.post("news", "x", headers=near)).code == 200
+    # Limits count each forwarded address on its own.
+    xff = "X-Forwarded-For: {}\r\n"
+    assert await handshake_status(pushd, "", xff.format("203.0.113.1")) == 101
+    assert await handshake_status(pushd, "", xff.format("203.0.113.2")) == 101
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_trusted_proxies_the_header_is_ignored(pushd: PushdUnderTest) -> None:
+    spoofed = {"x-forwarded-for": ["203.0.113.9"]}
+    assert (await pushd.post("news", "x", headers=spoofed)).code == 200

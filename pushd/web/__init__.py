@@ -167,7 +167,9 @@ def make_site(
     reactor: Any,
 ) -> Site:
     root = Root()
-    producing = Producing(broker, ProducerAuth(config.api_key), metrics, config)
+    producing = Producing(
+        broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config
+    )
     children: dict[bytes, Any] = {
         b"ws": WebSocketEndpoint(ws_factory),
         b"sse": StreamResource(hub, broker, gate, config, reactor, metrics, sse=True),

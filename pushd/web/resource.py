@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Coroutine
-from ipaddress import ip_address
 from typing import Any
 
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from pushd.auth import client_host, is_loopback_host
 from pushd.message import dump_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
@@ -27,23 +26,27 @@ from pushd.web.errors import ApiError
 log = Logger()
 
 
-def is_loopback(request: Request) -> bool:
-    peer = request.getClientAddress()
-    if isinstance(peer, IPv4Address | IPv6Address):
-        return ip_address(peer.host.split("%", 1)[0]).is_loopback
-    # Unix sockets: whoever may open the socket is local.
-    return True
+def request_host(request: Request, trusted_proxies: int) -> str:
+    """The client's address of a request (see pushd.auth.client_host)."""
+    forwarded = request.getHeader(b"x-forwarded-for")
+    return client_host(
+        request.getClientAddress(),
+        forwarded.decode("latin-1") if forwarded else None,
+        trusted_proxies,
+    )
 
 
 class ProducerAuth:
-    """API keys, compared in constant time; none configured means loopback only."""
+    """API keys, compared in constant time; none configured means loopback only
+    (unix sockets count as loopback: whoever may open the socket is local)."""
 
-    def __init__(self, keys: tuple[str, ...]) -> None:
+    def __init__(self, keys: tuple[str, ...], trusted_proxies: int = 0) -> None:
         self._keys = [k.encode() for k in keys]
+        self.trusted_proxies = trusted_proxies
 
     def check(self, request: Request) -> None:
         if not self._keys:
-            if not is_loopback(request):
+            if not is_loopback_host(request_host(request, self.trusted_proxies)):
                 raise ApiError(*errors.LOOPBACK_ONLY)
             return
         header = request.getHeader(b"authorization") or b""

@@ -45,6 +45,7 @@ from pushd.message import Message, dump_json, is_channel, parse_id
 from pushd.session import Session
 from pushd.web import errors
 from pushd.web.errors import ApiError, write_error
+from pushd.web.resource import request_host
 
 log = Logger()
 
@@ -185,6 +186,7 @@ class StreamResource(Resource):
         super().__init__()
         self._metrics = metrics
         self._transport = "sse" if sse else "stream"
+        self._trusted_proxies = config.trusted_proxies
         self._hub = hub
         self._broker = broker
         self._gate = gate
@@ -228,7 +230,7 @@ class StreamResource(Resource):
             k.decode("latin-1").lower(): b",".join(v).decode("latin-1")
             for k, v in request.requestHeaders.getAllRawHeaders()
         }
-        address = _address(request)
+        address = request_host(request, self._trusted_proxies)
         d = self._gate.admit(
             address=address,
             token=token,
@@ -333,8 +335,3 @@ def _header(request: Request, name: bytes) -> str | None:
 def _last(args: dict[bytes, list[bytes]], name: bytes) -> str | None:
     values = args.get(name)
     return values[-1].decode("utf-8", "replace") if values else None
-
-
-def _address(request: Request) -> str:
-    host = getattr(request.getClientAddress(), "host", None)
-    return host if isinstance(host, str) else "local"
