@@ -10,7 +10,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer
 
-from tests.support import Node, RedisServer, wait_for
+from tests.support import SECRET, Node, RedisServer, token, wait_for
 
 
 @pytest_twisted.async_yield_fixture
@@ -111,3 +111,33 @@ async def test_an_idempotency_key_holds_across_nodes(cluster) -> None:  # type: 
     assert answers[0] == answers[1] == answers[2]
     response = await treq.get(f"{b.url}/channels/orders/history", persistent=False)
     assert len((await response.json())["messages"]) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_publish_reaches_every_node_and_the_history(
+    redis_server: RedisServer, tmp_path: Path, prefix: str
+) -> None:
+    options = (
+        "--redis", f"redis://127.0.0.1:{redis_server.port}", "--redis-prefix", prefix,
+        "--token-secret", SECRET,
+    )  # fmt: skip
+    a, b = Node(tmp_path, *options), Node(tmp_path, *options)
+    for node in (a, b):
+        node.start()
+    try:
+        for node in (a, b):
+            await node.ready()
+        writer = await a.connect(f"?channel=chat&token={token('w', ['chat'], ['chat'])}")
+        reader = await b.connect(f"?channel=chat&token={token('r', ['chat'])}")
+        for client in (writer, reader):
+            await client.next_of("subscribed")
+        writer.send({"type": "publish", "channel": "chat", "data": "hi all"})
+        mine, theirs = await writer.next_of("message"), await reader.next_of("message")
+        assert mine == theirs and mine["data"] == "hi all"
+        response = await treq.get(f"{b.url}/channels/chat/history", persistent=False)
+        assert [m["id"] for m in (await response.json())["messages"]] == [mine["id"]]
+        await writer.close()
+        await reader.close()
+    finally:
+        a.stop()
+        b.stop()
