@@ -133,6 +133,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         return d.addCallbacks(self._admitted, self._refused, callbackArgs=(address,))
 
     def _admitted(self, grants: Grants, address: str) -> None:
+        log.info("websocket client {peer} admitted (user {sub})", peer=address, sub=grants.sub)
         self._address = address
         self.grants = grants
         if grants.expires is not None:
@@ -142,6 +143,12 @@ class PushdServerProtocol(WebSocketServerProtocol):
     def _refused(self, failure: Any) -> None:
         error = failure.value
         if isinstance(error, AuthError):
+            log.info(
+                "websocket client {peer} refused: {code}",
+                peer=self.peer,
+                code=error.code,
+                status=error.status,
+            )
             raise ConnectionDeny(error.status, error.message)
         log.failure("admitting a WebSocket client failed", failure)
         raise ConnectionDeny(500, "internal error")
@@ -192,6 +199,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         if session is not None:
             session.close()
         if self._address is not None:
+            log.info("websocket client {peer} gone ({code})", peer=self._address, code=code)
             self.factory.gate.release(self._address, "websocket")
             self._address = None
         if self._expiry is not None and self._expiry.active():
@@ -306,7 +314,7 @@ class PushdServerProtocol(WebSocketServerProtocol):
         if self._backlog <= self.factory.max_send_buffer:
             return False
         self.factory.metrics.slow_consumers.labels("websocket").inc()
-        log.info("dropping a slow consumer: {peer}", peer=self.peer)
+        log.info("dropping a slow consumer: {peer}", peer=self.peer, transport="websocket")
         self.session.close()
         self.sendClose(4008, "slow consumer")
         return True

@@ -279,9 +279,16 @@ TWISTD = str(Path(sys.executable).parent / "twistd")
 class Node:
     """`twistd -n pushd` in a process of its own, as operators run it."""
 
-    def __init__(self, directory: Path, *options: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *options: str,
+        env: dict[str, str] | None = None,
+        twistd: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
         self.options = options
+        self.twistd = twistd
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -293,6 +300,7 @@ class Node:
                 TWISTD,
                 "-n",
                 "--pidfile=",
+                *self.twistd,
                 "pushd",
                 "--listen",
                 f"tcp:{self.port}:interface=127.0.0.1",

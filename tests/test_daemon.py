@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -74,3 +75,20 @@ async def test_twistd_serves_on_the_memory_broker(memory_daemon: Node) -> None:
 @pytest_twisted.ensureDeferred
 async def test_twistd_serves_on_redis(redis_daemon: Node) -> None:
     await _serves(redis_daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_log_lines(tmp_path: Path) -> None:
+    """`twistd --logger=pushd.logs.json_lines`: every line is one JSON event."""
+    node = Node(tmp_path, twistd=("--logger=pushd.logs.json_lines",))
+    node.start()
+    try:
+        await node.ready()
+        client = await node.connect("?channel=logged")
+        await client.next_of("subscribed")
+        await client.close()
+    finally:
+        node.kill(signal.SIGTERM)
+    events = [json.loads(line) for line in node.output().splitlines()]
+    admitted = [e for e in events if e.get("log_format", "").startswith("websocket client")]
+    assert admitted and admitted[0]["peer"] == "127.0.0.1"

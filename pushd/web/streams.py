@@ -261,6 +261,7 @@ class StreamResource(Resource):
     def _refused(self, failure: Any, request: Request) -> None:
         error = failure.value
         if isinstance(error, AuthError):
+            log.info("stream client refused: {code}", code=error.code, status=error.status)
             write_error(request, error.status, error.code, error.message)
         else:
             log.failure("opening a stream failed", failure)
@@ -298,7 +299,10 @@ class StreamResource(Resource):
             self._keepalive.start(self._keepalive_every, now=False)
         request.write(b": ok\n\n" if self._sse else b"")
 
+        log.info("{transport} client {peer} admitted", transport=self._transport, peer=address)
+
         def gone(_: object) -> None:
+            log.info("{transport} client {peer} gone", transport=self._transport, peer=address)
             stream.close()
             self._streams.discard(stream)
             self._gate.release(address, self._transport)
