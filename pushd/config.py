@@ -67,6 +67,13 @@ def parse_redis_url(url: str) -> RedisAddress:
     raise ValueError("expected redis://host[:port][/db] or unix:///path.sock[?db=N]")
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -177,6 +184,15 @@ OPTIONS: tuple[Option, ...] = (
         "absent: the in-process memory broker",
         metavar="URL",
     ),
+    Option(
+        "redis-sentinel",
+        _host_port,
+        (),
+        "a Redis Sentinel, repeatable, with --redis-master; --redis then only gives db, password",
+        repeatable=True,
+        metavar="HOST:PORT",
+    ),
+    Option("redis-master", _non_empty, None, "the master's name at the Sentinels", metavar="NAME"),
     Option("redis-prefix", _non_empty, "pushd:", "prefix of every Redis key and pub/sub channel"),
     Option("redis-pool-size", _positive_int, 10, "command connections to Redis", metavar="N"),
     Option(
@@ -341,6 +357,8 @@ BY_KEY = {o.key: o for o in OPTIONS}
 class Config:
     listen: tuple[str, ...] = BY_KEY["listen"].default
     redis: RedisAddress | None = None
+    redis_sentinel: tuple[tuple[str, int], ...] = ()
+    redis_master: str | None = None
     redis_prefix: str = "pushd:"
     redis_pool_size: int = 10
     redis_timeout: float = 5.0
@@ -369,6 +387,17 @@ class Config:
     shutdown_timeout: float = 10.0
     workers: int = 1
     access_log: bool = False
+
+    @property
+    def uses_redis(self) -> bool:
+        return self.redis is not None or bool(self.redis_sentinel)
+
+    def redis_description(self) -> str:
+        if self.redis_sentinel:
+            sentinels = ",".join(f"{h}:{p}" for h, p in self.redis_sentinel)
+            return f"the master {self.redis_master!r} of the Sentinels {sentinels}"
+        return self.redis.endpoint() if self.redis is not None else "none"
+
     #: The values as they were given, per option: what a worker process is handed.
     given: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
@@ -429,6 +458,9 @@ def load(
                 raise ConfigError(f"--{option.name} {item!r} ({where}): {e}") from None
         values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
         given[option.key] = tuple(raw)
-    if values.get("workers", 1) > 1 and values.get("redis") is None:
+    config = Config(**values, given=given)
+    if bool(config.redis_sentinel) != (config.redis_master is not None):
+        raise ConfigError("--redis-sentinel and --redis-master go together")
+    if config.workers > 1 and not config.uses_redis:
         raise ConfigError("--workers: more than one worker needs --redis to coordinate through")
-    return Config(**values, given=given)
+    return config

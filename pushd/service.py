@@ -21,7 +21,7 @@ from pushd.auth import Authenticator, Gate, OriginPolicy, TokenVerifier
 from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
 from pushd.broker.memory import MemoryBroker
-from pushd.config import Config
+from pushd.config import Config, RedisAddress
 from pushd.hub import Hub
 from pushd.limits import ConnectionCounter
 from pushd.metrics import Metrics
@@ -135,13 +135,14 @@ def with_backlog(description: str) -> str:
 
 
 def make_broker(config: Config, reactor: Any) -> Broker:
-    if config.redis is None:
+    if not config.uses_redis:
         return MemoryBroker(reactor, config.history_size, config.history_ttl)
     from pushd.broker.redis import RedisBroker
 
     return RedisBroker(
         reactor,
-        config.redis,
+        config.redis or RedisAddress(),
+        sentinel=(config.redis_sentinel, config.redis_master) if config.redis_sentinel else None,
         prefix=config.redis_prefix,
         pool_size=config.redis_pool_size,
         timeout=config.redis_timeout,
@@ -193,6 +194,6 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         log.warn("no --api-key: the producer API answers loopback clients only")
     log.info(
         "pushd broker: {broker}",
-        broker="memory (one process)" if config.redis is None else config.redis.endpoint(),
+        broker=config.redis_description() if config.uses_redis else "memory (one process)",
     )
     return service

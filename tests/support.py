@@ -38,9 +38,12 @@ def free_port() -> int:
 class RedisServer:
     """A real redis-server on a loopback port, started and stopped by the tests."""
 
-    def __init__(self, port: int, directory: Path, *, durable: bool = False) -> None:
+    def __init__(
+        self, port: int, directory: Path, *, durable: bool = False, replica_of: int | None = None
+    ) -> None:
         self.port = port
         self.directory = directory
+        self.replica_of = replica_of
         # Durable: every acknowledged write is on disk before the reply (AOF, fsync always).
         self.durable = durable
         self.process: subprocess.Popen[bytes] | None = None
@@ -63,6 +66,7 @@ class RedisServer:
                     if self.durable
                     else ("--appendonly", "no")
                 ),
+                *(("--replicaof", "127.0.0.1", str(self.replica_of)) if self.replica_of else ()),
                 "--dir",
                 str(self.directory),
             ],

@@ -193,8 +193,11 @@ class RedisBroker(Broker):
         timeout: float = 5.0,
         history_size: int = 100,
         history_ttl: int = 3600,
+        sentinel: tuple[tuple[tuple[str, int], ...], str | None] | None = None,
     ) -> None:
         super().__init__()
+        self._sentinel_config = sentinel
+        self._sentinel: Any = None
         self.listener: Listener | None = None
         self.node = uuid.uuid4().hex[:16]
         self._reactor = reactor
@@ -235,23 +238,36 @@ class RedisBroker(Broker):
     def startService(self) -> None:
         super().startService()
         a = self._address
-        self._pool_factory = txredisapi.RedisFactory(
-            None,
-            a.db,
-            self._pool_size,
-            isLazy=True,
-            password=a.password,
-            username=a.username,
-            replyTimeout=self._timeout or None,
-            convertNumbers=False,
-        )
-        self._pool_factory.startConnecting(self._endpoint())
-        self._pool_factory.deferred.addCallback(self._check_ready)
-        self._pool = self._pool_factory.handler
+        options = {
+            "isLazy": True,
+            "password": a.password,
+            "username": a.username,
+            "replyTimeout": self._timeout or None,
+            "convertNumbers": False,
+        }
         self._sub_factory = _SubscriberFactory(self)
         self._sub_factory.password = a.password
         self._sub_factory.username = a.username
-        self._sub_factory.startConnecting(self._endpoint())
+        if self._sentinel_config is not None:
+            sentinels, master = self._sentinel_config
+            self._sentinel = txredisapi.Sentinel(list(sentinels))
+            self._pool = self._sentinel.master_for(
+                master, dbid=a.db, poolsize=self._pool_size, **options
+            )
+            self._pool_factory = self._pool._factory
+            # txredisapi has no Sentinel subscriber: give ours what its
+            # Sentinel endpoint asks of a factory (it looks the master up
+            # before every connection attempt).
+            self._sub_factory.sentinel_manager = self._sentinel
+            self._sub_factory.service_name = master
+            self._sub_factory.is_master = True
+            self._sub_factory.startConnecting(txredisapi._SentinelEndpoint(self._sub_factory))
+        else:
+            self._pool_factory = txredisapi.RedisFactory(None, a.db, self._pool_size, **options)
+            self._pool_factory.startConnecting(self._endpoint())
+            self._pool = self._pool_factory.handler
+            self._sub_factory.startConnecting(self._endpoint())
+        self._pool_factory.deferred.addCallback(self._check_ready)
         self._reporter.start(COUNTS_REFRESH, now=False)
 
     async def _stop(self) -> None:
@@ -265,6 +281,8 @@ class RedisBroker(Broker):
             [self._pool_factory.disconnect(), self._sub_factory.disconnect()],
             consumeErrors=True,
         )
+        if self._sentinel is not None:
+            await self._sentinel.disconnect()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

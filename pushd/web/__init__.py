@@ -177,7 +177,7 @@ def make_site(
         b"channels": ChannelsResource(producing),
         b"publish": PublishResource(producing),
         b"push": PushResource(producing),
-        b"health": HealthResource(broker, "memory" if config.redis is None else "redis"),
+        b"health": HealthResource(broker, "redis" if config.uses_redis else "memory"),
         b"metrics": MetricsResource(metrics, producing.auth),
     }
     for name, child in children.items():
