@@ -74,34 +74,22 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("must be a whole number") from None
-    if value < 1:
-        raise ValueError("must be 1 or more")
-    return value
+def _at_least(convert: Callable[[str], Any], minimum: int, what: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError(f"must be {what}") from None
+        if value < minimum:
+            raise ValueError(f"must be {minimum} or more")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError("must be a whole number") from None
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("must be a number") from None
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
+_positive_int = _at_least(int, 1, "a whole number")
+_non_negative_int = _at_least(int, 0, "a whole number")
+_non_negative_float = _at_least(float, 0, "a number")
 
 
 def _endpoint(text: str) -> str:

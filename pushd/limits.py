@@ -1,4 +1,5 @@
-"""Bounds on what one client may take: connections per address, publish rate."""
+"""Bounds on what one client may take: connections per address, publish rate,
+bytes waiting to be sent."""
 
 from __future__ import annotations
 
@@ -53,3 +54,30 @@ class ConnectionCounter:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+
+class SendBound:
+    """The slow-consumer bound, as the transport's IPushProducer: Twisted pauses
+    it once its own buffer is full; from then on the bytes queued for the
+    client are counted, and `over` says when they pass the bound. History
+    being replayed (`replaying`) is not counted: --history-size bounds it."""
+
+    __slots__ = ("_backlog", "_paused", "replaying")
+    _backlog: int
+    _paused: bool
+    replaying: bool
+
+    def pauseProducing(self) -> None:
+        # Twisted calls this on every write while the buffer is over its mark.
+        if not self._paused:
+            self._paused = True
+            self._backlog = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+
+    def over(self, size: int, limit: int) -> bool:
+        if not self._paused or self.replaying:
+            return False
+        self._backlog += size
+        return self._backlog > limit

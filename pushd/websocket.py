@@ -38,7 +38,7 @@ from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, client_host, token_fr
 from pushd.broker import Broker, BrokerUnavailable
 from pushd.config import Config
 from pushd.hub import Hub
-from pushd.limits import TokenBucket
+from pushd.limits import SendBound, TokenBucket
 from pushd.message import Message, data_json, dump_json, is_channel, load_json, parse_id
 from pushd.session import AlreadySubscribed, Session
 
@@ -95,7 +95,7 @@ def _since_of(msg: dict[str, Any], channel: str) -> str | None:
     return since
 
 
-class PushdServerProtocol(WebSocketServerProtocol):
+class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[misc]
     factory: PushdServerFactory
     session: Session
     grants: Grants = ANONYMOUS
@@ -283,41 +283,29 @@ class PushdServerProtocol(WebSocketServerProtocol):
         frame = message.frame
         if frame is None:
             frame = message.frame = self.factory.prepareMessage(message.payload)
-        if self._paused and not self.replaying and self._queued(len(frame.payloadHybi)):
+        if self.over(len(frame.payloadHybi), self.factory.max_send_buffer):
+            self._slow_consumer()
             return
         self.sendPreparedMessage(frame)
 
     def _reply(self, payload: bytes) -> None:
         if self.state != self.STATE_OPEN:
             return
-        if self._paused and self._queued(len(payload) + 10):
+        if self.over(len(payload) + 10, self.factory.max_send_buffer):
+            self._slow_consumer()
             return
         self.sendMessage(payload)
 
-    # -- backpressure: IPushProducer for the transport
-
-    def pauseProducing(self) -> None:
-        # Twisted calls this on every write while the buffer is over its mark.
-        if not self._paused:
-            self._paused = True
-            self._backlog = 0
-
-    def resumeProducing(self) -> None:
-        self._paused = False
+    # -- the transport's producer (SendBound)
 
     def stopProducing(self) -> None:
         pass
 
-    def _queued(self, size: int) -> bool:
-        """Count bytes queued for a client that does not read; True once it is dropped."""
-        self._backlog += size
-        if self._backlog <= self.factory.max_send_buffer:
-            return False
+    def _slow_consumer(self) -> None:
         self.factory.metrics.slow_consumers.labels("websocket").inc()
         log.info("dropping a slow consumer: {peer}", peer=self.peer, transport="websocket")
         self.session.close()
         self.sendClose(4008, "slow consumer")
-        return True
 
 
 class PushdServerFactory(WebSocketServerFactory):

@@ -41,6 +41,7 @@ from zope.interface import implementer
 from pushd.auth import AuthError, Gate, Grants, token_from
 from pushd.broker import Broker
 from pushd.hub import Hub
+from pushd.limits import SendBound
 from pushd.message import Message, dump_json, is_channel, parse_id
 from pushd.session import Session
 from pushd.web import errors
@@ -82,20 +83,10 @@ def decode_cursor(value: str, channels: list[str]) -> dict[str, str]:
 
 
 @implementer(IPushProducer)
-class _Stream:
+class _Stream(SendBound):
     """One open stream: the Session's outlet, the transport's producer."""
 
-    __slots__ = (
-        "_backlog",
-        "_last",
-        "_limit",
-        "_on_slow",
-        "_paused",
-        "_request",
-        "_sse",
-        "replaying",
-        "session",
-    )
+    __slots__ = ("_last", "_limit", "_on_slow", "_request", "_sse", "session")
 
     def __init__(self, request: Request, sse: bool, limit: int, multi: bool, on_slow: Any) -> None:
         self._request = request
@@ -133,16 +124,14 @@ class _Stream:
     def _write(self, data: bytes) -> None:
         if self._request.finished or self._request._disconnected:
             return
-        if self._paused and not self.replaying:
-            self._backlog += len(data)
-            if self._backlog > self._limit:
-                log.info("dropping a slow stream consumer")
-                self._on_slow()
-                self.close()
-                transport = self._request.channel.transport
-                if transport is not None:
-                    transport.abortConnection()
-                return
+        if self.over(len(data), self._limit):
+            log.info("dropping a slow stream consumer")
+            self._on_slow()
+            self.close()
+            transport = self._request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
+            return
         self._request.write(data)
 
     def close(self) -> None:
@@ -153,16 +142,6 @@ class _Stream:
     def end(self) -> None:
         self.close()
         _end(self._request)
-
-    # -- IPushProducer
-
-    def pauseProducing(self) -> None:
-        if not self._paused:
-            self._paused = True
-            self._backlog = 0
-
-    def resumeProducing(self) -> None:
-        self._paused = False
 
     def stopProducing(self) -> None:
         self.close()
