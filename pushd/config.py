@@ -331,6 +331,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N|auto",
     ),
     Option(
+        "demo",
+        _switch,
+        None,
+        "on: the demo page at / (default: on with the memory broker, off with Redis)",
+        metavar="on|off",
+    ),
+    Option(
         "access-log",
         _switch,
         False,
@@ -374,6 +381,7 @@ class Config:
     max_header_size: int = 16384
     shutdown_timeout: float = 10.0
     workers: int = 1
+    demo: bool | None = None
     access_log: bool = False
 
     @property

@@ -7,6 +7,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -56,8 +57,8 @@ def redis_daemon(tmp_path: Path, redis_server: RedisServer) -> Iterator[Node]:
 
 async def _serves(node: Node) -> None:
     await node.ready()
-    response = await treq.get(f"{node.url}/", persistent=False)
-    assert (await response.json())["service"] == "pushd"
+    response = await treq.get(f"{node.url}/health", persistent=False)
+    assert (await response.json())["status"] == "ok"
     client = await node.connect("?channel=hello")
     await client.next_of("subscribed")
     msg_id = await node.publish("hello", "world")
@@ -92,3 +93,19 @@ async def test_json_log_lines(tmp_path: Path) -> None:
     events = [json.loads(line) for line in node.output().splitlines()]
     admitted = [e for e in events if e.get("log_format", "").startswith("websocket client")]
     assert admitted and admitted[0]["peer"] == "127.0.0.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_demo_page_and_the_client_are_served(start_pushd: Any) -> None:
+    pushd = await start_pushd()
+    page = await treq.get(f"{pushd.url}/", persistent=False)
+    client = await treq.get(f"{pushd.url}/pushd.js", persistent=False)
+    assert client.code == 200
+    assert client.headers.getRawHeaders("content-type")[0].startswith("text/javascript")
+    assert b"export" in await client.content()
+    if pushd.cfg.redis is None:  # on by default with the memory broker only
+        assert page.headers.getRawHeaders("content-type")[0].startswith("text/html")
+    else:
+        assert (await page.json())["service"] == "pushd"
+    quiet = await start_pushd(demo=False)
+    assert (await (await treq.get(f"{quiet.url}/", persistent=False)).json())["service"] == "pushd"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from importlib.resources import files
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -72,14 +74,47 @@ class QuietSite(Site):
 
 
 class Root(Resource):
+    """`/`: the demo page when it is on, else what this server is, as JSON."""
+
+    def __init__(self, demo: bool) -> None:
+        super().__init__()
+        self._demo = demo
+
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"" and not request.postpath:
             return self
         return NotFound()
 
     def render_GET(self, request: Request) -> bytes:
+        if self._demo:
+            return static_file(request, "index.html", b"text/html; charset=utf-8")
         request.setHeader(b"content-type", b"application/json")
         return dump_json({"service": "pushd", "version": __version__})
+
+
+class StaticFile(Resource):
+    """A file shipped in pushd/static, read once."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes) -> None:
+        super().__init__()
+        self._name = name
+        self._content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        return static_file(request, self._name, self._content_type)
+
+
+def static_file(request: Request, name: str, content_type: bytes) -> bytes:
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-cache")
+    return _static(name)
+
+
+@lru_cache(maxsize=8)
+def _static(name: str) -> bytes:
+    return (files("pushd") / "static" / name).read_bytes()
 
 
 class PushdChannel(HTTPChannel):
@@ -166,7 +201,7 @@ def make_site(
     metrics: Metrics,
     reactor: Any,
 ) -> Site:
-    root = Root()
+    root = Root(config.demo if config.demo is not None else not config.uses_redis)
     producing = Producing(
         broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config
     )
@@ -179,6 +214,7 @@ def make_site(
         b"push": PushResource(producing),
         b"health": HealthResource(broker, "redis" if config.uses_redis else "memory"),
         b"metrics": MetricsResource(metrics, producing.auth),
+        b"pushd.js": StaticFile("pushd.js", b"text/javascript; charset=utf-8"),
     }
     for name, child in children.items():
         root.putChild(name, child)

@@ -1,0 +1,2 @@
+// pushd.js — placeholder, replaced by the browser client.
+export default {};
