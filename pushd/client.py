@@ -1,0 +1,581 @@
+"""A Python client of pushd, on Twisted: publish over HTTP, subscribe over WebSocket.
+
+    from pushd.client import Publisher, Subscriber
+
+    publisher = Publisher("http://127.0.0.1:8080", api_key="k")
+    msg_id = await publisher.publish("news", {"headline": "pushd is up"})
+    await publisher.close()
+
+    async with Subscriber("http://127.0.0.1:8080", ["news"]) as subscriber:
+        async for envelope in subscriber:  # {"type": "message", "channel", "id", "data"}
+            print(envelope["data"])
+
+`Publisher` retries a publish that got 503 (Redis unavailable) or lost its
+connection, with exponential backoff and jitter, always under one
+`Idempotency-Key`, so a retry never publishes twice. Other refusals raise
+`PushdError(status, code, message)` with the server's JSON error.
+
+`Subscriber` keeps the last id of every channel; when the connection is lost
+(pushd restarted, 1001 going away, 4008 slow consumer, a network error) it
+connects again after a jittered exponential backoff and resubscribes with
+`since`, so no retained message is missed, and drops any message it already
+delivered. It stops for good on close code 4003 (disconnected by the
+application), on a handshake the server refuses (401, 403, 404, 400: a new
+attempt would fare no better) and on 4001 (token expired) unless `token` is a
+callable, which is then asked for a fresh token before every connection.
+
+Everything runs on the Twisted reactor: await these coroutines from
+`Deferred.fromCoroutine`, `twisted.internet.task.react` or pytest-twisted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, cast
+from urllib.parse import urlencode
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from treq.client import HTTPClient
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IAgent
+
+from pushd import __version__
+from pushd.check import Target
+from pushd.message import is_channel, parse_id
+
+__all__ = ["Publisher", "PushdError", "Subscriber"]
+
+log = Logger()
+
+USER_AGENT = f"pushd-client/{__version__}"
+
+#: Failures of the connection (not answers of the server): a publish retries them.
+_CONNECTION_ERRORS = (
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    error.TimeoutError,
+    defer.TimeoutError,
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+)
+
+#: Handshake refusals a new attempt would not change: the Subscriber gives up.
+_FATAL_HANDSHAKE = {400, 401, 403, 404, 405, 426}
+
+Headers = dict[bytes | str, list[bytes | str]]
+
+
+class PushdError(Exception):
+    """pushd refused a request: the HTTP status and the JSON error's code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: between half and all of min(cap, base * 2**attempt)."""
+    delay = min(cap, base * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+async def _error_of(response: Any) -> PushdError:
+    text = (await response.content()).decode("utf-8", "replace").strip()
+    try:
+        body = json.loads(text)
+        return PushdError(response.code, str(body["error"]), str(body["message"]))
+    except (ValueError, TypeError, KeyError):
+        phrase = response.phrase.decode("latin-1", "replace")
+        return PushdError(response.code, "http_error", " ".join(text.split())[:200] or phrase)
+
+
+class Publisher:
+    """Publishes through pushd's producer API (`POST /channels/{channel}`, `POST /publish`).
+
+    `retries` is how many times a publish is tried again after a 503 or a lost
+    connection, waiting `backoff` seconds (doubling each time, with jitter)
+    between tries; `timeout` bounds each try.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        reactor: Any = None,
+        retries: int = 5,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        timeout: float = 30.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.target = Target.parse(url)
+        self.api_key = api_key
+        self.reactor = reactor
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._http = HTTPClient(cast(IAgent, Agent(reactor, pool=self._pool)))
+
+    async def publish(self, channel: str, data: Any, *, idempotency_key: str | None = None) -> str:
+        """Publish one message; its id. A `str` is sent as text, anything else as JSON."""
+        if isinstance(data, str):
+            body, ctype = data.encode("utf-8"), "text/plain; charset=utf-8"
+        else:
+            body, ctype = json.dumps(data, separators=(",", ":")).encode(), "application/json"
+        answer = await self._post(
+            self.target.publish_url(channel), body, ctype, idempotency_key or uuid.uuid4().hex
+        )
+        try:
+            return str(answer["id"])
+        except (TypeError, KeyError):
+            raise PushdError(200, "bad_answer", f"no message id in {answer!r:.200}") from None
+
+    async def publish_batch(
+        self, items: Iterable[tuple[str, Any]], *, idempotency_key: str | None = None
+    ) -> list[str]:
+        """Publish many `(channel, data)` messages in one request (`POST /publish`,
+        NDJSON), in order; their ids. Data is sent as JSON (a `str` stays a string)."""
+        lines = [
+            json.dumps({"channel": channel, "data": data}, separators=(",", ":"))
+            for channel, data in items
+        ]
+        if not lines:
+            return []
+        body = ("\n".join(lines) + "\n").encode()
+        answer = await self._post(
+            f"{self.target.base}/publish",
+            body,
+            "application/x-ndjson",
+            idempotency_key or uuid.uuid4().hex,
+        )
+        try:
+            ids = [str(result["id"]) for result in answer["results"]]
+        except (TypeError, KeyError):
+            raise PushdError(200, "bad_answer", f"no results in {answer!r:.200}") from None
+        if len(ids) != len(lines):
+            raise PushdError(200, "bad_answer", f"{len(ids)} ids for {len(lines)} messages")
+        return ids
+
+    async def _post(self, url: str, body: bytes, ctype: str, key: str) -> Any:
+        headers: Headers = {
+            "Content-Type": [ctype],
+            "Idempotency-Key": [key],
+            "User-Agent": [USER_AGENT],
+        }
+        if self.api_key:
+            headers["Authorization"] = [f"Bearer {self.api_key}"]
+        attempt = 0
+        while True:
+            try:
+                d = Deferred.fromCoroutine(self._attempt(url, body, headers))
+                return await d.addTimeout(self.timeout, self.reactor)
+            except PushdError as exc:
+                if exc.status != 503 or attempt >= self.retries:
+                    raise
+                log.info("publish: 503 {message}, retrying", message=exc.message)
+            except _CONNECTION_ERRORS as exc:
+                if attempt >= self.retries:
+                    raise
+                log.info("publish: {error!r}, retrying", error=exc)
+            await deferLater(
+                self.reactor, _backoff(attempt, self.backoff, self.max_backoff), lambda: None
+            )
+            attempt += 1
+
+    async def _attempt(self, url: str, body: bytes, headers: Headers) -> Any:
+        response = await self._http.post(url, data=body, headers=headers)
+        if response.code != 200:
+            raise await _error_of(response)
+        return await response.json()
+
+    def close(self) -> Deferred[None]:
+        """Close the pooled connections (fires when they are closed)."""
+        return self._pool.closeCachedConnections()
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# -- subscribing
+
+
+class _Protocol(WebSocketClientProtocol):
+    factory: _Factory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: Deferred[None] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+
+    def onOpen(self) -> None:
+        self.opened.callback(None)
+        for frame in self.factory.frames:
+            self.sendMessage(json.dumps(frame).encode())
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            frame = json.loads(payload)
+        except ValueError:
+            log.warn("pushd sent a frame that is not JSON: {payload!r:.100}", payload=payload)
+            return
+        if isinstance(frame, dict):
+            self.factory.subscriber._frame(frame)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # A close frame's code, even when the TCP connection then ended badly.
+        code = self.remoteCloseCode or code
+        reason = self.remoteCloseReason or reason or self.wasNotCleanReason
+        if not self.opened.called:
+            self.opened.errback(_HandshakeFailed(self.wasNotCleanReason or reason or ""))
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+
+class _Factory(WebSocketClientFactory):
+    protocol = _Protocol  # type: ignore[assignment]
+
+    def __init__(
+        self, subscriber: Subscriber, url: str, frames: list[dict[str, Any]], reactor: Any
+    ) -> None:
+        super().__init__(url, useragent=USER_AGENT, reactor=reactor)
+        self.subscriber = subscriber
+        self.frames = frames
+        self.setProtocolOptions(openHandshakeTimeout=10, closeHandshakeTimeout=2)
+
+
+class _HandshakeFailed(Exception):
+    """The WebSocket connection did not open."""
+
+
+_END = object()
+
+
+class Subscriber:
+    """Subscribes to `channels` over pushd's WebSocket and keeps them subscribed.
+
+    Iterate it (`async for envelope in subscriber`) for every message envelope
+    (`{"type": "message", "channel", "id", "data"}`), and/or give `on_message`,
+    called with each. `since` (a message id for every channel, or a mapping of
+    channel to id) asks for the retained messages after it first. `token` is a
+    subscriber token, or a callable returning one (maybe a Deferred/coroutine),
+    asked before every connection. The connection starts on iteration, `start()`,
+    `ready()` or `async with`; `close()` ends it and the iteration.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channels: str | Iterable[str],
+        *,
+        token: str | Callable[[], str | Awaitable[str]] | None = None,
+        reactor: Any = None,
+        since: str | Mapping[str, str] | None = None,
+        on_message: Callable[[dict[str, Any]], object] | None = None,
+        backoff: float = 0.5,
+        max_backoff: float = 10.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.target = Target.parse(url)
+        self.channels = [channels] if isinstance(channels, str) else list(dict.fromkeys(channels))
+        if not self.channels:
+            raise ValueError("no channels to subscribe to")
+        for channel in self.channels:
+            if not is_channel(channel):
+                raise ValueError(f"{channel!r} is not a channel name")
+        self.token = token
+        self.reactor = reactor
+        self.on_message = on_message
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        #: The id of the last message delivered, per channel: where a reconnect resumes.
+        self.last_ids: dict[str, str] = {}
+        if isinstance(since, str):
+            self.last_ids = dict.fromkeys(self.channels, since)
+        elif since is not None:
+            self.last_ids = {c: s for c, s in since.items() if c in self.channels}
+        for value in self.last_ids.values():
+            parse_id(value)  # ValueError for a bad id
+        #: How many times the connection opened; `recovered` of each channel's last `subscribed`.
+        self.connections = 0
+        self.recovered: dict[str, bool] = {}
+        #: Set when the server ended it: close code 4003 and its reason.
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self._queue: DeferredQueue[Any] = DeferredQueue()
+        self._queueing = on_message is None
+        self._subscribed: set[str] = set()
+        self._ready: list[Deferred[None]] = []
+        self._protocol: _Protocol | None = None
+        self._running: Deferred[None] | None = None
+        self._waiting: Deferred[Any] | None = None
+        self._closing = False
+        self._failure: Exception | None = None
+        self._done: Deferred[None] = Deferred()
+
+    # -- the public side
+
+    def start(self) -> None:
+        """Connect (once; later calls do nothing)."""
+        if self._running is None and not self._closing:
+            self._running = Deferred.fromCoroutine(self._run())
+            self._running.addErrback(self._crashed)
+
+    def ready(self) -> Deferred[None]:
+        """Fires once every channel is subscribed on the current connection (or the
+        subscriber has stopped: then fails with the reason, if there is one)."""
+        self.start()
+        d: Deferred[None] = Deferred()
+        if self._done.called:
+            self._settle(d)
+        elif self._protocol is not None and self._subscribed >= set(self.channels):
+            d.callback(None)
+        else:
+            self._ready.append(d)
+        return d
+
+    @property
+    def done(self) -> Deferred[None]:
+        """Fires when the subscriber has stopped for good (fails with the reason, if any)."""
+        d: Deferred[None] = Deferred()
+
+        def settle(result: None) -> None:
+            self._settle(d)
+            return result
+
+        self._done.addCallback(settle)
+        return d
+
+    def close(self) -> Deferred[None]:
+        """Stop: close the connection, end the iteration; fires (None) once closed."""
+        self._closing = True
+        if self._waiting is not None and not self._waiting.called:
+            self._waiting.cancel()
+        protocol = self._protocol
+        if protocol is not None:
+            if protocol.state == WebSocketClientProtocol.STATE_OPEN:
+                protocol.sendClose(1000)
+            elif protocol.state != WebSocketClientProtocol.STATE_CLOSED:
+                protocol.dropConnection(abort=True)
+        if self._running is None:
+            self._finish(None)
+        closed: Deferred[None] = Deferred()
+        self._done.addCallback(lambda _: closed.callback(None))
+        return closed
+
+    def __aiter__(self) -> Subscriber:
+        self._queueing = True
+        self.start()
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        self.start()
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put(_END)  # for the next call, too
+            if self._failure is not None:
+                raise self._failure
+            raise StopAsyncIteration
+        result: dict[str, Any] = item
+        return result
+
+    async def __aenter__(self) -> Subscriber:
+        await self.ready()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the connection loop
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            protocol: _Protocol | None = None
+            try:
+                protocol = await self._connect()
+            except PushdError as exc:
+                self._finish(exc)
+                return
+            except (_HandshakeFailed, defer.CancelledError, *_CONNECTION_ERRORS, OSError) as exc:
+                if self._closing:
+                    break
+                log.info("pushd subscriber: cannot connect: {error}", error=exc)
+            if protocol is not None:
+                self.connections += 1
+                code, reason = await protocol.closed
+                self._protocol = None
+                if self._subscribed:
+                    attempt = 0  # it worked: start the backoff over
+                self._subscribed.clear()
+                if self._closing:
+                    break
+                if code == 4003:
+                    self.close_code, self.close_reason = code, reason
+                    log.info("pushd subscriber: disconnected by the application: {r}", r=reason)
+                    self._finish(None)
+                    return
+                if code == 4001 and not callable(self.token):
+                    self._finish(PushdError(401, "token_expired", reason or "token expired"))
+                    return
+                log.info(
+                    "pushd subscriber: connection closed ({code} {reason})",
+                    code=code,
+                    reason=reason,
+                )
+            self._waiting = deferLater(
+                self.reactor, _backoff(attempt, self.backoff, self.max_backoff), lambda: None
+            )
+            try:
+                await self._waiting
+            except defer.CancelledError:
+                break
+            finally:
+                self._waiting = None
+            attempt += 1
+        self._finish(None)
+
+    async def _connect(self) -> _Protocol:
+        """One connection, open (its subscriptions asked for); PushdError when refused."""
+        token: Any = self.token
+        if callable(token):
+            token = token()
+            if not isinstance(token, str):
+                token = await token
+        url_channels = [c for c in self.channels if c not in self.last_ids]
+        frames = [
+            {"type": "subscribe", "channel": c, "since": self.last_ids[c]}
+            for c in self.channels
+            if c in self.last_ids
+        ]
+        params: list[tuple[str, str]] = [("channel", c) for c in url_channels]
+        if not url_channels and len({f["since"] for f in frames}) == 1:
+            # One `since` for all (the first connection's): all on the URL.
+            params = [("channel", f["channel"]) for f in frames] + [("since", frames[0]["since"])]
+            frames = []
+        if token:
+            params.append(("token", str(token)))
+        factory = _Factory(self, self.target.ws_url(urlencode(params)), frames, self.reactor)
+        endpoint: Any = HostnameEndpoint(
+            self.reactor, self.target.host, self.target.port, timeout=self.connect_timeout
+        )
+        if self.target.secure:
+            endpoint = wrapClientTLS(optionsForClientTLS(self.target.host), endpoint)
+        self._waiting = endpoint.connect(factory)
+        try:
+            protocol: _Protocol = await self._waiting
+        finally:
+            self._waiting = None
+        self._protocol = protocol
+        try:
+            await protocol.opened
+        except _HandshakeFailed as exc:
+            self._protocol = None
+            refused = re.search(r"upgrade failed \[(\d+)\]: ?(.*)", str(exc))
+            if refused and int(refused.group(1)) in _FATAL_HANDSHAKE:
+                raise PushdError(
+                    int(refused.group(1)), "handshake_refused", refused.group(2) or str(exc)
+                ) from None
+            raise
+        if self._closing:  # close() came while connecting
+            protocol.sendClose(1000)
+        return protocol
+
+    # -- frames
+
+    def _frame(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        channel = frame.get("channel")
+        if kind == "message" and isinstance(channel, str):
+            self._message(frame, channel)
+        elif kind == "subscribed" and isinstance(channel, str):
+            self._subscribed.add(channel)
+            self.recovered[channel] = bool(frame.get("recovered"))
+            if self._subscribed >= set(self.channels):
+                waiting, self._ready = self._ready, []
+                for d in waiting:
+                    d.callback(None)
+        elif kind == "error":
+            log.warn(
+                "pushd subscriber: error {code} ({channel}): {message}",
+                code=frame.get("code"),
+                channel=channel,
+                message=frame.get("message"),
+            )
+            if channel in self.channels and frame.get("code") in (
+                "forbidden",
+                "bad_channel",
+                "too_many_subscriptions",
+            ):
+                # This channel will never be subscribed: stop waiting for it.
+                self._subscribed.add(channel)
+
+    def _message(self, frame: dict[str, Any], channel: str) -> None:
+        msg_id = frame.get("id")
+        if isinstance(msg_id, str):
+            last = self.last_ids.get(channel)
+            try:
+                if last is not None and parse_id(msg_id) <= parse_id(last):
+                    return  # delivered already (before a reconnect)
+            except ValueError:
+                pass
+            self.last_ids[channel] = msg_id
+        if self._queueing:
+            self._queue.put(frame)
+        if self.on_message is not None:
+            try:
+                self.on_message(frame)
+            except Exception:
+                log.failure("pushd subscriber: on_message failed")
+
+    # -- the end
+
+    def _settle(self, d: Deferred[None]) -> None:
+        if self._failure is not None:
+            d.errback(self._failure)
+        else:
+            d.callback(None)
+
+    def _finish(self, failure: Exception | None) -> None:
+        if self._done.called:
+            return
+        self._closing = True
+        self._failure = failure
+        self._queue.put(_END)
+        waiting, self._ready = self._ready, []
+        for d in waiting:
+            self._settle(d)
+        self._done.callback(None)
+
+    def _crashed(self, failure: Any) -> None:
+        log.failure("pushd subscriber failed", failure)
+        self._finish(failure.value)
