@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from pushd.message import CHANNEL_RE
+
 
 class ConfigError(ValueError):
     pass
@@ -273,6 +275,13 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "personal-channel",
+        _non_empty,
+        "user",
+        "a client with a token `sub` also joins <name>#<sub>; POST /users/{user} publishes there",
+        metavar="NAME",
+    ),
+    Option(
         "max-connections-per-ip",
         _positive_int,
         1000,
@@ -370,6 +379,7 @@ class Config:
     auth_url: str | None = None
     auth_timeout: float = 5.0
     allowed_origin: tuple[str, ...] = ()
+    personal_channel: str = "user"
     trusted_proxies: int = 0
     max_connections_per_ip: int = 1000
     max_subscriptions: int = 100
@@ -383,6 +393,11 @@ class Config:
     workers: int = 1
     demo: bool | None = None
     access_log: bool = False
+
+    def personal(self, user: str) -> str | None:
+        """The personal channel of `user`, when the id fits in a channel name."""
+        channel = f"{self.personal_channel}#{user}"
+        return channel if CHANNEL_RE.fullmatch(channel) else None
 
     @property
     def uses_redis(self) -> bool:

@@ -32,6 +32,9 @@ class Subscriber(Protocol):
     def deliver(self, message: Message) -> None:
         """Take one message of a channel this subscriber is in. Must not block."""
 
+    def unsubscribe(self, channel: str, *, tell: bool = False) -> bool:
+        """Leave `channel` (the application destroyed it); `tell` the client."""
+
 
 class _Channel:
     __slots__ = ("buffer", "last", "subscribers")
@@ -48,8 +51,10 @@ class Hub:
         self._broker = broker
         self._delivered = metrics.deliveries.inc if metrics is not None else _ignore
         self._channels: dict[str, _Channel] = {}
+        self._users: dict[str, set[Any]] = {}
         broker.listener = self.dispatch
         broker.resumed = self.resume
+        broker.on_control = self.control
         broker.local_counts = self.channels
         broker.local_count = self.count
 
@@ -124,6 +129,44 @@ class Hub:
                 self._fan_out(state, Message(channel, msg_id, envelope(channel, msg_id, data)))
         for message in buffered:
             self._fan_out(state, message)
+
+    # -- the application's commands (pushd.broker delivers them to every node)
+
+    def add_user(self, user: str, session: Any) -> None:
+        self._users.setdefault(user, set()).add(session)
+
+    def remove_user(self, user: str, session: Any) -> None:
+        sessions = self._users.get(user)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._users[user]
+
+    def control(self, command: dict[str, Any]) -> int:
+        """Carry out a command on this node's clients; how many it acted on."""
+        kind, user, channel = command.get("cmd"), command.get("user"), command.get("channel")
+        if kind == "destroy" and isinstance(channel, str):
+            state = self._channels.get(channel)
+            targets = tuple(state.subscribers) if state is not None else ()
+            return sum(s.unsubscribe(channel, tell=True) for s in targets)
+        sessions = tuple(self._users.get(user, ())) if isinstance(user, str) else ()
+        if kind == "subscribe" and isinstance(channel, str):
+            joining = [s for s in sessions if channel not in s]
+            for session in joining:
+                session.subscribe(channel)
+            return len(joining)
+        if kind == "unsubscribe" and isinstance(channel, str):
+            return sum(s.unsubscribe(channel, tell=True) for s in sessions)
+        if kind == "disconnect":
+            for session in sessions:
+                session.disconnect()
+            return len(sessions)
+        log.warn("unknown control command {command!r}", command=command)
+        return 0
+
+    def users(self) -> dict[str, int]:
+        """Local sessions per user."""
+        return {user: len(sessions) for user, sessions in self._users.items()}
 
     def count(self, channel: str) -> int:
         state = self._channels.get(channel)

@@ -35,18 +35,26 @@ class Outlet(Protocol):
     def message(self, message: Message) -> None:
         """A message: a live one is the same object for every local subscriber."""
 
+    def unsubscribed(self, channel: str) -> None:
+        """The application took the client out of `channel` (streams end)."""
+
+    def disconnect(self) -> None:
+        """The application disconnects the client (WebSocket close code 4003)."""
+
 
 class AlreadySubscribed(Exception):
     pass
 
 
 class Session:
-    __slots__ = ("_broker", "_hub", "_out", "_subs")
+    __slots__ = ("_broker", "_hub", "_out", "_subs", "user")
 
     def __init__(self, hub: Hub, broker: Broker, out: Outlet) -> None:
         self._hub = hub
         self._broker = broker
         self._out = out
+        #: The token's `sub`, once `identify` made the session the user's.
+        self.user: str | None = None
         # channel -> the list buffering its live messages until the subscription
         # is acknowledged (and recovered); then the id of the last message
         # replayed, until a newer one comes live; then None.
@@ -97,19 +105,36 @@ class Session:
         for message in pending:
             self.deliver(message)
 
-    def unsubscribe(self, channel: str) -> bool:
-        """Leave `channel`; False when the session was not in it."""
+    def identify(self, user: str, personal_channel: str | None) -> None:
+        """The client is `user`: the application may address it, and it joins the
+        user's personal channel without asking."""
+        self.user = user
+        self._hub.add_user(user, self)
+        if personal_channel is not None and personal_channel not in self._subs:
+            self.subscribe(personal_channel)
+
+    def unsubscribe(self, channel: str, *, tell: bool = False) -> bool:
+        """Leave `channel`; False when the session was not in it. `tell`: the
+        outlet hears of it (the application's doing, not the client's)."""
         if channel not in self._subs:
             return False
         del self._subs[channel]
         self._hub.unsubscribe(channel, self)
+        if tell:
+            self._out.unsubscribed(channel)
         return True
+
+    def disconnect(self) -> None:
+        self._out.disconnect()
 
     def close(self) -> None:
         """Leave every channel: nothing of this client stays in the hub."""
         subs, self._subs = self._subs, {}
         for channel in subs:
             self._hub.unsubscribe(channel, self)
+        if self.user is not None:
+            self._hub.remove_user(self.user, self)
+            self.user = None
 
     def deliver(self, message: Message) -> None:
         """The hub's entry point for a live message."""

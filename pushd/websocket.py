@@ -168,6 +168,9 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         for msg in self._initial:
             self._handle(self.handle_subscribe, msg)
         del self._initial
+        # After the URL's channels: a `since` there for the personal channel counts.
+        if self.grants.sub is not None:
+            self.session.identify(self.grants.sub, self.factory.config.personal(self.grants.sub))
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -222,8 +225,8 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
 
     def handle_unsubscribe(self, msg: dict[str, Any]) -> None:
         channel = _channel_of(msg)
-        self.session.unsubscribe(channel)
-        self._reply(dump_json({"type": "unsubscribed", "channel": channel}))
+        if not self.session.unsubscribe(channel, tell=True):
+            self.unsubscribed(channel)
 
     def handle_ping(self, msg: dict[str, Any]) -> None:
         self._reply(_PONG)
@@ -277,6 +280,14 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     def subscribed(self, channel: str, recovered: bool) -> None:
         self._reply(dump_json({"type": "subscribed", "channel": channel, "recovered": recovered}))
 
+    def unsubscribed(self, channel: str) -> None:
+        self._reply(dump_json({"type": "unsubscribed", "channel": channel}))
+
+    def disconnect(self) -> None:
+        self.session.close()
+        if self.state == self.STATE_OPEN:
+            self.sendClose(4003, "disconnected by the application")
+
     def message(self, message: Message) -> None:
         if self.state != self.STATE_OPEN:
             return
@@ -325,6 +336,7 @@ class PushdServerFactory(WebSocketServerFactory):
         self.hub = hub
         self.broker = broker
         self.gate = gate
+        self.config = config
         self.trusted_proxies = config.trusted_proxies
         self.max_subscriptions = config.max_subscriptions
         self.max_message_size = config.max_message_size

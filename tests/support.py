@@ -385,3 +385,9 @@ def token(
     if publish is not None:
         body["publish"] = publish
     return jwt.encode(body, secret, algorithm="HS256")
+
+
+async def channel_subscriptions(redis: Any, prefix: str) -> list[str]:
+    """The channels pushd holds SUBSCRIBEd in Redis, but its own control channels."""
+    names = await redis.execute_command("PUBSUB", "CHANNELS", prefix + "*")
+    return [n for n in names if not n[len(prefix) :].startswith("!")]

@@ -127,8 +127,8 @@ async def test_a_client_publish_reaches_every_node_and_the_history(
     try:
         for node in (a, b):
             await node.ready()
-        writer = await a.connect(f"?channel=chat&token={token('w', ['chat'], ['chat'])}")
-        reader = await b.connect(f"?channel=chat&token={token('r', ['chat'])}")
+        writer = await a.connect(f"?channel=chat&token={token(None, ['chat'], ['chat'])}")
+        reader = await b.connect(f"?channel=chat&token={token(None, ['chat'])}")
         for client in (writer, reader):
             await client.next_of("subscribed")
         writer.send({"type": "publish", "channel": "chat", "data": "hi all"})

@@ -53,7 +53,8 @@ async def test_ids_strictly_increase_per_channel(pushd: PushdUnderTest) -> None:
 async def test_user_channel_name_is_accepted(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(token_secret=SECRET)
     client = await pushd.connect(f"?channel=dm%23alice,bob&token={token('bob')}")
-    await client.next_of("subscribed")
+    joined = {(await client.next_of("subscribed"))["channel"] for _ in range(2)}
+    assert joined == {"dm#alice,bob", "user#bob"}
     msg_id = await pushd.publish("dm#alice,bob", "hi")
     assert (await client.next_of("message"))["id"] == msg_id
     await client.close()

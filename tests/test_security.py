@@ -56,7 +56,7 @@ async def test_without_a_secret_anonymous_may_subscribe_but_not_to_user_channels
 async def test_token_grants_channels_with_wildcards(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(token_secret=SECRET)
     assert await handshake_status(pushd, "?channel=news") == 401  # a token is required
-    t = token("alice", channels=["news", "chat.*"])
+    t = token(None, channels=["news", "chat.*"])
     client = await pushd.connect(f"?channel=news&channel=chat.room1&token={t}")
     subscribed = {(await client.next_of("subscribed"))["channel"] for _ in range(2)}
     assert subscribed == {"news", "chat.room1"}
@@ -82,6 +82,8 @@ async def test_user_channels_admit_only_listed_subjects(start_pushd: StartPushd)
     pushd = await start_pushd(token_secret=SECRET)
     alice = await pushd.connect(f"?token={token('alice', channels=[])}")
     carol = await pushd.connect(f"?token={token('carol', channels=['*', 'dm#*'])}")
+    assert (await alice.next_of("subscribed"))["channel"] == "user#alice"  # personal
+    assert (await carol.next_of("subscribed"))["channel"] == "user#carol"
     alice.send({"type": "subscribe", "channel": "dm#alice,bob"})
     assert (await alice.next_of("subscribed"))["channel"] == "dm#alice,bob"
     carol.send({"type": "subscribe", "channel": "dm#alice,bob"})
@@ -97,9 +99,9 @@ async def test_user_channels_admit_only_listed_subjects(start_pushd: StartPushd)
 async def test_client_publish_with_a_grant(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(token_secret=SECRET, max_message_size=1000)
     writer = await pushd.connect(
-        f"?channel=chat.1&token={token('w', channels=['chat.*'], publish=['chat.*'])}"
+        f"?channel=chat.1&token={token(None, channels=['chat.*'], publish=['chat.*'])}"
     )
-    reader = await pushd.connect(f"?channel=chat.1&token={token('r', channels=['chat.*'])}")
+    reader = await pushd.connect(f"?channel=chat.1&token={token(None, channels=['chat.*'])}")
     await writer.next_of("subscribed")
     await reader.next_of("subscribed")
     writer.send({"type": "publish", "channel": "chat.1", "data": {"text": "hello"}})
@@ -123,7 +125,7 @@ async def test_client_publish_with_a_grant(start_pushd: StartPushd) -> None:
 @pytest_twisted.ensureDeferred
 async def test_publish_rate_is_a_token_bucket(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(token_secret=SECRET, publish_rate=0.001, publish_burst=3)
-    t = token("w", channels=["*"], publish=["*"])
+    t = token(None, channels=["*"], publish=["*"])
     client = await pushd.connect(f"?channel=c&token={t}")
     await client.next_of("subscribed")
     for n in range(5):
@@ -236,7 +238,9 @@ async def test_auth_url_asks_the_application(start_pushd: StartPushd, backend: A
     # The grants act like a token's.
     factory_headers = {"Cookie": "session=alice"}
     client = await connect_ws(pushd.port, "/ws?channel=news", headers=factory_headers)
-    await client.next_of("subscribed")
+    # The application said the client is alice: news, and her personal channel.
+    joined = {(await client.next_of("subscribed"))["channel"] for _ in range(2)}
+    assert joined == {"news", "user#alice"}
     client.send({"type": "subscribe", "channel": "sport"})
     assert (await client.next_of("error"))["code"] == "forbidden"
     client.send({"type": "publish", "channel": "news", "data": "from alice"})

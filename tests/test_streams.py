@@ -10,7 +10,15 @@ from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.sse import open_sse
-from tests.support import SECRET, PushdUnderTest, StartPushd, connect_raw, token, wait_for
+from tests.support import (
+    SECRET,
+    PushdUnderTest,
+    StartPushd,
+    channel_subscriptions,
+    connect_raw,
+    token,
+    wait_for,
+)
 
 
 @pytest_twisted.ensureDeferred
@@ -137,10 +145,9 @@ async def test_abandoned_streams_leave_no_subscription(
     gate = pushd.service.listeners[0].factory.ws_factory.gate
     assert len(gate.connections) == 0
     if pushd.cfg.redis is not None:
-        pattern = pushd.cfg.redis_prefix + "*"
 
         async def unsubscribed() -> bool:
-            return await redis_client.execute_command("PUBSUB", "CHANNELS", pattern) == []  # type: ignore[attr-defined]
+            return await channel_subscriptions(redis_client, pushd.cfg.redis_prefix) == []
 
         await wait_for(unsubscribed, what="Redis subscriptions to go")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest_twisted
 
-from tests.support import PushdUnderTest, StartPushd, wait_for
+from tests.support import PushdUnderTest, StartPushd, channel_subscriptions, wait_for
 
 
 @pytest_twisted.ensureDeferred
@@ -148,10 +148,7 @@ async def test_closing_leaves_nothing_behind(pushd: PushdUnderTest, redis_client
     assert pushd.service.broker.subscribed_channels() == frozenset()
 
     async def no_redis_subscriptions() -> bool:
-        channels = await redis_client.execute_command(
-            "PUBSUB", "CHANNELS", pushd.cfg.redis_prefix + "*"
-        )
-        return channels == []
+        return await channel_subscriptions(redis_client, pushd.cfg.redis_prefix) == []
 
     if pushd.cfg.redis is not None:
         await wait_for(no_redis_subscriptions, what="Redis subscriptions to go")

@@ -63,6 +63,8 @@ class Broker(Service):
     listener: Listener | None = None
     #: Called with a channel subscribed again after the bus connection was lost.
     resumed: Callable[[str], None] | None = None
+    #: Carries out an application's command on this node; answers how many clients it touched.
+    on_control: Callable[[dict[str, Any]], int] | None = None
     local_counts: LocalCounts | None = None
     local_count: LocalCount | None = None
 
@@ -130,6 +132,11 @@ class Broker(Service):
 
     def subscriber_count(self, channel: str) -> Deferred[int]:
         """Subscribers of `channel` on every node."""
+        raise NotImplementedError
+
+    def control(self, command: dict[str, Any]) -> Deferred[int]:
+        """Have every node carry out `command` (pushd.hub.Hub.control); fires with
+        the number of nodes that did. A `destroy` also drops the channel's history."""
         raise NotImplementedError
 
     def subscribe(self, channel: str) -> Deferred[None]:

@@ -128,6 +128,13 @@ class MemoryBroker(Broker):
     def subscriber_count(self, channel: str) -> Deferred[int]:
         return succeed(self.local_count(channel) if self.local_count is not None else 0)
 
+    def control(self, command: dict[str, Any]) -> Deferred[int]:
+        if command.get("cmd") == "destroy":
+            self._histories.pop(command["channel"], None)
+        if self.on_control is not None:
+            self.on_control(command)
+        return succeed(1)
+
     def subscribe(self, channel: str) -> Deferred[None]:
         self._subscribed.add(channel)
         return succeed(None)

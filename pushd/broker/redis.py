@@ -21,6 +21,7 @@ fields that have not expired, so a dead node stops counting within seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from contextlib import suppress
@@ -145,10 +146,32 @@ return sum
 """
 )
 
+CONTROL_TIMEOUT = 2.0
 COUNTS_REFRESH = 1.0
 COUNTS_FULL_EVERY = 2
 COUNTS_TTL_MS = 6_000
 COUNTS_BATCH = 500
+
+
+class _Replies:
+    """The nodes' answers to one command; `all` fires once every node answered."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.expected: int | None = None
+        self.all: Deferred[None] = Deferred()
+
+    def expect(self, nodes: int) -> None:
+        self.expected = nodes
+        self._check()
+
+    def add(self) -> None:
+        self.count += 1
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.count >= self.expected and not self.all.called:
+            self.all.callback(None)
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -219,6 +242,12 @@ class RedisBroker(Broker):
         self._ready_waiters: list[Deferred[None]] = []
         self._reported: dict[str, int] = {}
         self._report_ticks = 0
+        # The application's commands reach every node on one pub/sub channel of the
+        # subscriber connection ("!" is in no channel name); each node answers on
+        # a reply channel of its own.
+        self._control_channel = f"{prefix}!control"
+        self._reply_channel = f"{prefix}!reply:{self.node}"
+        self._replies: dict[str, _Replies] = {}
         self._reporter = LoopingCall(self._report_counts)
         self._reporter.clock = reactor
 
@@ -414,6 +443,45 @@ class RedisBroker(Broker):
 
         return Deferred.fromCoroutine(run())
 
+    # -- the application's commands
+
+    def control(self, command: dict[str, Any]) -> Deferred[int]:
+        async def run() -> int:
+            if command.get("cmd") == "destroy":
+                channel = command["channel"]
+                await self._call(
+                    "execute_command", "DEL", self._stream(channel), self._subscribers(channel)
+                )
+            request = uuid.uuid4().hex
+            waiting = self._replies[request] = _Replies()
+            body = dump_json({**command, "id": request, "reply": self._reply_channel})
+            try:
+                # PUBLISH answers how many nodes got the command: wait for that many replies.
+                waiting.expect(int(await self._call("publish", self._control_channel, body)))
+                await waiting.all.addTimeout(CONTROL_TIMEOUT, self._reactor)
+            except TimeoutError:
+                log.warn("{n} nodes answered a command in time", n=waiting.count)
+            finally:
+                del self._replies[request]
+            return waiting.count
+
+        return self.track(Deferred.fromCoroutine(run()))
+
+    def _command(self, name: str, raw: bytes) -> None:
+        body = _loads(raw)
+        if not isinstance(body, dict):
+            return
+        if name == self._control_channel[len(self._prefix) :]:
+            acted = self.on_control(body) if self.on_control is not None else 0
+            reply = body.get("reply")
+            if isinstance(reply, str) and reply.startswith(self._prefix + "!reply:"):
+                answer = dump_json({"id": body.get("id"), "acted": acted})
+                self._pool.publish(reply, answer).addErrback(_log_failure, "PUBLISH")
+        elif name == self._reply_channel[len(self._prefix) :]:
+            waiting = self._replies.get(body.get("id"))  # type: ignore[arg-type]
+            if waiting is not None:
+                waiting.add()
+
     # -- subscriber counts of this node
 
     async def _report(self, counts: dict[str, int]) -> None:
@@ -496,6 +564,8 @@ class RedisBroker(Broker):
         log.info("Redis subscriber connected; subscribing {n} channels", n=len(self._wanted))
         self._proto = proto
         self._active.clear()
+        for own in (self._control_channel, self._reply_channel):
+            proto.subscribe(own).addErrback(_log_failure, "SUBSCRIBE")
         for channel in self._wanted:
             self._send_subscribe(proto, channel, again=True)
         self._check_ready()
@@ -511,9 +581,19 @@ class RedisBroker(Broker):
     def _received(self, channel: bytes, message: bytes) -> None:
         if self.listener is not None and channel.startswith(self._prefix_bytes):
             name = channel[len(self._prefix_bytes) :].decode("utf-8", "replace")
+            if name.startswith("!"):
+                self._command(name, message)
+                return
             # A message published before our UNSUBSCRIBE reached Redis may still come.
             if name in self._wanted:
                 self.listener(name, message)
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def _messages(entries: list[Any]) -> list[tuple[str, bytes]]:

@@ -19,6 +19,7 @@ from pushd.hub import Hub
 from pushd.message import dump_json
 from pushd.metrics import Metrics
 from pushd.web.batch import PublishResource, PushResource
+from pushd.web.control import UsersResource
 from pushd.web.ops import HealthResource, MetricsResource
 from pushd.web.producer import ChannelsResource, Producing
 from pushd.web.resource import NotFound, ProducerAuth
@@ -211,6 +212,7 @@ def make_site(
         b"stream": StreamResource(hub, broker, gate, config, reactor, metrics, sse=False),
         b"channels": ChannelsResource(producing),
         b"publish": PublishResource(producing),
+        b"users": UsersResource(producing),
         b"push": PushResource(producing),
         b"health": HealthResource(broker, "redis" if config.uses_redis else "memory"),
         b"metrics": MetricsResource(metrics, producing.auth),

@@ -35,7 +35,7 @@ class Producing:
     async def publish(self, api: str, d: Deferred[Any], count: int = 1) -> Any:
         """Wait for a publish: 503 when the broker could not take it; counted and timed."""
         start = time.monotonic()
-        result = await _ask(d)
+        result = await ask(d)
         self.metrics.published.labels(api).inc(count)
         self.metrics.publish_seconds.observe(time.monotonic() - start)
         return result
@@ -62,7 +62,8 @@ class ChannelsResource(Resource):
         return NotFound().render(request)
 
 
-async def _ask(d: Any) -> Any:
+async def ask(d: Any) -> Any:
+    """A broker's answer; 503 when it could not give one."""
     try:
         return await d
     except BrokerUnavailable:
@@ -91,28 +92,28 @@ class ChannelResource(_ChannelApi):
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
         self._checked(request)
         key = idempotency_key(request)
-        body = read_body(request, self._p.config.max_message_size)
-        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
-        try:
-            data = data_from_body(body, ctype)
-        except ValueError as e:
-            error = errors.BAD_JSON if str(e) == "bad_json" else errors.BAD_TEXT
-            raise ApiError(*error) from None
-        return self._publish(data, key)
+        return self._publish(message_data(request, self._p.config.max_message_size), key)
 
     async def _describe(self) -> bytes:
-        last_id = await _ask(self._broker.last_id(self._channel))
-        subscribers = await _ask(self._broker.subscriber_count(self._channel))
+        last_id = await ask(self._broker.last_id(self._channel))
+        subscribers = await ask(self._broker.subscriber_count(self._channel))
         return dump_json({"channel": self._channel, "last_id": last_id, "subscribers": subscribers})
 
     def handle_GET(self, request: Request) -> Coroutine[Any, Any, bytes]:
         self._checked(request)
         return self._describe()
 
+    def handle_DELETE(self, request: Request) -> Coroutine[Any, Any, bytes]:
+        """Every subscriber on every node leaves the channel; its history goes."""
+        from pushd.web.control import command
+
+        self._checked(request)
+        return command(self._p, {"cmd": "destroy", "channel": self._channel})
+
 
 class HistoryResource(_ChannelApi):
     async def _read(self, since: str | None, limit: int) -> bytes:
-        history = await _ask(self._broker.history(self._channel, since, limit))
+        history = await ask(self._broker.history(self._channel, since, limit))
         return (
             b'{"messages":['
             + b",".join(envelope(self._channel, msg_id, data) for msg_id, data in history.messages)
@@ -134,6 +135,16 @@ class HistoryResource(_ChannelApi):
                 raise ApiError(*errors.BAD_LIMIT)
             limit = int(limit_text)
         return self._read(since, limit)
+
+
+def message_data(request: Request, max_size: int) -> bytes:
+    """A message's data from a request's body (JSON or text), as compact JSON."""
+    body = read_body(request, max_size)
+    ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+    try:
+        return data_from_body(body, ctype)
+    except ValueError as e:
+        raise ApiError(*(errors.BAD_JSON if str(e) == "bad_json" else errors.BAD_TEXT)) from None
 
 
 def read_body(request: Request, max_size: int) -> bytes:

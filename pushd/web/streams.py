@@ -118,6 +118,12 @@ class _Stream(SendBound):
             cursor = encode_cursor(self._last).encode()
             self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
 
+    def unsubscribed(self, channel: str) -> None:
+        self.end()
+
+    def disconnect(self) -> None:
+        self.end()
+
     def keepalive(self) -> None:
         self._write(b": keep-alive\n\n" if self._sse else b"\n")
 
@@ -164,6 +170,7 @@ class StreamResource(Resource):
     ) -> None:
         super().__init__()
         self._metrics = metrics
+        self._config = config
         self._transport = "sse" if sse else "stream"
         self._trusted_proxies = config.trusted_proxies
         self._hub = hub
@@ -291,6 +298,8 @@ class StreamResource(Resource):
         request.notifyFinish().addBoth(gone)
         for channel in channels:
             stream.session.subscribe(channel, cursor.get(channel))
+        if grants.sub is not None:
+            stream.session.identify(grants.sub, self._config.personal(grants.sub))
         if grants.expires is not None:
             delay = max(0.0, grants.expires - self._clock.seconds())
             ending = self._clock.callLater(delay, _end, request)
