@@ -30,7 +30,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -586,18 +586,25 @@ async def run(
     return 0
 
 
-async def _react_main(reactor: Any, argv: list[str]) -> None:
-    code = await run(reactor, argv)
-    if code:
-        raise SystemExit(code)
+def run_command(
+    run: Callable[[Any, list[str]], Awaitable[int]], argv: list[str] | None = None
+) -> None:
+    """A console script on Twisted: runs `run(reactor, argv)`, exits with its status."""
+    # Until logging begins, Twisted prints critical events (a TLS verification
+    # failure's traceback) to stderr: the one-line reason says it all (-v shows them).
+    globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
+
+    async def react_main(reactor: Any, args: list[str]) -> None:
+        code = await run(reactor, args)
+        if code:
+            raise SystemExit(code)
+
+    react(react_main, (sys.argv[1:] if argv is None else argv,))
 
 
 def main(argv: list[str] | None = None) -> None:
     """The `pushd-check` console script: exits with run()'s status."""
-    # Until logging begins, Twisted prints critical events (a TLS verification
-    # failure's traceback) to stderr: the one-line reason says it all (-v shows them).
-    globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
-    react(_react_main, (sys.argv[1:] if argv is None else argv,))
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

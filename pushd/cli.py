@@ -21,11 +21,10 @@ import os
 import sys
 from typing import Any, TextIO, cast
 
-from twisted.internet.task import react
-from twisted.logger import ILogObserver, globalLogBeginner, globalLogPublisher, textFileLogObserver
+from twisted.logger import ILogObserver, globalLogPublisher, textFileLogObserver
 
 from pushd import __version__
-from pushd.check import Target, _channel, _connect_reason
+from pushd.check import Target, _channel, _connect_reason, run_command
 from pushd.client import Publisher, PushdError, Subscriber
 from pushd.message import parse_id
 
@@ -177,16 +176,9 @@ async def run(
     return 0
 
 
-async def _react_main(reactor: Any, argv: list[str]) -> None:
-    code = await run(reactor, argv)
-    if code:
-        raise SystemExit(code)
-
-
 def main(argv: list[str] | None = None) -> None:
     """The `pushd-cli` console script."""
-    globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
-    react(_react_main, (sys.argv[1:] if argv is None else argv,))
+    run_command(run, argv)
 
 
 if __name__ == "__main__":
