@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""pushd benchmarks: idle connections, fan-out, POST/s, recovery, the cost of history.
+"""pushd benchmarks: idle connections, fan-out, POST/s, batch publishes, 1 vs 2
+workers, recovery, the cost of history.
 
     python bench/run.py [--quick]
 
 Starts its own redis-server and pushd (Redis broker) on free loopback ports,
-pinned to CPU 0 (and, for the recovery and history tests, more pushd processes
-with their own options, one at a time); the load (bench/bin/wsclient processes,
-the publisher in this process, wrk, redis-benchmark) runs on CPU 1. Prints each
-figure as it is measured and a table at the end; logs and the raw figures
-(results.json) go to bench/out/. See bench/README.md for what each figure means.
+pinned to CPU 0 (and, for the batch, recovery and history tests, more pushd
+processes with their own options, one at a time); the load (bench/bin/wsclient
+processes, the publisher in this process, wrk, redis-benchmark) runs on CPU 1.
+The workers test pins nothing: its pushd workers, redis and the load share both
+CPUs. Prints each figure as it is measured and a table at the end; logs and the
+raw figures (results.json) go to bench/out/. See bench/README.md for what each
+figure means.
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ ROOT = BENCH.parent
 WSCLIENT_SRC = BENCH / "wsclient.c"
 WSCLIENT = BENCH / "bin" / "wsclient"
 POST_LUA = BENCH / "post.lua"
+BATCH_LUA = BENCH / "batch.lua"
 OUT = BENCH / "out"
 
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
+ALL_CPUS = f"0-{(os.cpu_count() or 1) - 1}"  # the workers test: nothing pinned
 PER_PROCESS = 5000  # connections per wsclient process, at most
 # Connections per client source address, at most: pushd admits 1,000 per address
 # (--max-connections-per-ip), and the run keeps its default.
@@ -147,6 +152,22 @@ class Child:
             line = self.line(remaining)
             left = [rx for rx in left if not rx.search(line)]
 
+    def wait_counts(self, patterns: dict[str, int], timeout: float) -> None:
+        """Wait until each pattern matched its number of lines, in any order."""
+        deadline = time.monotonic() + timeout
+        left = {re.compile(p): n for p, n in patterns.items()}
+        while left:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                names = ", ".join(f"{rx.pattern!r} x{n}" for rx, n in left.items())
+                raise BenchError(f"{self.name}: still waiting for {names} after {timeout:.0f}s")
+            line = self.line(remaining)
+            for rx in list(left):
+                if rx.search(line):
+                    left[rx] -= 1
+                    if not left[rx]:
+                        del left[rx]
+
     def json(self, timeout: float) -> dict[str, Any]:
         return json.loads(self.wait_for(r"^\{", timeout).string)
 
@@ -203,6 +224,20 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Each process's open descriptors once they stopped changing (the last test's
+    connections closed): a baseline to count new connections from."""
+    last = [open_fds(pid) for pid in pids]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = [open_fds(pid) for pid in pids]
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def listen_overflows() -> int:
     """The kernel's count of connections dropped because a listen queue was full
     (TcpExt ListenOverflows, all sockets): the client retries its SYN after 1 s."""
@@ -221,6 +256,36 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (pushd's workers, for its --workers parent)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def set_affinity(pid: int, cpus: str) -> None:
+    """Pin every thread of a running process (redis-server has several) to `cpus` ("0-1")."""
+    lo, _, hi = cpus.partition("-")
+    mask = set(range(int(lo), int(hi or lo) + 1))
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), mask)
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU time (the publisher runs in it), user + system."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def cpu_busy_seconds(cpu: str) -> float:
@@ -259,7 +324,7 @@ def wait_quiet() -> None:
         say(f"  waited {waited:.0f}s for other processes to leave the CPUs")
 
 
-TESTS = ("idle", "fanout", "post", "recovery", "history")
+TESTS = ("idle", "fanout", "post", "batch", "workers", "recovery", "history")
 RECOVERY_PHASES = ("one_at_a_time", "at_once", "at_once_backlog50")
 OTHER_LOAD: list[str] = []  # phases where other processes used the server's CPU
 QUIET_WAIT = 60.0  # --quiet-wait: what is left of it
@@ -268,27 +333,44 @@ PUBLISHERS = 16  # --publishers
 
 class CpuMeter:
     """CPU % of the server and redis over a phase, and of everything else on
-    their CPU: other processes there (a test suite, say) make the figures low."""
+    their CPU: other processes there (a test suite, say) make the figures low.
 
-    def __init__(self, server: int, redis: int) -> None:
-        self.pids = (server, redis)
+    `server` may be several processes (pushd's workers). `pinned=False` (the
+    workers test, where nothing is pinned): "everything else" is the busy time of
+    all CPUs less the server, redis, the clients (`percent(clients_s=...)`) and
+    this process (the publisher), in % of one CPU."""
+
+    def __init__(self, server: int | list[int], redis: int, *, pinned: bool = True) -> None:
+        self.servers = [server] if isinstance(server, int) else list(server)
+        self.redis = redis
+        self.pinned = pinned and Child.pin
+        self.cpu_id = SERVER_CPU if self.pinned else ""
         self.t = time.monotonic()
-        self.cpu = [cpu_seconds(p) for p in self.pids]
-        self.busy = cpu_busy_seconds(SERVER_CPU)
+        self.cpu = [cpu_seconds(p) for p in [*self.servers, redis]]
+        self.busy = cpu_busy_seconds(self.cpu_id)
+        self.own = own_cpu_seconds()
+
+    def each(self) -> list[float]:
+        """CPU seconds of each server process since the start."""
+        return [cpu_seconds(p) - c for p, c in zip(self.servers, self.cpu, strict=False)]
 
     def seconds(self) -> tuple[float, float, float]:
         """CPU seconds of the server and redis since the start, and the wall time."""
-        server, redis = (cpu_seconds(p) - c for p, c in zip(self.pids, self.cpu, strict=True))
-        return server, redis, time.monotonic() - self.t
+        redis = cpu_seconds(self.redis) - self.cpu[-1]
+        return sum(self.each()), redis, time.monotonic() - self.t
 
-    def percent(self, phase: str) -> tuple[float, float, float]:
+    def percent(self, phase: str, clients_s: float = 0.0) -> tuple[float, float, float]:
         server_s, redis_s, wall = self.seconds()
         server, redis = 100 * server_s / wall, 100 * redis_s / wall
-        other = max(0.0, 100 * (cpu_busy_seconds(SERVER_CPU) - self.busy) / wall - server - redis)
+        busy = 100 * (cpu_busy_seconds(self.cpu_id) - self.busy) / wall
+        if not self.pinned:
+            busy -= 100 * (clients_s + own_cpu_seconds() - self.own) / wall
+        other = max(0.0, busy - server - redis)
+        where = f"CPU {SERVER_CPU}" if self.pinned else "the CPUs (% of one CPU)"
         # Ticks are 10 ms: in a short phase a few of them are noise, not another process.
         if Child.pin and other > 10 and other * wall / 100 > 0.05:
             OTHER_LOAD.append(f"{phase}: {other:.0f}%")
-            say(f"  warning: other processes used {other:.0f}% of CPU {SERVER_CPU} meanwhile")
+            say(f"  warning: other processes used {other:.0f}% of {where} meanwhile")
         return server, redis, other
 
 
@@ -394,6 +476,7 @@ class ClientSet:
         idle: bool = False,
         per_process: int = PER_PROCESS,
         rate: float = 3000.0,
+        cpu: str = CLIENT_CPU,
     ) -> None:
         nproc = max(1, math.ceil(total / per_process))
         sizes = [total // nproc + (1 if i < total % nproc else 0) for i in range(nproc)]
@@ -415,9 +498,7 @@ class ClientSet:
             ]  # fmt: skip
             if idle:
                 argv.append("--idle")
-            self.children.append(
-                Child(f"{name}-{i}", argv, CLIENT_CPU, control=True, merge_stderr=False)
-            )
+            self.children.append(Child(f"{name}-{i}", argv, cpu, control=True, merge_stderr=False))
 
     def wait_ready(self) -> int:
         timeout = 90 + sum(self.sizes) / 200
@@ -492,14 +573,16 @@ async def _post(
     return status
 
 
-async def _burst(port: int, n: int, nconn: int) -> tuple[float, Counter[int]]:
+async def _burst(
+    port: int, n: int, nconn: int, channel: str = CHANNEL
+) -> tuple[float, Counter[int]]:
     statuses: Counter[int] = Counter()
     todo = iter(range(n))
     conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(nconn)]
 
     async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in todo:
-            statuses[await _post(reader, writer, port)] += 1
+            statuses[await _post(reader, writer, port, channel)] += 1
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker(r, w) for r, w in conns))
@@ -538,9 +621,9 @@ async def _paced(port: int, n: int, rate: float, nconn: int) -> tuple[float, Cou
 
 
 def publish_burst(
-    port: int, n: int, nconn: int = 4, timeout: float = 300
+    port: int, n: int, nconn: int = 4, timeout: float = 300, channel: str = CHANNEL
 ) -> tuple[float, Counter[int]]:
-    return asyncio.run(asyncio.wait_for(_burst(port, n, nconn), timeout))
+    return asyncio.run(asyncio.wait_for(_burst(port, n, nconn, channel), timeout))
 
 
 def publish_paced(
@@ -582,6 +665,19 @@ def get_json(port: int, path: str) -> Any:
         return json.loads(answer)
 
     return asyncio.run(asyncio.wait_for(go(), 30))
+
+
+def get_status(port: int, path: str) -> int:
+    """The status of one GET on a fresh connection (so on any of pushd's workers)."""
+
+    async def go() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return (await _request(reader, writer, port, path))[0]
+        finally:
+            writer.close()
+
+    return asyncio.run(asyncio.wait_for(go(), 10))
 
 
 def post_once(port: int) -> int:
@@ -627,7 +723,10 @@ def describe_source(src: Path) -> str:
 
 
 class Pushd:
-    """One pushd process on CPU 0: with the Redis broker (`redis_port`) or the memory one."""
+    """One pushd process on CPU 0: with the Redis broker (`redis_port`) or the memory one.
+
+    With `workers` > 1, pushd --workers N: a parent holding the listening socket and
+    N worker processes (its children) sharing it; `server_pids` are the workers."""
 
     def __init__(
         self,
@@ -637,12 +736,19 @@ class Pushd:
         options: list[str] | None = None,
         *,
         backlog: int | None = None,
+        cpu: str = SERVER_CPU,
+        workers: int = 1,
     ) -> None:
         self.port = free_port()
         self.broker = "memory" if redis_port is None else "redis"
+        self.workers = workers
         argv = [twistd_path(), "-n", "--pidfile=", "pushd",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1"]  # fmt: skip
         ready = [rf"pushd listening on tcp:{self.port}:"]
+        if workers > 1:
+            # The workers listen on the socket the parent hands them (systemd's way).
+            argv += ["--workers", str(workers)]
+            ready = [r"pushd listening on systemd:"]
         # `backlog`: a second listener, on backlog_port, with that listen queue
         # (Twisted's default is 50).
         self.backlog_port = 0
@@ -653,13 +759,41 @@ class Pushd:
         if redis_port is not None:
             argv += ["--redis", f"redis://127.0.0.1:{redis_port}"]
             ready.append(r"Redis subscriber connected")
-        self.child = Child(name, [*argv, *(options or [])], SERVER_CPU, env=pushd_env(src))
-        self.child.wait_all(ready, 30)
+        self.child = Child(name, [*argv, *(options or [])], cpu, env=pushd_env(src))
+        self.child.wait_counts({rx: workers for rx in ready}, 30)
         self.child.collect = False
         self.pid = self.child.pid
+        self.server_pids = [self.pid]
+        if workers > 1:
+            self.server_pids = children_of(self.pid)
+            if len(self.server_pids) != workers:
+                raise BenchError(f"{name}: {len(self.server_pids)} workers, not {workers}")
+        if redis_port is not None:
+            self.wait_healthy(name, 10 * workers)
         status = post_once(self.port)
         if status != 200:
             raise BenchError(f"{name}: a test POST answered {status}")
+
+    def wait_healthy(self, name: str, need: int, timeout: float = 15) -> None:
+        """Until `need` GET /health in a row answer 200. "Redis subscriber connected"
+        comes before pushd's command pool is connected: a POST then answers 503."""
+        t0 = time.monotonic()
+        ok = unhealthy = 0
+        while ok < need:
+            if time.monotonic() - t0 > timeout:
+                raise BenchError(f"{name}: GET /health still not 200 after {timeout:.0f}s")
+            if get_status(self.port, "/health") == 200:
+                ok += 1
+            else:
+                ok = 0
+                unhealthy += 1
+                time.sleep(0.01)
+        self.unhealthy = unhealthy
+        if unhealthy:
+            say(
+                f"  {name}: GET /health answered 503 {unhealthy} times after 'Redis subscriber "
+                f"connected' ({1000 * (time.monotonic() - t0):.0f} ms until {need} answered 200)"
+            )
 
     def alive(self) -> None:
         if self.child.proc.poll() is not None:
@@ -667,9 +801,31 @@ class Pushd:
                 f"{self.child.name} died (code {self.child.proc.returncode}); "
                 f"see {self.child.log_path}"
             )
+        if self.workers > 1 and children_of(self.pid) != self.server_pids:
+            raise BenchError(
+                f"{self.child.name}: workers {self.server_pids} are now "
+                f"{children_of(self.pid)} (one was restarted); see {self.child.log_path}"
+            )
 
     def stop(self) -> None:
-        self.child.stop()
+        if self.workers == 1:
+            self.child.stop()
+            return
+        # The parent stops its workers (their graceful stop, --shutdown-timeout 10 s);
+        # should it be killed before, the workers it leaves are stopped here.
+        workers = children_of(self.pid)
+        self.child.stop(timeout=20)
+        for pid in workers:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    ours = b"twistd" in f.read()
+                if state != "Z" and ours:
+                    os.kill(pid, signal.SIGKILL)
+                    say(f"  {self.child.name}: killed worker {pid}, left by its parent")
+            except (FileNotFoundError, ProcessLookupError):
+                pass
 
 
 class Servers:
@@ -783,25 +939,41 @@ def test_idle(s: Servers, n: int) -> dict[str, Any]:
 
 
 def burst_phase(
-    s: Servers, clients: ClientSet, name: str, held: int, msgs: int, publishers: int
+    s: Servers,
+    clients: ClientSet,
+    name: str,
+    held: int,
+    msgs: int,
+    publishers: int,
+    *,
+    target: Pushd | None = None,
+    pinned: bool = True,
+    channel: str = CHANNEL,
 ) -> dict[str, Any]:
     """`msgs` messages back-to-back from `publishers` keep-alive connections, each
-    POSTing as soon as its previous POST was answered: the server sets the pace."""
+    POSTing as soon as its previous POST was answered: the server sets the pace.
+    `target`: another pushd than the main one (the workers test, `pinned=False`)."""
+    target = target or s.main
     wait_quiet()
     clients.expect(msgs, idle_ms=5000, max_ms=int(60_000 + msgs * held / 20))
-    cpu = CpuMeter(s.pid, s.redis.pid)
+    cpu = CpuMeter(target.server_pids, s.redis.pid, pinned=pinned)
+    own = own_cpu_seconds()
     start_ns = time.time_ns()
-    elapsed, statuses = publish_burst(s.port, msgs, publishers)
+    elapsed, statuses = publish_burst(target.port, msgs, publishers, channel=channel)
     reps = clients.reports(timeout=90 + msgs * held / 20_000)
-    server_cpu, redis_cpu, other_cpu = cpu.percent(name)
+    publisher_cpu = own_cpu_seconds() - own
+    client_cpu = sum(r["cpu_s"] for r in reps)
+    server_cpu, redis_cpu, other_cpu = cpu.percent(name, clients_s=client_cpu)
+    wall = cpu.seconds()[2]
+    each = [100 * c / wall for c in cpu.each()]
     s.alive()
+    target.alive()
     deliveries = sum(r["deliveries"] for r in reps)
     first = min((r["first_ns"] for r in reps if r["deliveries"]), default=0)
     last = max((r["last_ns"] for r in reps if r["deliveries"]), default=0)
     # From the first POST to the last delivery: never flattered by a first
     # delivery that came late (with many publishers pushd dispatches in batches).
     span = (last - start_ns) / 1e9 if deliveries else 0.0
-    client_cpu = sum(r["cpu_s"] for r in reps)
     out = {
         "publishers": publishers,
         "messages": msgs,
@@ -820,9 +992,13 @@ def burst_phase(
         "deliveries_per_s_first_to_last": deliveries * 1e9 / (last - first) if last > first else 0,
         "client_cpu_s": client_cpu,
         "client_cpu_us_per_delivery": client_cpu * 1e6 / deliveries if deliveries else 0,
+        "publisher_cpu_s": publisher_cpu,
+        # wsclient + the publisher (this process), in % of one CPU
+        "client_cpu_percent": 100 * (client_cpu + publisher_cpu) / wall,
         "server_cpu_percent": server_cpu,
+        "server_cpu_percent_each": each,
         "redis_cpu_percent": redis_cpu,
-        "other_cpu0_percent": other_cpu,
+        "other_cpu0_percent" if cpu.pinned else "other_cpu_percent": other_cpu,
         "latency": merge_latency(reps),
     }
     say(
@@ -902,48 +1078,64 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
-def test_post(
+def run_wrk(
     s: Servers,
+    target: Pushd,
+    path: str,
+    label: str,
+    *,
     seconds: int,
     threads: int,
     conns: int,
-    *,
-    target: Pushd | None = None,
-    channel: str = CHANNEL,
-    label: str = "POST",
+    script: Path = POST_LUA,
+    script_args: tuple[str, ...] = (),
     log_name: str = "wrk",
     echo: bool = True,
+    cpu: str = CLIENT_CPU,
 ) -> dict[str, Any]:
-    """wrk POSTs to `channel` of `target` (the main pushd); `echo` prints wrk's output."""
-    target = target or s.main
-    url = f"http://127.0.0.1:{target.port}/channels/{channel}"
-    say(f"{label}: wrk -t{threads} -c{conns} -d{seconds}s --latency -s bench/post.lua {url}")
-    wait_quiet()
-    cpu = CpuMeter(target.pid, s.redis.pid)
-    wrk = Child(
-        log_name,
-        [
-            "wrk",
-            f"-t{threads}",
-            f"-c{conns}",
-            f"-d{seconds}s",
-            "--latency",
-            "-s",
-            str(POST_LUA),
-            url,
-        ],
-        CLIENT_CPU,
+    """wrk with `script` against `path` of `target`; its figures, with the CPU of
+    pushd (each process), redis and wrk over the run. `echo` prints wrk's output.
+    With several pushd workers, also how many of wrk's connections each one holds
+    (open descriptors, sampled 1 s into the run)."""
+    url = f"http://127.0.0.1:{target.port}{path}"
+    args = ["--", *script_args] if script_args else []
+    say(
+        f"{label}: wrk -t{threads} -c{conns} -d{seconds}s --latency -s "
+        f"{script.relative_to(ROOT)} {' '.join([url, *args])}"
     )
+    # Before wait_quiet: with a single process, no wait.
+    fds0 = settled_fds(target.server_pids) if len(target.server_pids) > 1 else [0]
+    wait_quiet()
+    cpu_meter = CpuMeter(target.server_pids, s.redis.pid, pinned=cpu != ALL_CPUS)
+    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency",
+            "-s", str(script), url, *args]  # fmt: skip
+    spread: list[int] = []
+    wrk = Child(log_name, argv, cpu)
     text = []
+    t0 = time.monotonic()
+    deadline = t0 + seconds + 30
     while True:
         try:
-            text.append(wrk.line(seconds + 30))
-        except BenchError:
-            if wrk.proc.poll() is None:
-                raise
+            sampling = len(fds0) > 1 and not spread
+            wait = 0.1 if sampling else max(0.01, deadline - time.monotonic())
+            line = wrk.lines.get(timeout=wait)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{log_name}: wrk still running after {seconds + 30}s") from None
+            if sampling and time.monotonic() - t0 >= min(1.0, seconds / 2):
+                pids = target.server_pids
+                spread = [open_fds(pid) - f for pid, f in zip(pids, fds0, strict=True)]
+            continue
+        if line is None:  # its stdout closed: it is ending
             break
-    server_cpu, redis_cpu, other_cpu = cpu.percent(label)
-    code = wrk.proc.wait()
+        text.append(line)
+    # Reaped here, with its resource usage: wrk's CPU time.
+    _, status, usage = os.wait4(wrk.pid, 0)
+    wrk.proc.returncode = code = os.waitstatus_to_exitcode(status)
+    client_s = usage.ru_utime + usage.ru_stime
+    server_cpu, redis_cpu, other_cpu = cpu_meter.percent(label, clients_s=client_s)
+    wall = cpu_meter.seconds()[2]
+    each = [100 * c / wall for c in cpu_meter.each()]
     wrk.stop()
     out = "\n".join(text)
     if code != 0:
@@ -972,23 +1164,263 @@ def test_post(
         "p90_ms": _ms(find(r"^\s*90%\s+(\S+)")),
         "p99_ms": _ms(find(r"^\s*99%\s+(\S+)")),
         "non_2xx_3xx_wrk": int(find(r"Non-2xx or 3xx responses:\s*(\d+)", "0")),
-        "non_2xx_lua": int(find(r"post\.lua: responses=\d+ non2xx=(\d+)")),
+        "responses_lua": int(find(r"\w+\.lua: responses=(\d+)")),
+        "non_2xx_lua": int(find(r"\w+\.lua: responses=\d+ non2xx=(\d+)")),
         "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
         "server_cpu_percent": server_cpu,
+        "server_cpu_percent_each": each,
+        "connections_per_process": spread,
         "redis_cpu_percent": redis_cpu,
-        "other_cpu0_percent": other_cpu,
+        "client_cpu_percent": 100 * client_s / wall,
+        # Of CPU 0 (pinned), or of all CPUs in % of one (the workers test).
+        "other_cpu0_percent" if cpu_meter.pinned else "other_cpu_percent": other_cpu,
         "wrk_output": out,
     }
     if echo:
         for line in text:
             print("    " + line, flush=True)
+    return result
+
+
+def test_post(
+    s: Servers,
+    seconds: int,
+    threads: int,
+    conns: int,
+    *,
+    target: Pushd | None = None,
+    channel: str = CHANNEL,
+    label: str = "POST",
+    log_name: str = "wrk",
+    echo: bool = True,
+) -> dict[str, Any]:
+    """wrk POSTs to `channel` of `target` (the main pushd); `echo` prints wrk's output."""
+    result = run_wrk(
+        s, target or s.main, f"/channels/{channel}", label, seconds=seconds, threads=threads,
+        conns=conns, log_name=log_name, echo=echo,
+    )  # fmt: skip
     say(
         f"{label}: {result['requests_per_s']:,.0f} requests/s, latency p50 "
         f"{result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms; non-2xx "
-        f"{result['non_2xx_lua']}, socket errors "
-        f"{result['socket_errors']}; server CPU {server_cpu:.0f}%, redis {redis_cpu:.0f}%"
+        f"{result['non_2xx_lua']}, socket errors {result['socket_errors']}; server CPU "
+        f"{result['server_cpu_percent']:.0f}%, redis {result['redis_cpu_percent']:.0f}%"
     )
     return result
+
+
+# ---------------------------------------------------------------- batch publishes
+
+
+BATCH_DATA = {"t": 1732521234567890, "pad": PAD}  # what bench/batch.lua sends, per line
+
+
+def check_history(p: Pushd, channel: str) -> dict[str, Any]:
+    """After a run: GET the channel's last 5 messages, which must be batch.lua's."""
+    path = f"/channels/{channel}/history?limit=5"
+    try:
+        answer = get_json(p.port, path)
+    except BenchError as e:
+        return {"path": path, "ok": False, "error": str(e)}
+    messages = answer.get("messages", [])
+    ok = len(messages) == 5 and all(
+        m.get("channel") == channel and m.get("data") == BATCH_DATA for m in messages
+    )
+    return {"path": path, "status": 200, "messages": len(messages), "ok": ok}
+
+
+def test_batch(
+    s: Servers, sizes: list[int], seconds: int, conns: int, post: dict[str, Any] | None
+) -> dict[str, Any]:
+    """POST /publish with N NDJSON lines a request (bench/batch.lua), wrk -t1 -c`conns`,
+    with the Redis broker (the main pushd) and the memory broker (a pushd of its own),
+    next to single POSTs from as many connections."""
+    result: dict[str, Any] = {"sizes": sizes, "seconds": seconds, "connections": conns}
+    brokers = []
+    for broker in ("redis", "memory"):
+        p = s.main if broker == "redis" else s.start_pushd("pushd-batch-memory", "memory", [])
+        try:
+            if broker == "memory":
+                say(f"batch (memory broker): pushd pid {p.pid} on port {p.port}")
+            b: dict[str, Any] = {"broker": broker}
+            # Single POSTs: the POST test's figure when it ran (same pushd, -c4), else our own.
+            if broker == "redis" and post is not None and post["connections"] == conns:
+                b["single"] = {k: v for k, v in post.items() if k != "wrk_output"}
+                b["single_from"] = "POST test"
+            else:
+                b["single"] = test_post(
+                    s, seconds, 1, conns, target=p, label=f"batch ({broker}) single POST",
+                    log_name=f"wrk-batch-{broker}-single", echo=False,
+                )  # fmt: skip
+                b["single"].pop("wrk_output")
+                b["single_from"] = "own run"
+            single = b["single"]["requests_per_s"]
+            runs = []
+            for n in sizes:
+                label = f"batch ({broker}) {n:,} lines"
+                r = run_wrk(
+                    s, p, "/publish", label, seconds=seconds, threads=1, conns=conns,
+                    script=BATCH_LUA, script_args=(str(n), CHANNEL),
+                    log_name=f"wrk-batch-{broker}-{n}", echo=False,
+                )  # fmt: skip
+                m = re.search(r"wrong_count=(\d+) lines=(\d+) body_bytes=(\d+)", r["wrk_output"])
+                if not m:
+                    raise BenchError(f"{label}: no batch.lua line in wrk's output")
+                r.pop("wrk_output")
+                r["wrong_count"], r["lines"], r["body_bytes"] = (int(x) for x in m.groups())
+                mps = r["requests_per_s"] * n
+                r["messages_per_s"] = mps
+                r["vs_single"] = mps / single if single else 0.0
+                # CPU per message: % of a CPU / messages per second
+                r["server_cpu_us_per_message"] = r["server_cpu_percent"] * 1e4 / mps
+                r["redis_cpu_us_per_message"] = r["redis_cpu_percent"] * 1e4 / mps
+                redis_part = (
+                    f", redis {r['redis_cpu_percent']:.0f}% "
+                    f"({r['redis_cpu_us_per_message']:.1f} us/msg)"
+                    if broker == "redis"
+                    else ""
+                )
+                say(
+                    f"{label} ({r['body_bytes'] / 1024:,.0f} KiB a request): "
+                    f"{r['requests_per_s']:,.0f} requests/s = {mps:,.0f} messages/s "
+                    f"({r['vs_single']:.1f}x single POSTs' {single:,.0f}/s); latency p50 "
+                    f"{r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms; non-2xx {r['non_2xx_lua']}, "
+                    f"short answers {r['wrong_count']}, socket errors {r['socket_errors']}; "
+                    f"server CPU {r['server_cpu_percent']:.0f}% "
+                    f"({r['server_cpu_us_per_message']:.1f} us/msg){redis_part}"
+                )
+                runs.append(r)
+            b["runs"] = runs
+            b["history"] = check_history(p, CHANNEL)
+            h = b["history"]
+            say(
+                f"batch ({broker}): GET {h['path']}: "
+                + (f"200, {h['messages']} messages" if "error" not in h else h["error"])
+                + (", batch.lua's data" if h["ok"] else ", NOT what batch.lua sent")
+            )
+            brokers.append(b)
+        finally:
+            if p is not s.main:
+                p.stop()
+    result["brokers"] = brokers
+    return result
+
+
+# ---------------------------------------------------------------- 1 vs 2 workers
+
+
+def workers_run(
+    s: Servers, n: int, subs: int, seconds: int, conns: int, rounds: int, msgs: int
+) -> dict[str, Any]:
+    """pushd --workers n (1: a plain pushd), unpinned: `rounds` wrk POST runs (each
+    with new connections, which the kernel spreads over the workers anew), then a
+    burst of `msgs` messages to `subs` WebSocket subscribers."""
+    p = Pushd(f"pushd-workers{n}", s.src, s.redis_port, workers=n, cpu=ALL_CPUS)
+    try:
+        pids = ", ".join(map(str, p.server_pids))
+        say(
+            f"workers {n}: pushd pid {p.pid} on port {p.port}"
+            + (f" (workers {pids})" if n > 1 else "")
+        )
+        out: dict[str, Any] = {"workers": n, "pids": p.server_pids}
+        posts = []
+        for k in range(rounds):
+            label = f"workers {n}: POST" + (f" {k + 1}/{rounds}" if rounds > 1 else "")
+            post = run_wrk(
+                s, p, "/channels/workers-post", label, seconds=seconds, threads=2,
+                conns=conns, log_name=f"wrk-workers{n}-{k}", echo=False, cpu=ALL_CPUS,
+            )  # fmt: skip
+            post.pop("wrk_output")
+            posts.append(post)
+            each = " + ".join(f"{c:.0f}%" for c in post["server_cpu_percent_each"])
+            split = " / ".join(map(str, post["connections_per_process"]))
+            say(
+                f"{label}: {post['requests_per_s']:,.0f} requests/s, latency p50 "
+                f"{post['p50_ms']:.2f} ms p99 {post['p99_ms']:.2f} ms; non-2xx "
+                f"{post['non_2xx_lua']}, socket errors {post['socket_errors']}; CPU: pushd "
+                f"{each}, redis {post['redis_cpu_percent']:.0f}%, wrk "
+                f"{post['client_cpu_percent']:.0f}%"
+                + (f"; wrk's {conns} connections per worker: {split}" if n > 1 else "")
+            )
+        out["post_rounds"] = posts
+        out["post"] = sorted(posts, key=lambda r: r["requests_per_s"])[len(posts) // 2]
+
+        # Fan-out: subscribers spread over the workers by the kernel (whichever
+        # worker accepts first); each message goes through Redis to every worker.
+        fds0 = settled_fds(p.server_pids)
+        clients = ClientSet(p.port, f"workers{n}-fanout", subs, "/ws?channel=workers-fanout",
+                            cpu=ALL_CPUS)  # fmt: skip
+        held = clients.wait_ready()
+        spread = [open_fds(pid) - f for pid, f in zip(p.server_pids, fds0, strict=True)]
+        say(
+            f"workers {n}: {held:,} subscribers of 'workers-fanout'"
+            + (f", per worker (open sockets): {' / '.join(f'{c:,}' for c in spread)}"
+               if n > 1 else "")
+        )  # fmt: skip
+        fan = burst_phase(
+            s, clients, f"workers {n}: fan-out {held:,}", held, msgs, PUBLISHERS,
+            target=p, pinned=False, channel="workers-fanout",
+        )  # fmt: skip
+        fan["subscribers"] = held
+        fan["wanted"] = subs
+        fan["per_worker"] = spread
+        finals = clients.quit()
+        fan["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
+        each = " + ".join(f"{c:.0f}%" for c in fan["server_cpu_percent_each"])
+        say(
+            f"workers {n}: fan-out CPU: pushd {each}, redis {fan['redis_cpu_percent']:.0f}%, "
+            f"clients {fan['client_cpu_percent']:.0f}% (wsclient "
+            f"{fan['client_cpu_us_per_delivery']:.2f} us/delivery + publisher "
+            f"{fan['publisher_cpu_s']:.2f}s)"
+        )
+        out["fanout"] = fan
+        return out
+    finally:
+        p.stop()
+
+
+def test_workers(
+    s: Servers, subs: int, seconds: int, conns: int, rounds: int, msgs: int
+) -> dict[str, Any]:
+    say(
+        "workers: pushd --workers 1 and --workers 2 in turn, nothing pinned: the workers, "
+        "redis-server and the load (wrk, wsclient, the publisher) share both CPUs; the "
+        "clients' CPU is reported"
+    )
+    pinned = Child.pin
+    if pinned:
+        set_affinity(s.redis.pid, ALL_CPUS)
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    try:
+        runs = [workers_run(s, n, subs, seconds, conns, rounds, msgs) for n in (1, 2)]
+    finally:
+        if pinned:
+            set_affinity(s.redis.pid, SERVER_CPU)
+            os.sched_setaffinity(0, {int(CLIENT_CPU)})
+    one, two = runs
+    post_ratio = two["post"]["requests_per_s"] / one["post"]["requests_per_s"]
+    fan_one, fan_two = one["fanout"]["deliveries_per_s"], two["fanout"]["deliveries_per_s"]
+    fan_ratio = fan_two / fan_one if fan_one else 0.0
+    # The runs where the kernel gave each worker some of wrk's connections.
+    spread = [r["requests_per_s"] for r in two["post_rounds"]
+              if min(r["connections_per_process"], default=0) > 0]  # fmt: skip
+    best = max(spread, default=0.0)
+    say(
+        f"workers: POST/s (median of {rounds}) 1: {one['post']['requests_per_s']:,.0f}, 2: "
+        f"{two['post']['requests_per_s']:,.0f} ({post_ratio:.2f}x)"
+        + (f", best with both workers serving {best:,.0f}" if best else "")
+        + f"; fan-out deliveries/s 1: {fan_one:,.0f}, 2: {fan_two:,.0f} ({fan_ratio:.2f}x)"
+    )
+    return {
+        "subscribers": subs,
+        "post_seconds": seconds,
+        "post_connections": conns,
+        "post_rounds": rounds,
+        "messages": msgs,
+        "runs": runs,
+        "post_ratio": post_ratio,
+        "post_spread_best": best,
+        "fanout_ratio": fan_ratio,
+    }
 
 
 # ---------------------------------------------------------------- recovery
@@ -1356,6 +1788,37 @@ def problems(results: dict[str, Any]) -> list[str]:
     if history:
         posts += [(f"POST --history-size {r['history_size']} ({r['broker']})", r)
                   for r in history["post"]]  # fmt: skip
+    batch = results.get("batch")
+    for b in batch["brokers"] if batch else []:
+        name = f"batch ({b['broker']})"
+        if b["single_from"] != "POST test":
+            posts.append((f"{name} single POST", b["single"]))
+        for r in b["runs"]:
+            posts.append((f"{name} {r['lines']} lines", r))
+            if r["wrong_count"]:
+                out.append(f"{name} {r['lines']} lines: {r['wrong_count']} answers without "
+                           f"{r['lines']} results")  # fmt: skip
+        h = b["history"]
+        if not h["ok"]:
+            out.append(f"{name}: GET {h['path']}: {h.get('error', 'not the messages sent')}")
+    workers = results.get("workers")
+    for run in workers["runs"] if workers else []:
+        name = f"workers {run['workers']}"
+        posts += [(f"{name} POST {k + 1}", r) for k, r in enumerate(run["post_rounds"])]
+        fan = run["fanout"]
+        if fan["subscribers"] < fan["wanted"]:
+            out.append(f"{name}: only {fan['subscribers']} of {fan['wanted']} subscribed")
+        if fan["missing"]:
+            out.append(f"{name} fan-out: {fan['missing']} deliveries missing")
+        if fan["per_conn_min"] < fan["messages"]:
+            out.append(f"{name} fan-out: a connection got {fan['per_conn_min']} messages only")
+        if fan["per_conn_max"] > fan["messages"]:
+            out.append(f"{name} fan-out: a connection got {fan['per_conn_max']} (duplicates)")
+        bad = {k: v for k, v in fan["post_status"].items() if k != 200}
+        if bad:
+            out.append(f"{name} fan-out: POST answers other than 200: {bad}")
+        if fan["closed_by_server"]:
+            out.append(f"{name}: the server closed {fan['closed_by_server']} connections")
     for name, post in posts:
         if post["non_2xx_lua"] or post["non_2xx_3xx_wrk"]:
             out.append(f"{name}: {post['non_2xx_lua']} non-2xx answers")
@@ -1417,6 +1880,71 @@ def table(results: dict[str, Any]) -> str:
             ("POST latency", f"p50 {post['p50_ms']:.2f} ms, p99 {post['p99_ms']:.2f} ms"),
             ("POST non-2xx / socket errors", f"{post['non_2xx_lua']} / {post['socket_errors']}"),
         ]  # fmt: skip
+    batch = results.get("batch")
+    for b in batch["brokers"] if batch else []:
+        single = b["single"]
+        rows.append(
+            (f"batch {b['broker']}: single POSTs",
+             f"{single['requests_per_s']:,.0f} msg/s, p50 {single['p50_ms']:.2f} ms, p99 "
+             f"{single['p99_ms']:.2f} ms (-c{single['connections']}, {single['seconds']}s"
+             + (", POST test)" if b["single_from"] == "POST test" else ")"))
+        )  # fmt: skip
+        for r in b["runs"]:
+            rows.append(
+                (f"batch {b['broker']}: {r['lines']:,} lines/request",
+                 f"{r['messages_per_s']:,.0f} msg/s = {r['requests_per_s']:,.0f} req/s "
+                 f"({r['vs_single']:.1f}x); p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+            )  # fmt: skip
+    if batch:
+
+        def checked(b: dict[str, Any]) -> str:
+            h = b["history"]
+            got = f"200, {h['messages']} msgs" if "status" in h else "error"
+            return (f"{b['broker']} {sum(r['non_2xx_lua'] for r in b['runs'])} / "
+                    f"{sum(r['wrong_count'] for r in b['runs'])} / {got}")  # fmt: skip
+
+        rows.append(
+            ("batch: non-2xx / short / history",
+             ", ".join(checked(b) for b in batch["brokers"]))
+        )  # fmt: skip
+    workers = results.get("workers")
+    if workers:
+        one, two = workers["runs"]
+        p1, p2 = one["post"], two["post"]
+        f1, f2 = one["fanout"], two["fanout"]
+
+        def cpus(part: dict[str, Any]) -> str:
+            each = "+".join(f"{c:.0f}" for c in part["server_cpu_percent_each"])
+            return (f"{each}% pushd, {part['redis_cpu_percent']:.0f}% redis, "
+                    f"{part['client_cpu_percent']:.0f}% client")  # fmt: skip
+
+        n_rounds = workers["post_rounds"]
+        by_split = ", ".join(
+            f"{'/'.join(map(str, r['connections_per_process']))}: {r['requests_per_s']:,.0f}"
+            for r in two["post_rounds"]
+        )
+        best = workers["post_spread_best"]
+        rows += [
+            (f"workers 1 vs 2: POST/s (-t2 -c{p1['connections']})",
+             f"{p1['requests_per_s']:,.0f} vs {p2['requests_per_s']:,.0f} = "
+             f"{workers['post_ratio']:.2f}x"
+             + (f" (medians of {n_rounds} runs)" if n_rounds > 1 else "")),
+            ("workers 1: POST/s of each run",
+             ", ".join(f"{r['requests_per_s']:,.0f}" for r in one["post_rounds"])),
+            ("workers 2: POST/s by connections/worker", by_split),
+            ("workers 2: POST/s, both workers serving",
+             f"best {best:,.0f} = {best / p1['requests_per_s']:.2f}x the 1-worker median"
+             if best else "no run: wrk's connections all went to one worker"),
+            ("workers 1 vs 2: POST latency",
+             f"p50 {p1['p50_ms']:.2f} vs {p2['p50_ms']:.2f} ms, "
+             f"p99 {p1['p99_ms']:.2f} vs {p2['p99_ms']:.2f} ms"),
+            ("workers 1 vs 2: POST CPU", f"{cpus(p1)} vs {cpus(p2)}"),
+            (f"workers 1 vs 2: fan-out {f1['subscribers']:,} deliveries/s",
+             f"{f1['deliveries_per_s']:,.0f} vs {f2['deliveries_per_s']:,.0f} = "
+             f"{workers['fanout_ratio']:.2f}x ({f1['publishers']} publishers)"),
+            ("workers 1 vs 2: fan-out CPU", f"{cpus(f1)} vs {cpus(f2)}"),
+            ("workers 2: subscribers per worker", " / ".join(f"{c:,}" for c in f2["per_worker"])),
+        ]  # fmt: skip
     for rec in results.get("recovery", []):
         b = rec["broker"]
         for phase in RECOVERY_PHASES:
@@ -1475,7 +2003,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (~40 s)")
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (~1 minute)")
     ap.add_argument("--idle", type=int, help="idle connections [15000; quick 2000]")
     ap.add_argument(
         "--fanout", type=lambda s: [int(x) for x in s.split(",")],
@@ -1509,6 +2037,33 @@ def main() -> int:
     ap.add_argument("--skip", default="", help=f"comma-separated tests to skip: {','.join(TESTS)}")
     ap.add_argument(
         "--only", default="", help="comma-separated tests to run, e.g. recovery,history"
+    )
+    ap.add_argument(
+        "--batch-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="lines per POST /publish of the batch test [10,100,1000; quick 10,1000]",
+    )
+    ap.add_argument(
+        "--batch-seconds", type=int, help="wrk duration of each batch size [5; quick 2]"
+    )
+    ap.add_argument(
+        "--workers-subscribers",
+        type=int,
+        help="WebSocket subscribers of the workers test's fan-out [2000; quick 500]",
+    )
+    ap.add_argument(
+        "--workers-seconds", type=int, help="wrk duration of the workers test's POSTs [5; quick 2]"
+    )
+    ap.add_argument(
+        "--workers-conns",
+        type=int,
+        default=8,
+        help="wrk connections of the workers test's POSTs (2 wrk threads) [8]",
+    )
+    ap.add_argument(
+        "--workers-rounds",
+        type=int,
+        help="wrk runs of the workers test's POSTs, each with new connections [5; quick 1]",
     )
     ap.add_argument(
         "--catchup", type=int, default=1000, help="messages each recovering client gets [1000]"
@@ -1557,6 +2112,13 @@ def main() -> int:
     hist_sizes = args.history_sizes or ([1, 10000] if quick else [1, 100, 10000])
     hist_post_s = 2 if quick else 5
     redis_n = args.redis_requests or (10_000 if quick else 100_000)
+    batch_sizes = args.batch_sizes or ([10, 1000] if quick else [10, 100, 1000])
+    batch_s = args.batch_seconds or (2 if quick else 5)
+    workers_subs = args.workers_subscribers or (500 if quick else 2000)
+    workers_s = args.workers_seconds or (2 if quick else 5)
+    workers_rounds = args.workers_rounds or (1 if quick else 5)
+    # ~2,000,000 deliveries in the workers fan-out burst (100,000 quick)
+    workers_msgs = max(20, (100_000 if quick else 2_000_000) // workers_subs)
 
     # Fan-out parameters per subscriber count. Max rate: ~2M deliveries from
     # --publishers connections, then ~500k from one (a tenth of that in quick mode).
@@ -1614,6 +2176,12 @@ def main() -> int:
                 results["fanout"].append(test_fanout(s, subs, *plan(subs)))
         if "post" not in skip:
             results["post"] = test_post(s, post_s, threads=1, conns=4)
+        if "batch" not in skip:
+            results["batch"] = test_batch(s, batch_sizes, batch_s, 4, results.get("post"))
+        if "workers" not in skip:
+            results["workers"] = test_workers(
+                s, workers_subs, workers_s, args.workers_conns, workers_rounds, workers_msgs
+            )
         if "recovery" not in skip:
             results["recovery"] = [
                 test_recovery(s, broker, catchup, seq_n, herd_n, herd_rounds)
@@ -1641,8 +2209,8 @@ def main() -> int:
         print("checks FAILED:\n  " + "\n  ".join(results["problems"]))
         return 1
     print(
-        "checks: every connection held, no delivery missing, every POST answered 2xx, "
-        "every catch-up complete and in order"
+        "checks: every connection held, no delivery missing, every POST answered 2xx "
+        "(batches: with one result a line), every catch-up complete and in order"
     )
     return 0
 
