@@ -30,7 +30,8 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar, cast
 from urllib.parse import quote, urlencode, urlsplit
@@ -560,13 +561,14 @@ async def run(
     2 for a bad command line (or 0 for --help)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        args = parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    observer = cast(ILogObserver, textFileLogObserver(err)) if args.verbose else None
-    if observer is not None:
-        globalLogPublisher.addObserver(observer)
+    args = parse_command(parser(), argv)
+    if isinstance(args, int):
+        return args
+    with verbose_log(args.verbose, err):
+        return await _check(reactor, args, out, err)
+
+
+async def _check(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     check = Check(reactor, args, out)
     try:
         ws_rtt, sse_rtt = await check.run()
@@ -580,10 +582,29 @@ async def run(
         return 1
     finally:
         await check.close()
-        if observer is not None:
-            globalLogPublisher.removeObserver(observer)
     print(f"pushd-check: OK (websocket {_ms(ws_rtt)}, sse {_ms(sse_rtt)})", file=out, flush=True)
     return 0
+
+
+def parse_command(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
+    """The parsed command line, or the status argparse exits with (2, or 0 for --help)."""
+    try:
+        return p.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+
+
+@contextmanager
+def verbose_log(enabled: bool, err: TextIO) -> Iterator[None]:
+    """With -v: Twisted's and Autobahn's log on `err` for the command's run."""
+    observer = cast(ILogObserver, textFileLogObserver(err)) if enabled else None
+    if observer is not None:
+        globalLogPublisher.addObserver(observer)
+    try:
+        yield
+    finally:
+        if observer is not None:
+            globalLogPublisher.removeObserver(observer)
 
 
 def run_command(

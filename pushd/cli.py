@@ -19,12 +19,17 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, TextIO, cast
-
-from twisted.logger import ILogObserver, globalLogPublisher, textFileLogObserver
+from typing import Any, TextIO
 
 from pushd import __version__
-from pushd.check import Target, _channel, _connect_reason, run_command
+from pushd.check import (
+    Target,
+    _channel,
+    _connect_reason,
+    parse_command,
+    run_command,
+    verbose_log,
+)
 from pushd.client import Publisher, PushdError, Subscriber
 from pushd.message import parse_id
 
@@ -155,24 +160,18 @@ async def run(
     """The command as a function: its exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    try:
-        args = parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    observer = cast(ILogObserver, textFileLogObserver(err)) if args.verbose else None
-    if observer is not None:
-        globalLogPublisher.addObserver(observer)
-    try:
-        if args.command == "publish":
-            await _publish(reactor, args, out)
-        else:
-            await _subscribe(reactor, args, out)
-    except CliError as exc:
-        print(f"pushd-cli: {exc}", file=err, flush=True)
-        return 1
-    finally:
-        if observer is not None:
-            globalLogPublisher.removeObserver(observer)
+    args = parse_command(parser(), argv)
+    if isinstance(args, int):
+        return args
+    with verbose_log(args.verbose, err):
+        try:
+            if args.command == "publish":
+                await _publish(reactor, args, out)
+            else:
+                await _subscribe(reactor, args, out)
+        except CliError as exc:
+            print(f"pushd-cli: {exc}", file=err, flush=True)
+            return 1
     return 0
 
 
