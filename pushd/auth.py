@@ -238,6 +238,7 @@ def client_host(peer: Any, forwarded_for: str | None, trusted_proxies: int) -> s
     return host
 
 
+@lru_cache(maxsize=4096)
 def is_loopback_host(host: str) -> bool:
     if host == "local":
         return True

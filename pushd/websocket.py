@@ -27,6 +27,7 @@ consumer, 4001 token expired, 4003 disconnected by the application.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -40,12 +41,23 @@ from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import SendBound, TokenBucket
 from pushd.message import Message, data_json, dump_json, is_channel, load_json, parse_id
+from pushd.outbox import FLUSH_AT, Outbox, write_now
 from pushd.session import AlreadySubscribed, Session
 
 log = Logger()
 
 _PONG = dump_json({"type": "pong"})
 FRAME_OVERHEAD = 1024
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A whole text frame as a server sends it (RFC 6455 5.2: final, unmasked)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class FrameError(Exception):
@@ -95,6 +107,26 @@ def _since_of(msg: dict[str, Any], channel: str) -> str | None:
     return since
 
 
+# What Autobahn keeps of the opening handshake and never reads once the connection is open.
+_HANDSHAKE_ONLY = (
+    "http_headers",
+    "http_status_line",
+    "http_request_data",
+    "http_response_data",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_key",
+    "_wskey",
+)
+_SHAREABLE = (type(None), bool, int, float, str)
+_UNSET = object()
+
+
 class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[misc]
     factory: PushdServerFactory
     session: Session
@@ -109,6 +141,9 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     _paused = False
     _backlog = 0
     replaying = False
+    # Frames queued this reactor turn (pushd.outbox), and their size.
+    _queued: bytes | list[bytes] | None = None
+    _queued_size = 0
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
@@ -165,12 +200,38 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         transport.unregisterProducer()
         transport.registerProducer(self, True)
         self.factory.clients.add(self)
-        for msg in self._initial:
+        initial = self._initial
+        self._shrink()
+        for msg in initial:
             self._handle(self.handle_subscribe, msg)
-        del self._initial
         # After the URL's channels: a `since` there for the personal channel counts.
         if self.grants.sub is not None:
             self.session.identify(self.grants.sub, self.factory.config.personal(self.grants.sub))
+
+    def _shrink(self) -> None:
+        """Make an idle connection small: it keeps nothing of the handshake, and
+        no copy of a plain value its class already holds (Autobahn sets some
+        hundred attributes per connection, most of them the same for all)."""
+        own = self.__dict__
+        for name in (*_HANDSHAKE_ONLY, "_initial"):
+            own.pop(name, None)
+        # Autobahn never appends to its send queue unless asked to (sync or
+        # chopsize writes, which pushd does not use): an immutable empty one
+        # would fail loudly if it ever did.
+        own["send_queue"] = ()
+        cls = type(self)
+        for name, value in list(own.items()):
+            if type(value) not in _SHAREABLE:
+                continue
+            shared = getattr(cls, name, _UNSET)
+            if shared is _UNSET:
+                # This factory's own class (see PushdServerFactory): no other sees it.
+                setattr(cls, name, value)
+                shared = value
+            if type(shared) is type(value) and shared == value:
+                del own[name]
+        # A dict does not shrink when keys go: a copy is sized to what is left.
+        self.__dict__ = dict(own)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -198,6 +259,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             self._reply(e.frame())
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._queued = None
         session = getattr(self, "session", None)
         if session is not None:
             session.close()
@@ -293,11 +355,11 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             return
         frame = message.frame
         if frame is None:
-            frame = message.frame = self.factory.prepareMessage(message.payload)
-        if self.over(len(frame.payloadHybi), self.factory.max_send_buffer):
+            frame = message.frame = text_frame(message.payload)
+        if self._paused and self.over(len(frame), self.factory.max_send_buffer):
             self._slow_consumer()
             return
-        self.sendPreparedMessage(frame)
+        self._queue(frame)
 
     def _reply(self, payload: bytes) -> None:
         if self.state != self.STATE_OPEN:
@@ -305,7 +367,34 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         if self.over(len(payload) + 10, self.factory.max_send_buffer):
             self._slow_consumer()
             return
-        self.sendMessage(payload)
+        self._queue(text_frame(payload))
+
+    def _queue(self, frame: bytes) -> None:
+        """Every frame of ours goes out through here, so they keep their order."""
+        queued = self._queued
+        if queued is None:
+            # Most turns carry one frame for a connection: no list for it.
+            self._queued = frame
+            self._queued_size = len(frame)
+            self.factory.outbox.add(self)
+            return
+        if isinstance(queued, bytes):
+            queued = self._queued = [queued, frame]
+        else:
+            queued.append(frame)
+        self._queued_size += len(frame)
+        if self._queued_size >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        queued, self._queued = self._queued, None
+        if queued is not None and self.state == self.STATE_OPEN:
+            write_now(self.transport, queued if isinstance(queued, bytes) else b"".join(queued))
+
+    def sendCloseFrame(self, *args: Any, **kwargs: Any) -> None:
+        # What was sent before the close goes before it.
+        self.flush()
+        super().sendCloseFrame(*args, **kwargs)
 
     # -- the transport's producer (SendBound)
 
@@ -333,6 +422,10 @@ class PushdServerFactory(WebSocketServerFactory):
         metrics: Any,
     ) -> None:
         super().__init__(reactor=reactor)
+        # A class of this factory's own: connections read the factory's options
+        # from it (Autobahn copies only what a connection lacks) and share their
+        # plain defaults through it (PushdServerProtocol._shrink).
+        self.protocol = type(PushdServerProtocol.__name__, (PushdServerProtocol,), {})  # type: ignore[assignment]
         self.hub = hub
         self.broker = broker
         self.gate = gate
@@ -344,6 +437,7 @@ class PushdServerFactory(WebSocketServerFactory):
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
         self.metrics = metrics
+        self.outbox = Outbox(reactor)
         # Open connections, to say goodbye (1001) when the service stops.
         self.clients: set[PushdServerProtocol] = set()
         self._all_gone: list[Deferred[None]] = []
@@ -360,6 +454,8 @@ class PushdServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=1,
             failByDrop=False,
         )
+        for name in self.protocol.CONFIG_ATTRS:
+            setattr(self.protocol, name, getattr(self, name))
 
     def gone(self, client: PushdServerProtocol) -> None:
         self.clients.discard(client)

@@ -187,24 +187,24 @@ class RawClient(Protocol):
 
     def __init__(self) -> None:
         self.data = b""
-        self._waiting: list[tuple[bytes, Deferred[bytes]]] = []
+        self._waiting: list[tuple[bytes, int, Deferred[bytes]]] = []
         self.lost: Deferred[None] = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
-        for item in [w for w in self._waiting if w[0] in self.data]:
+        for item in [w for w in self._waiting if self.data.count(w[0]) >= w[1]]:
             self._waiting.remove(item)
-            item[1].callback(self.data)
+            item[2].callback(self.data)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
 
-    async def until(self, marker: bytes, timeout: float = TIMEOUT) -> bytes:
-        """Everything received once `marker` has arrived."""
-        if marker in self.data:
+    async def until(self, marker: bytes, timeout: float = TIMEOUT, count: int = 1) -> bytes:
+        """Everything received once `marker` has arrived (`count` times)."""
+        if self.data.count(marker) >= count:
             return self.data
         d: Deferred[bytes] = Deferred()
-        self._waiting.append((marker, d))
+        self._waiting.append((marker, count, d))
         return await with_timeout(d, timeout)
 
 

@@ -3,8 +3,10 @@ real port, on the memory broker and on Redis."""
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 
+from pushd import websocket
 from tests.support import PushdUnderTest, StartPushd, channel_subscriptions, wait_for
 
 
@@ -58,16 +60,17 @@ async def test_every_subscriber_gets_each_message_once_in_order(pushd: PushdUnde
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_message_is_framed_once_for_all_subscribers(pushd: PushdUnderTest) -> None:
-    ws_factory = pushd.service.listeners[0].factory.ws_factory
-    prepared = []
-    original = ws_factory.prepareMessage
+async def test_a_message_is_framed_once_for_all_subscribers(
+    pushd: PushdUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    framed = []
+    original = websocket.text_frame
 
-    def counting(payload, *args, **kwargs):  # type: ignore[no-untyped-def]
-        prepared.append(payload)
-        return original(payload, *args, **kwargs)
+    def counting(payload: bytes) -> bytes:
+        framed.append(payload)
+        return original(payload)
 
-    ws_factory.prepareMessage = counting
+    monkeypatch.setattr(websocket, "text_frame", counting)
     clients = [await pushd.connect("?channel=once") for _ in range(4)]
     for client in clients:
         await client.next_of("subscribed")
@@ -75,7 +78,7 @@ async def test_a_message_is_framed_once_for_all_subscribers(pushd: PushdUnderTes
     for client in clients:
         assert (await client.next_of("message"))["data"] == "x"
         await client.close()
-    assert len(prepared) == 1
+    assert len([p for p in framed if b'"type":"message"' in p]) == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -34,6 +34,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     TimeoutError,
+    fail,
     gatherResults,
     succeed,
 )
@@ -371,13 +372,32 @@ class RedisBroker(Broker):
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None
     ) -> Deferred[Published]:
-        async def run() -> Published:
-            repeated, msg_id = await self._run(
-                PUBLISH, *self._publish_args(channel, data, idempotency_key)
-            )
-            return Published(msg_id, repeated=bool(int(repeated)))
+        d = self._eval(PUBLISH, *self._publish_args(channel, data, idempotency_key))
+        return self.track(d.addCallback(_published))
 
-        return self.track(Deferred.fromCoroutine(run()))
+    def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
+        """EVALSHA straight on the pool's first free connection, as txredisapi's
+        handle would pick it, without its per-command Deferred chain: publishing
+        is the hot path. Commands of one reactor turn leave in one write."""
+        factory = self._pool_factory
+        free = factory.connectionQueue.pending if factory is not None else ()
+        if not free or not free[0].connected:
+            return Deferred.fromCoroutine(self._run(script, keys, args))
+        try:
+            d = free[0].execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except txredisapi.RedisError as e:
+            return fail(BrokerUnavailable(f"Redis: {e}"))
+        return d.addErrback(self._eval_failed, script, keys, args)
+
+    def _eval_failed(
+        self, failure: Any, script: Script, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        error = failure.value
+        if isinstance(error, txredisapi.ResponseError) and str(error).startswith("NOSCRIPT"):
+            return Deferred.fromCoroutine(self._run(script, keys, args))
+        if isinstance(error, (txredisapi.RedisError, TimeoutError, CancelledError)):
+            raise BrokerUnavailable(f"Redis: {error or type(error).__name__}")
+        return failure
 
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
@@ -395,7 +415,7 @@ class RedisBroker(Broker):
                     keys += item_keys
                     args += item_args
                     args[0] += 1
-                answers = await self._run(PUBLISH_MANY, keys, args)
+                answers = await self._eval(PUBLISH_MANY, keys, args)
                 published += [Published(i, repeated=bool(int(r))) for r, i in answers]
             return published
 
@@ -587,6 +607,11 @@ class RedisBroker(Broker):
             # A message published before our UNSUBSCRIBE reached Redis may still come.
             if name in self._wanted:
                 self.listener(name, message)
+
+
+def _published(answer: list[Any]) -> Published:
+    repeated, msg_id = answer
+    return Published(msg_id, repeated=bool(int(repeated)))
 
 
 def _loads(raw: bytes) -> Any:

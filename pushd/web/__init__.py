@@ -18,8 +18,10 @@ from pushd.config import Config
 from pushd.hub import Hub
 from pushd.message import dump_json
 from pushd.metrics import Metrics
+from pushd.outbox import write_now
 from pushd.web.batch import PublishResource, PushResource
 from pushd.web.control import UsersResource
+from pushd.web.fastpath import FastPublish
 from pushd.web.ops import HealthResource, MetricsResource
 from pushd.web.producer import ChannelsResource, Producing
 from pushd.web.resource import NotFound, ProducerAuth
@@ -64,7 +66,13 @@ class WebSocketEndpoint(WebSocketResource):
             request.channel.persistent = False
             request.setHeader(b"content-type", b"application/json")
             return dump_json({"error": "upgrade_required", "message": "this is a WebSocket"})
-        return super().render(request)
+        result = super().render(request)
+        channel = request.channel
+        if channel.transport is None:
+            # Upgraded: Twisted Web's channel and request are done with, but hold
+            # each other; let go of one side, so both go now, not at a full GC.
+            channel.requests.clear()
+        return result
 
 
 class QuietSite(Site):
@@ -129,6 +137,10 @@ class PushdChannel(HTTPChannel):
     _deadline: Any = None
     _header_bytes = 0
     _refused = False
+    #: The producers' hot path (pushd.web.fastpath), when the site has one.
+    fast: FastPublish | None = None
+    # What arrives while a request of the hot path waits for the broker.
+    _fast_waiting: list[bytes] | None = None
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.totalHeadersSize = self.max_header_size
@@ -159,6 +171,8 @@ class PushdChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._stop_deadline()
+        # Pipelined requests are parsed before requestDone: count each one's own.
+        self._header_bytes = 0
         super().allHeadersReceived()
 
     def requestDone(self, request: Any) -> None:
@@ -188,8 +202,40 @@ class PushdChannel(HTTPChannel):
         self.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._refused:
-            super().dataReceived(data)
+        if self._refused:
+            return
+        if self._fast_waiting is not None:
+            self._fast_waiting.append(data)
+            return
+        if self.fast is not None and self._between_requests():
+            transport: Any = self.transport
+            request = self.fast.parse(data, transport.getPeer())
+            if request is not None:
+                self.resetTimeout()
+                self._stop_deadline()
+                self._fast_waiting = []
+                self.fast.publish(request, self._fast_answer)
+                return
+        super().dataReceived(data)
+
+    def _between_requests(self) -> bool:
+        return bool(
+            self._HTTPChannel__first_line  # type: ignore[attr-defined]
+            and not self.requests
+            and self.line_mode
+            and not self._buffer
+            and self.persistent
+        )
+
+    def _fast_answer(self, response: bytes) -> None:
+        """The hot path's answer; then what came meanwhile (pipelined) is read."""
+        waiting, self._fast_waiting = self._fast_waiting, None
+        if self.transport is None:
+            return
+        write_now(self.transport, response)
+        self._start_deadline()
+        if waiting:
+            self.dataReceived(b"".join(waiting))
 
 
 def make_site(
@@ -233,6 +279,7 @@ def make_site(
         {
             "handshake_timeout": config.handshake_timeout,
             "max_header_size": config.max_header_size,
+            "fast": FastPublish(producing, reactor),
         },
     )
     site.ws_factory = ws_factory  # type: ignore[attr-defined]

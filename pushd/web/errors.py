@@ -15,6 +15,9 @@ class ApiError(Exception):
         self.message = message
 
 
+#: (status, code, sentence)
+Refusal = tuple[int, str, str]
+
 BAD_CHANNEL = (400, "bad_channel", "channel names match [A-Za-z0-9_.:@=+-]{1,128}, optionally #ids")
 BAD_JSON = (400, "bad_json", "the body is not valid JSON")
 BAD_TEXT = (400, "bad_text", "the body is not UTF-8 text")

@@ -9,7 +9,7 @@ everything before it changes anything.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pushd.auth import client_host, is_loopback_host
 from pushd.message import dump_json
 from pushd.web import errors
-from pushd.web.errors import ApiError
+from pushd.web.errors import ApiError, Refusal
 
 log = Logger()
 
@@ -44,20 +44,26 @@ class ProducerAuth:
         self._keys = [k.encode() for k in keys]
         self.trusted_proxies = trusted_proxies
 
-    def check(self, request: Request) -> None:
+    def refusal(self, authorization: bytes | None, host: Callable[[], str]) -> Refusal | None:
+        """Why a producer may not ask (an error of pushd.web.errors), or None."""
         if not self._keys:
-            if not is_loopback_host(request_host(request, self.trusted_proxies)):
-                raise ApiError(*errors.LOOPBACK_ONLY)
-            return
-        header = request.getHeader(b"authorization") or b""
-        scheme, _, presented = header.partition(b" ")
+            return None if is_loopback_host(host()) else errors.LOOPBACK_ONLY
+        scheme, _, presented = (authorization or b"").partition(b" ")
         presented = presented.strip()
         ok = False
         for key in self._keys:
             ok |= hmac.compare_digest(presented, key)
-        if scheme.lower() != b"bearer" or not ok:
-            request.setHeader(b"www-authenticate", b'Bearer realm="pushd"')
-            raise ApiError(*errors.UNAUTHORIZED)
+        return None if ok and scheme.lower() == b"bearer" else errors.UNAUTHORIZED
+
+    def check(self, request: Request) -> None:
+        refusal = self.refusal(
+            request.getHeader(b"authorization"),
+            lambda: request_host(request, self.trusted_proxies),
+        )
+        if refusal is not None:
+            if refusal is errors.UNAUTHORIZED:
+                request.setHeader(b"www-authenticate", b'Bearer realm="pushd"')
+            raise ApiError(*refusal)
 
 
 class ApiResource(Resource):

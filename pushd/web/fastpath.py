@@ -1,0 +1,135 @@
+"""The producers' hot path: `POST /channels/{channel}`, answered without twisted.web.
+
+twisted.web spends most of a small publish on itself: a Request object, its
+headers parsed through the email package, a Deferred chain, a resource
+traversal. A producer's publish is usually one whole request in one read. When
+it is exactly that (HTTP/1.1, Content-Length, nothing unusual, allowed, valid),
+`FastPublish` answers it here; anything else, including every error a producer
+can cause, goes to twisted.web as if this module did not exist, so the contract
+is answered in one place. Only the broker's answer (the id, or 503) is written
+here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.http import datetimeToString
+
+from pushd.auth import client_host
+from pushd.broker import BrokerUnavailable, Published
+from pushd.message import data_from_body, dump_json, is_channel
+from pushd.web import errors
+from pushd.web.producer import IDEMPOTENCY_KEY_MAX, Producing
+
+log = Logger()
+
+_PREFIX = b"POST /channels/"
+_HEAD = (
+    b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n\r\n"
+)
+# Headers whose presence sends a request down the full path.
+_UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+
+
+class Request:
+    """One publish taken on the hot path."""
+
+    __slots__ = ("channel", "data", "key", "started")
+
+    def __init__(self, channel: str, data: bytes, key: str | None) -> None:
+        self.channel = channel
+        self.data = data
+        self.key = key
+        self.started = time.monotonic()
+
+
+class FastPublish:
+    def __init__(self, producing: Producing, clock: Any) -> None:
+        self._p = producing
+        self._clock = clock
+        self._max_size = producing.config.max_message_size
+        self._published = producing.metrics.published.labels("channels")
+        self._seconds = producing.metrics.publish_seconds
+        self._date = (0, b"")
+
+    def parse(self, data: bytes, peer: Any) -> Request | None:
+        """The publish `data` holds, whole and valid; None for anything else."""
+        if not data.startswith(_PREFIX):
+            return None
+        head_end = data.find(b"\r\n\r\n")
+        line_end = data.find(b"\r\n")
+        if head_end < 0:
+            return None
+        target, _, version = data[len(_PREFIX) : line_end].partition(b" ")
+        if version != b"HTTP/1.1":
+            return None
+        try:
+            channel = target.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if not is_channel(channel):  # also refuses "/history", "?query", "%xx"
+            return None
+        headers: dict[bytes, bytes] = {}
+        for line in data[line_end + 2 : head_end].split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            name = name.lower()
+            if not colon or name in headers or name in _UNUSUAL or name != name.strip():
+                return None
+            headers[name] = value.strip()
+        if headers.get(b"connection", b"keep-alive").lower() != b"keep-alive":
+            return None
+        body = data[head_end + 4 :]
+        length = headers.get(b"content-length")
+        if length is None or not length.isdigit() or int(length) != len(body):
+            return None  # a body in several reads, or pipelined requests
+        if len(body) > self._max_size:
+            return None
+        auth = self._p.auth
+        if auth.refusal(
+            headers.get(b"authorization"),
+            lambda: client_host(
+                peer, headers.get(b"x-forwarded-for", b"").decode("latin-1"), auth.trusted_proxies
+            ),
+        ):
+            return None
+        key = headers.get(b"idempotency-key")
+        if key is not None:
+            key_text = key.decode("latin-1")
+            if len(key_text) > IDEMPOTENCY_KEY_MAX or not key_text.isprintable() or not key_text:
+                return None
+        try:
+            message = data_from_body(body, headers.get(b"content-type", b"").decode("latin-1"))
+        except ValueError:
+            return None
+        return Request(channel, message, None if key is None else key_text)
+
+    def publish(self, request: Request, answer: Any) -> None:
+        """Publish; `answer(bytes)` gets the whole HTTP response."""
+
+        def published(result: Published) -> None:
+            self._published.inc()
+            self._seconds.observe(time.monotonic() - request.started)
+            body = dump_json({"channel": request.channel, "id": result.id})
+            answer(self._response(200, b"OK", body))
+
+        def failed(failure: Any) -> None:
+            if failure.check(BrokerUnavailable):
+                status, code, text = errors.UNAVAILABLE
+                reason = b"Service Unavailable"
+            else:
+                log.failure("publishing to {channel} failed", failure, channel=request.channel)
+                status, code, text = 500, "internal", "internal error"
+                reason = b"Internal Server Error"
+            answer(self._response(status, reason, dump_json({"error": code, "message": text})))
+
+        d = self._p.broker.publish(request.channel, request.data, request.key)
+        d.addCallbacks(published, failed)
+
+    def _response(self, status: int, reason: bytes, body: bytes) -> bytes:
+        now = int(self._clock.seconds())
+        if self._date[0] != now:
+            self._date = (now, datetimeToString(now))
+        return _HEAD % (status, reason, len(body), self._date[1]) + body
