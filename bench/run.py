@@ -477,7 +477,12 @@ class ClientSet:
         per_process: int = PER_PROCESS,
         rate: float = 3000.0,
         cpu: str = CLIENT_CPU,
+        raw: bool = False,
+        stall: float = 0.0,
+        connect_timeout: float | None = None,
     ) -> None:
+        """`raw`: a server without pushd's frames (wsclient --raw, for Nchan); `stall`:
+        wsclient --stall; `connect_timeout`: wsclient's [60 + total / 200 s]."""
         nproc = max(1, math.ceil(total / per_process))
         sizes = [total // nproc + (1 if i < total % nproc else 0) for i in range(nproc)]
         self.children: list[Child] = []
@@ -492,16 +497,20 @@ class ClientSet:
                 "--src", SOURCES.take(max(2, math.ceil(size / PER_ADDRESS))),
                 "--rate", str(rate / nproc),
                 "--inflight", "128",
-                "--connect-timeout", str(60 + total / 200),
+                "--connect-timeout", str(connect_timeout or 60 + total / 200),
                 "--label", f"{name}-{i}",
                 "--control",
             ]  # fmt: skip
             if idle:
                 argv.append("--idle")
+            if raw:
+                argv.append("--raw")
+            if stall:
+                argv += ["--stall", str(stall)]
             self.children.append(Child(f"{name}-{i}", argv, cpu, control=True, merge_stderr=False))
 
-    def wait_ready(self) -> int:
-        timeout = 90 + sum(self.sizes) / 200
+    def wait_ready(self, timeout: float | None = None) -> int:
+        timeout = timeout or 90 + sum(self.sizes) / 200
         for child, size in zip(self.children, self.sizes, strict=True):
             m = child.wait_for(r"^ready (\d+) failed (\d+)", timeout)
             self.open.append(int(m.group(1)))
@@ -565,16 +574,21 @@ async def _request(
 
 
 async def _post(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int, channel: str = CHANNEL
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    port: int,
+    channel: str = CHANNEL,
+    path: str | None = None,
 ) -> int:
+    """POST one message to /channels/`channel`, or to `path` (another server's URL)."""
     status, _ = await _request(
-        reader, writer, port, f"/channels/{channel}", body(time.time_ns() // 1000)
+        reader, writer, port, path or f"/channels/{channel}", body(time.time_ns() // 1000)
     )
     return status
 
 
 async def _burst(
-    port: int, n: int, nconn: int, channel: str = CHANNEL
+    port: int, n: int, nconn: int, channel: str = CHANNEL, path: str | None = None
 ) -> tuple[float, Counter[int]]:
     statuses: Counter[int] = Counter()
     todo = iter(range(n))
@@ -582,7 +596,7 @@ async def _burst(
 
     async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in todo:
-            statuses[await _post(reader, writer, port, channel)] += 1
+            statuses[await _post(reader, writer, port, channel, path)] += 1
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker(r, w) for r, w in conns))
@@ -592,7 +606,9 @@ async def _burst(
     return elapsed, statuses
 
 
-async def _paced(port: int, n: int, rate: float, nconn: int) -> tuple[float, Counter[int]]:
+async def _paced(
+    port: int, n: int, rate: float, nconn: int, path: str | None = None
+) -> tuple[float, Counter[int]]:
     statuses: Counter[int] = Counter()
     pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
     for _ in range(nconn):
@@ -601,7 +617,7 @@ async def _paced(port: int, n: int, rate: float, nconn: int) -> tuple[float, Cou
     async def one() -> None:
         conn = await pool.get()
         try:
-            statuses[await _post(*conn, port)] += 1
+            statuses[await _post(*conn, port, path=path)] += 1
         finally:
             pool.put_nowait(conn)
 
@@ -621,15 +637,20 @@ async def _paced(port: int, n: int, rate: float, nconn: int) -> tuple[float, Cou
 
 
 def publish_burst(
-    port: int, n: int, nconn: int = 4, timeout: float = 300, channel: str = CHANNEL
+    port: int,
+    n: int,
+    nconn: int = 4,
+    timeout: float = 300,
+    channel: str = CHANNEL,
+    path: str | None = None,
 ) -> tuple[float, Counter[int]]:
-    return asyncio.run(asyncio.wait_for(_burst(port, n, nconn, channel), timeout))
+    return asyncio.run(asyncio.wait_for(_burst(port, n, nconn, channel, path), timeout))
 
 
 def publish_paced(
-    port: int, n: int, rate: float, timeout: float = 300
+    port: int, n: int, rate: float, timeout: float = 300, path: str | None = None
 ) -> tuple[float, Counter[int]]:
-    return asyncio.run(asyncio.wait_for(_paced(port, n, rate, 8), timeout))
+    return asyncio.run(asyncio.wait_for(_paced(port, n, rate, 8, path), timeout))
 
 
 def publish_ids(port: int, channel: str, n: int) -> list[str]:
@@ -829,7 +850,10 @@ class Pushd:
 
 
 class Servers:
-    def __init__(self, src: Path = ROOT) -> None:
+    """redis-server, and the main pushd on it (not with `pushd=False`: compare.py
+    starts its own)."""
+
+    def __init__(self, src: Path = ROOT, *, pushd: bool = True) -> None:
         self.src = src
         self.redis_port = free_port()
         self.redis = Child(
@@ -847,6 +871,9 @@ class Servers:
         )  # fmt: skip
         self.redis.wait_for(r"Ready to accept connections", 20)
         self.redis.collect = False
+        self.pushd: Child | None = None
+        if not pushd:
+            return
         self.main = Pushd("pushd", src, self.redis_port)
         self.pushd = self.main.child
         self.pid = self.main.pid
@@ -879,7 +906,7 @@ class Servers:
 
     def alive(self) -> None:
         for child in (self.redis, self.pushd):
-            if child.proc.poll() is not None:
+            if child is not None and child.proc.poll() is not None:
                 raise BenchError(
                     f"{child.name} died (code {child.proc.returncode}); see {child.log_path}"
                 )
@@ -949,17 +976,20 @@ def burst_phase(
     target: Pushd | None = None,
     pinned: bool = True,
     channel: str = CHANNEL,
+    path: str | None = None,
 ) -> dict[str, Any]:
     """`msgs` messages back-to-back from `publishers` keep-alive connections, each
     POSTing as soon as its previous POST was answered: the server sets the pace.
-    `target`: another pushd than the main one (the workers test, `pinned=False`)."""
+    `target`: another pushd than the main one (the workers test, `pinned=False`), or
+    another server with `port`, `server_pids` and `alive()` (compare.py's Nchan),
+    whose publish URL is `path`."""
     target = target or s.main
     wait_quiet()
     clients.expect(msgs, idle_ms=5000, max_ms=int(60_000 + msgs * held / 20))
     cpu = CpuMeter(target.server_pids, s.redis.pid, pinned=pinned)
     own = own_cpu_seconds()
     start_ns = time.time_ns()
-    elapsed, statuses = publish_burst(target.port, msgs, publishers, channel=channel)
+    elapsed, statuses = publish_burst(target.port, msgs, publishers, channel=channel, path=path)
     reps = clients.reports(timeout=90 + msgs * held / 20_000)
     publisher_cpu = own_cpu_seconds() - own
     client_cpu = sum(r["cpu_s"] for r in reps)

@@ -35,6 +35,17 @@
  *
  * --idle only holds the connections (messages are counted, never parsed).
  *
+ * --raw is for servers without pushd's frames (Nchan's WebSocket subscriber,
+ * which sends each published body as it is): a connection counts as subscribed
+ * once the server answered the handshake with 101, and every text or binary
+ * frame is a delivery, whose send timestamp is the first "t": in the frame (in
+ * pushd's frames, the first after "data":).
+ *
+ * --stall S ends the connect phase early: when no connection got subscribed (or
+ * failed for good) for S seconds while some are still waiting, "ready" is
+ * printed with the ones open so far (the others stay in flight). For a server
+ * that stops accepting (out of file descriptors, say): how many it holds.
+ *
  * --catchup N measures recovery: every connection (opened with a path like
  * /ws?channel=c&since=<id>) must get its "subscribed" frame and then N message
  * frames; the time from its connect() to the subscribed frame and to the N-th
@@ -130,6 +141,8 @@ static int opt_idle = 0;
 static int opt_control = 0;
 static const char *opt_label = "";
 static uint32_t opt_catchup = 0;   /* messages each connection waits for, then closes */
+static int opt_raw = 0;            /* no pushd envelope: open at 101, every frame a delivery */
+static double opt_stall = 0;       /* connect phase: print ready after S s without progress */
 
 /* ---- state */
 static conn_t *conns;
@@ -173,6 +186,7 @@ static int expect_armed;
 static uint64_t expect_n;
 static double expect_idle, expect_max, expect_t0;
 static double ready_at;
+static double progress_at; /* the last connection subscribed or failed for good (--stall) */
 
 static double mono(void) {
     struct timespec ts;
@@ -368,6 +382,7 @@ static void drop(int idx, int server_closed) {
     } else {
         c->state = ST_CLOSED;
         nfailed++;
+        progress_at = mono();
     }
     maybe_ready();
 }
@@ -497,10 +512,10 @@ static void maybe_ready(void) {
     }
 }
 
-static void force_ready(void) {
+static void force_ready(const char *why) {
     if (nready_printed) return;
-    fprintf(stderr, "wsclient%s%s: connect phase timed out: %d subscribed, %d in flight, %d to go\n",
-            *opt_label ? " " : "", opt_label, nopen, inflight, ntodo);
+    fprintf(stderr, "wsclient%s%s: connect phase %s: %d subscribed, %d in flight, %d to go\n",
+            *opt_label ? " " : "", opt_label, why, nopen, inflight, ntodo);
     if (opt_catchup) {
         printf("done %d failed %d\n", ndone, opt_conns - ndone);
         fflush(stdout);
@@ -516,8 +531,9 @@ static void force_ready(void) {
 }
 
 static void record_latency(const uint8_t *p, size_t n, int64_t now_ns) {
-    /* data is {"t":<number>,...}; the envelope's own keys come first. */
-    const uint8_t *d = memmem(p, n, "\"data\":", 7);
+    /* data is {"t":<number>,...}; the envelope's own keys come first.
+     * --raw: the frame is the data. */
+    const uint8_t *d = opt_raw ? p : memmem(p, n, "\"data\":", 7);
     const uint8_t *t = d ? memmem(d, n - (size_t)(d - p), "\"t\":", 4) : NULL;
     if (!t) {
         w.bad_t++;
@@ -592,7 +608,7 @@ static void catchup_message(int idx, const uint8_t *p, size_t n) {
 static void on_message(int idx, const uint8_t *p, size_t n, int64_t now_ns) {
     conn_t *c = &conns[idx];
     if (c->state == ST_OPEN || c->state == ST_CLOSING) {
-        if (n >= 17 && memcmp(p, "{\"type\":\"message\"", 17) == 0) {
+        if (opt_raw || (n >= 17 && memcmp(p, "{\"type\":\"message\"", 17) == 0)) {
             w.deliveries++;
             total_deliveries++;
             c->win_count++;
@@ -611,6 +627,7 @@ static void on_message(int idx, const uint8_t *p, size_t n, int64_t now_ns) {
         if (memmem(p, n, "\"type\":\"subscribed\"", 19)) {
             c->state = ST_OPEN;
             nopen++;
+            progress_at = mono();
             if (opt_catchup) {
                 hist_add(&cu_sub, (uint64_t)(mono_ns() - c->t0_ns) / 1000);
                 if (memmem(p, n, "\"recovered\":true", 16)) cu_recovered++;
@@ -751,6 +768,13 @@ static long process(int idx, uint8_t *p, size_t n, int64_t now_ns) {
         }
         c->state = ST_WAIT_SUB;
         off = hlen;
+        if (opt_raw) { /* no subscribed frame: open once upgraded */
+            c->state = ST_OPEN;
+            nopen++;
+            progress_at = mono();
+            inflight--;
+            maybe_ready();
+        }
     }
     long k = parse_frames(idx, p + off, n - off, now_ns);
     if (k < 0) return -1;
@@ -931,7 +955,10 @@ static void usage(void) {
             "  --control           read commands on stdin (stats, expect N IDLE_MS MAX_MS, quit)\n"
             "  --label TEXT        put TEXT in the reports\n"
             "  --catchup N         recovery mode: time connect -> N-th message per connection,\n"
-            "                      then close it; --inflight clients at a time\n");
+            "                      then close it; --inflight clients at a time\n"
+            "  --raw               no pushd frames (Nchan): open at 101, every frame a delivery\n"
+            "  --stall S           print ready after S seconds in which no connection got\n"
+            "                      subscribed or failed, with those open so far [off]\n");
 }
 
 int main(int argc, char **argv) {
@@ -941,11 +968,11 @@ int main(int argc, char **argv) {
         {"inflight", 1, 0, 'f'}, {"retries", 1, 0, 'R'},  {"connect-timeout", 1, 0, 'T'},
         {"duration", 1, 0, 'd'}, {"expect", 1, 0, 'e'},   {"idle", 0, 0, 'i'},
         {"control", 0, 0, 'C'},  {"label", 1, 0, 'l'},    {"help", 0, 0, 'h'},
-        {"catchup", 1, 0, 'N'},
+        {"catchup", 1, 0, 'N'},  {"raw", 0, 0, 'W'},      {"stall", 1, 0, 'S'},
         {0, 0, 0, 0}};
     int ch;
     const char *src_spec = NULL;
-    while ((ch = getopt_long(argc, argv, "H:p:u:n:s:r:f:R:T:d:e:iCl:hN:", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "H:p:u:n:s:r:f:R:T:d:e:iCl:hN:WS:", longopts, NULL)) != -1) {
         switch (ch) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -962,11 +989,17 @@ int main(int argc, char **argv) {
         case 'C': opt_control = 1; break;
         case 'l': opt_label = optarg; break;
         case 'N': opt_catchup = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'W': opt_raw = 1; break;
+        case 'S': opt_stall = atof(optarg); break;
         default: usage(); return ch == 'h' ? 0 : 2;
         }
     }
     if (opt_conns < 1 || opt_inflight < 1 || opt_port < 1 || opt_port > 65535) {
         usage();
+        return 2;
+    }
+    if (opt_raw && opt_catchup) {
+        fprintf(stderr, "wsclient: --raw and --catchup do not go together\n");
         return 2;
     }
     if (src_spec && parse_sources(src_spec) < 0) return 2;
@@ -1024,6 +1057,7 @@ int main(int argc, char **argv) {
 
     reset_window();
     double t_start = mono(), tokens = 0, t_tok = t_start;
+    progress_at = t_start;
     struct epoll_event events[1024];
     while (!done) {
         double now = mono();
@@ -1042,7 +1076,9 @@ int main(int argc, char **argv) {
                 start_connect(todo[--ntodo]);
             }
         }
-        if (!nready_printed && now - t_start > opt_connect_timeout) force_ready();
+        if (!nready_printed && now - t_start > opt_connect_timeout) force_ready("timed out");
+        if (!nready_printed && opt_stall > 0 && now - progress_at > opt_stall)
+            force_ready("stalled (--stall)");
         if (nready_printed && opt_duration > 0 && now - ready_at >= opt_duration) break;
         check_expect(now);
         if (!expect_armed && opt_expect && total_deliveries >= opt_expect) break;
