@@ -5,6 +5,10 @@ and lets it go when the last one leaves. Each message reaches the hub once and
 is handed, as one Message object (its envelope serialised once, its frame made
 once), to every local subscriber. Nothing here knows about sockets.
 
+Messages are handed out at the end of the reactor turn they arrived in: those
+of a channel that came together (one read of the bus, one batch) go to each
+subscriber as one Burst, which its transport writes with one send.
+
 The hub remembers the last id it handed out per channel. When the broker's bus
 connection comes back after an outage, the hub fills the gap from the history
 before live messages go on (and drops live messages it already handed out), so
@@ -19,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pushd.broker import Broker, BrokerUnavailable
-from pushd.message import Message, envelope, format_id, parse_id
+from pushd.message import Burst, Delivery, Message, envelope, format_id, parse_id
 
 log = Logger()
 
@@ -29,25 +33,33 @@ def _ignore(n: int) -> None:
 
 
 class Subscriber(Protocol):
-    def deliver(self, message: Message) -> None:
-        """Take one message of a channel this subscriber is in. Must not block."""
+    def deliver(self, message: Delivery) -> None:
+        """Take a message (or a Burst of them) of a channel this subscriber is in.
+        Must not block."""
 
     def unsubscribe(self, channel: str, *, tell: bool = False) -> bool:
         """Leave `channel` (the application destroyed it); `tell` the client."""
 
 
 class _Channel:
-    __slots__ = ("buffer", "last", "subscribers")
+    __slots__ = ("buffer", "last", "subscribers", "turn")
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
         self.last: tuple[int, int] | None = None
         # Live messages held back while the gap after an outage is filled.
         self.buffer: list[Message] | None = None
+        # Messages of this reactor turn, handed out at its end.
+        self.turn: list[Message] | None = None
 
 
 class Hub:
-    def __init__(self, broker: Broker, metrics: Any = None) -> None:
+    def __init__(self, broker: Broker, metrics: Any = None, *, clock: Any = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self._due: list[_Channel] = []
+        self._flush_call: Any = None
         self._broker = broker
         self._delivered = metrics.deliveries.inc if metrics is not None else _ignore
         self._channels: dict[str, _Channel] = {}
@@ -79,13 +91,14 @@ class Hub:
             self._broker.unsubscribe(channel)
 
     def dispatch(self, channel: str, raw: bytes) -> None:
-        """The broker's listener: one message in, one delivery per local subscriber."""
+        """The broker's listener: messages in, handed to every local subscriber."""
         state = self._channels.get(channel)
         if state is None:
             return
-        self._fan_out(state, Message.from_wire(channel, raw))
+        for message in Message.all_from_wire(channel, raw):
+            self._take(state, message)
 
-    def _fan_out(self, state: _Channel, message: Message) -> None:
+    def _take(self, state: _Channel, message: Message) -> None:
         if message.id is not None:
             if state.buffer is not None:
                 state.buffer.append(message)
@@ -94,11 +107,26 @@ class Hub:
             if state.last is not None and key <= state.last:
                 return  # already handed out while filling a gap
             state.last = key
-        # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
-        subscribers = tuple(state.subscribers)
-        for subscriber in subscribers:
-            subscriber.deliver(message)
-        self._delivered(len(subscribers))
+        if state.turn is None:
+            state.turn = [message]
+            self._due.append(state)
+            if self._flush_call is None:
+                self._flush_call = self._clock.callLater(0, self.flush)
+        else:
+            state.turn.append(message)
+
+    def flush(self) -> None:
+        """Hand out the messages of this turn (the reactor calls it at its end)."""
+        due, self._due = self._due, []
+        self._flush_call = None
+        for state in due:
+            messages, state.turn = state.turn or [], None
+            delivery: Delivery = messages[0] if len(messages) == 1 else Burst(messages)
+            # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
+            subscribers = tuple(state.subscribers)
+            for subscriber in subscribers:
+                subscriber.deliver(delivery)
+            self._delivered(len(subscribers) * len(messages))
 
     def resume(self, channel: str) -> None:
         """The broker subscribed `channel` again after losing its bus connection."""
@@ -126,9 +154,9 @@ class Hub:
                     "messages of {channel} after {since} are gone", channel=channel, since=since
                 )
             for msg_id, data in history.messages:
-                self._fan_out(state, Message(channel, msg_id, envelope(channel, msg_id, data)))
+                self._take(state, Message(channel, msg_id, envelope(channel, msg_id, data)))
         for message in buffered:
-            self._fan_out(state, message)
+            self._take(state, message)
 
     # -- the application's commands (pushd.broker delivers them to every node)
 

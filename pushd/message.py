@@ -104,8 +104,8 @@ class Message:
     """One message on its way out to local subscribers.
 
     `payload` is the envelope, serialised once; `frame` is a slot where a
-    transport keeps what it made of the payload (the WebSocket's prepared frame),
-    so that is made once per fan-out too.
+    transport keeps what it made of the payload (the WebSocket's frame), so
+    that is made once per fan-out too.
     """
 
     __slots__ = ("channel", "frame", "id", "payload")
@@ -115,6 +115,10 @@ class Message:
         self.id = msg_id
         self.payload = payload
         self.frame: Any = None
+
+    @property
+    def messages(self) -> tuple[Message]:
+        return (self,)
 
     @classmethod
     def from_wire(cls, channel: str, raw: bytes) -> Message:
@@ -134,3 +138,27 @@ class Message:
         except ValueError:
             data = dump_json(text)
         return cls(channel, None, envelope(channel, None, data))
+
+    @classmethod
+    def all_from_wire(cls, channel: str, raw: bytes) -> list[Message]:
+        """A bus payload may carry several envelopes, one a line (a batch publish:
+        one PUBLISH for many messages of a channel; an envelope has no newline)."""
+        if raw.startswith(_ENVELOPE_HEAD) and b"\n" in raw:
+            return [cls.from_wire(channel, line) for line in raw.split(b"\n") if line]
+        return [cls.from_wire(channel, raw)]
+
+
+class Burst:
+    """Messages of one channel that came in together, handed to subscribers as
+    one: a transport writes them at once, in one frame buffer made once."""
+
+    __slots__ = ("channel", "frame", "messages")
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.channel = messages[0].channel
+        self.messages = messages
+        self.frame: Any = None
+
+
+#: What the hub hands a subscriber.
+Delivery = Message | Burst

@@ -156,7 +156,7 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         from twisted.internet import reactor
     broker = make_broker(config, reactor)
     metrics = Metrics()
-    hub = Hub(broker, metrics)
+    hub = Hub(broker, metrics, clock=reactor)
     metrics.watch(hub, broker)
     service = PushdService(config, broker, hub, metrics, reactor)
     broker.setServiceParent(service)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from pushd.broker import Broker, BrokerUnavailable, History
 from pushd.hub import Hub
-from pushd.message import Message, envelope, parse_id
+from pushd.message import Burst, Delivery, Message, envelope, parse_id
 
 log = Logger()
 
@@ -32,8 +32,9 @@ class Outlet(Protocol):
 
     def subscribed(self, channel: str, recovered: bool) -> None: ...
 
-    def message(self, message: Message) -> None:
-        """A message: a live one is the same object for every local subscriber."""
+    def message(self, message: Delivery) -> None:
+        """A message, or a Burst of them: a live one is the same object for
+        every local subscriber."""
 
     def unsubscribed(self, channel: str) -> None:
         """The application took the client out of `channel` (streams end)."""
@@ -92,13 +93,17 @@ class Session:
             self._subs[channel] = None
         else:
             last = parse_id(since)
-            out.replaying = True
-            try:
-                for msg_id, data in history.messages:
-                    out.message(Message(channel, msg_id, envelope(channel, msg_id, data)))
-                    last = parse_id(msg_id)
-            finally:
-                out.replaying = False
+            replay = [
+                Message(channel, msg_id, envelope(channel, msg_id, data))
+                for msg_id, data in history.messages
+            ]
+            if replay:
+                last = parse_id(replay[-1].id)  # type: ignore[arg-type]
+                out.replaying = True
+                try:
+                    out.message(replay[0] if len(replay) == 1 else Burst(replay))
+                finally:
+                    out.replaying = False
             # Pub/sub runs on another connection than the history read: messages
             # just replayed may still arrive live. Drop them until a newer one.
             self._subs[channel] = last
@@ -136,18 +141,25 @@ class Session:
             self._hub.remove_user(self.user, self)
             self.user = None
 
-    def deliver(self, message: Message) -> None:
-        """The hub's entry point for a live message."""
+    def deliver(self, message: Delivery) -> None:
+        """The hub's entry point for live messages."""
         try:
             state = self._subs[message.channel]
         except KeyError:
             return
         if state is None:
             self._out.message(message)
-        elif isinstance(state, list):
-            state.append(message)
-        elif message.id is None:
-            self._out.message(message)
-        elif parse_id(message.id) > state:
-            self._subs[message.channel] = None
-            self._out.message(message)
+            return
+        for one in message.messages:
+            if one.channel not in self._subs:
+                return  # the client left meanwhile (or was dropped)
+            state = self._subs[one.channel]
+            if state is None:
+                self._out.message(one)
+            elif isinstance(state, list):
+                state.append(one)
+            elif one.id is None:
+                self._out.message(one)
+            elif parse_id(one.id) > state:
+                self._subs[one.channel] = None
+                self._out.message(one)

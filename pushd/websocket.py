@@ -40,8 +40,16 @@ from pushd.broker import Broker, BrokerUnavailable
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import SendBound, TokenBucket
-from pushd.message import Message, data_json, dump_json, is_channel, load_json, parse_id
-from pushd.outbox import FLUSH_AT, Outbox, write_now
+from pushd.message import (
+    Burst,
+    Delivery,
+    data_json,
+    dump_json,
+    is_channel,
+    load_json,
+    parse_id,
+)
+from pushd.sending import write_now
 from pushd.session import AlreadySubscribed, Session
 
 log = Logger()
@@ -58,6 +66,14 @@ def text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return struct.pack("!BBH", 0x81, 126, n) + payload
     return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+def _frames(delivery: Delivery) -> bytes:
+    """The frames of a message or a Burst, made once per fan-out."""
+    if isinstance(delivery, Burst):
+        return b"".join(m.frame or _frames(m) for m in delivery.messages)
+    delivery.frame = text_frame(delivery.payload)
+    return delivery.frame
 
 
 class FrameError(Exception):
@@ -141,9 +157,6 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     _paused = False
     _backlog = 0
     replaying = False
-    # Frames queued this reactor turn (pushd.outbox), and their size.
-    _queued: bytes | list[bytes] | None = None
-    _queued_size = 0
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
@@ -259,7 +272,6 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             self._reply(e.frame())
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._queued = None
         session = getattr(self, "session", None)
         if session is not None:
             session.close()
@@ -350,16 +362,16 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         if self.state == self.STATE_OPEN:
             self.sendClose(4003, "disconnected by the application")
 
-    def message(self, message: Message) -> None:
+    def message(self, message: Delivery) -> None:
         if self.state != self.STATE_OPEN:
             return
         frame = message.frame
         if frame is None:
-            frame = message.frame = text_frame(message.payload)
+            frame = message.frame = _frames(message)
         if self._paused and self.over(len(frame), self.factory.max_send_buffer):
             self._slow_consumer()
             return
-        self._queue(frame)
+        write_now(self.transport, frame)
 
     def _reply(self, payload: bytes) -> None:
         if self.state != self.STATE_OPEN:
@@ -367,34 +379,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         if self.over(len(payload) + 10, self.factory.max_send_buffer):
             self._slow_consumer()
             return
-        self._queue(text_frame(payload))
-
-    def _queue(self, frame: bytes) -> None:
-        """Every frame of ours goes out through here, so they keep their order."""
-        queued = self._queued
-        if queued is None:
-            # Most turns carry one frame for a connection: no list for it.
-            self._queued = frame
-            self._queued_size = len(frame)
-            self.factory.outbox.add(self)
-            return
-        if isinstance(queued, bytes):
-            queued = self._queued = [queued, frame]
-        else:
-            queued.append(frame)
-        self._queued_size += len(frame)
-        if self._queued_size >= FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        queued, self._queued = self._queued, None
-        if queued is not None and self.state == self.STATE_OPEN:
-            write_now(self.transport, queued if isinstance(queued, bytes) else b"".join(queued))
-
-    def sendCloseFrame(self, *args: Any, **kwargs: Any) -> None:
-        # What was sent before the close goes before it.
-        self.flush()
-        super().sendCloseFrame(*args, **kwargs)
+        write_now(self.transport, text_frame(payload))
 
     # -- the transport's producer (SendBound)
 
@@ -437,7 +422,6 @@ class PushdServerFactory(WebSocketServerFactory):
         self.publish_rate = config.publish_rate
         self.publish_burst = config.publish_burst
         self.metrics = metrics
-        self.outbox = Outbox(reactor)
         # Open connections, to say goodbye (1001) when the service stops.
         self.clients: set[PushdServerProtocol] = set()
         self._all_gone: list[Deferred[None]] = []
@@ -455,7 +439,9 @@ class PushdServerFactory(WebSocketServerFactory):
             failByDrop=False,
         )
         for name in self.protocol.CONFIG_ATTRS:
-            setattr(self.protocol, name, getattr(self, name))
+            value = getattr(self, name)
+            # A function read from a class would become a method: keep it plain.
+            setattr(self.protocol, name, staticmethod(value) if callable(value) else value)
 
     def gone(self, client: PushdServerProtocol) -> None:
         self.clients.discard(client)

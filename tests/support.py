@@ -99,6 +99,11 @@ class RedisServer:
             self.process = None
 
 
+async def next_turn() -> None:
+    """Let the reactor finish its turn (not a wait for anything in particular)."""
+    await deferLater(reactor, 0, lambda: None)
+
+
 async def wait_for(predicate: Any, timeout: float = TIMEOUT, what: str = "condition") -> None:
     """Poll `predicate` (maybe async) every few ms until true; fail after `timeout`."""
     deadline = time.monotonic() + timeout

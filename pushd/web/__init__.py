@@ -18,7 +18,7 @@ from pushd.config import Config
 from pushd.hub import Hub
 from pushd.message import dump_json
 from pushd.metrics import Metrics
-from pushd.outbox import write_now
+from pushd.sending import write_now
 from pushd.web.batch import PublishResource, PushResource
 from pushd.web.control import UsersResource
 from pushd.web.fastpath import FastPublish

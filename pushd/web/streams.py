@@ -42,7 +42,7 @@ from pushd.auth import AuthError, Gate, Grants, token_from
 from pushd.broker import Broker
 from pushd.hub import Hub
 from pushd.limits import SendBound
-from pushd.message import Message, dump_json, is_channel, parse_id
+from pushd.message import Burst, Delivery, dump_json, is_channel, parse_id
 from pushd.session import Session
 from pushd.web import errors
 from pushd.web.errors import ApiError, write_error
@@ -106,7 +106,11 @@ class _Stream(SendBound):
         event = dump_json({"type": "subscribed", "channel": channel, "recovered": recovered})
         self._write(b"event: subscribed\ndata: " + event + b"\n\n" if self._sse else event + b"\n")
 
-    def message(self, message: Message) -> None:
+    def message(self, message: Delivery) -> None:
+        if isinstance(message, Burst):
+            for one in message.messages:
+                self.message(one)
+            return
         if not self._sse:
             self._write(message.payload + b"\n")
         elif message.id is None:
