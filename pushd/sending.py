@@ -12,18 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet.tcp import Server as _Server
 
 
 def write_now(transport: Any, data: bytes) -> None:
     """`transport.write(data)`, with one direct send() when nothing waits before it."""
+    # A plain TCP connection with nothing in Twisted's buffer (which is emptied
+    # to b"" once all of it is sent): checked cheapest first, it runs per delivery.
     if (
-        type(transport) is tcp.Server
+        type(transport) is _Server
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
         and not transport.TLS
         and transport.connected
-        and not transport.disconnecting
-        and not transport._tempDataBuffer
-        and transport.offset == len(transport.dataBuffer)
     ):
         try:
             sent = transport.socket.send(data)

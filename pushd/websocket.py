@@ -140,6 +140,7 @@ _HANDSHAKE_ONLY = (
     "_wskey",
 )
 _SHAREABLE = (type(None), bool, int, float, str)
+_OPEN = WebSocketServerProtocol.STATE_OPEN
 _UNSET = object()
 
 
@@ -363,7 +364,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             self.sendClose(4003, "disconnected by the application")
 
     def message(self, message: Delivery) -> None:
-        if self.state != self.STATE_OPEN:
+        if self.state != _OPEN:
             return
         frame = message.frame
         if frame is None:

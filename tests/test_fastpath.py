@@ -158,3 +158,28 @@ async def test_the_hot_path_answers_503_without_redis(own_redis: RedisServer, pr
         raw.transport.loseConnection()
     finally:
         await pushd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_on_a_kept_alive_connection(start_pushd: StartPushd) -> None:
+    """The gateway's contract on the hot path: `S|ms|id`, the lists, live delivery."""
+    pushd = await start_pushd(push_event_list="fast-events")
+    client = await pushd.connect("?channel=fast-orders")
+    await client.next_of("subscribed")
+    raw = await connect_raw(pushd.port)
+    for n in range(3):
+        body = f'{{"n":{n}}}'.encode()
+        raw.transport.write(
+            b"POST /push?c=fast-orders HTTP/1.1\r\nHost: pushd\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await raw.until(b"HTTP/1.1 200", count=n + 1)
+    answers = responses(raw.data)
+    assert [body.split(b"|")[0] for _, _, body in answers] == [b"S"] * 3
+    assert {h["content-type"] for _, h, _ in answers} == {"text/plain; charset=utf-8"}
+    memory = pushd.cfg.redis is None
+    assert all(("warning" in h) == memory for _, h, _ in answers)
+    got = [await client.next_of("message") for _ in range(3)]
+    assert [m["data"] for m in got] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    raw.transport.loseConnection()
+    await client.close()

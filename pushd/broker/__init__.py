@@ -117,9 +117,12 @@ class Broker(Service):
         idempotent on its own (`<key>#<index>`). Fails with BrokerUnavailable."""
         raise NotImplementedError
 
-    def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
-        """The nginx+Lua gateway's store: in one MULTI/EXEC, `LPUSH <channel> <entry>`
-        and `LPUSH <event_list> <channel>`. False when this broker keeps no lists."""
+    def push(
+        self, channel: str, entry: bytes, event_list: str, data: bytes
+    ) -> Deferred[tuple[bool, Published]]:
+        """The nginx+Lua gateway's store and a publish of `data`, atomically:
+        `LPUSH <channel> <entry>` and `LPUSH <event_list> <channel>`. The flag is
+        False when this broker keeps no lists (it still publishes)."""
         raise NotImplementedError
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:

@@ -101,8 +101,10 @@ class MemoryBroker(Broker):
             ]
         )
 
-    def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
-        return succeed(False)
+    def push(
+        self, channel: str, entry: bytes, event_list: str, data: bytes
+    ) -> Deferred[tuple[bool, Published]]:
+        return succeed((False, self._publish(channel, data, None)))
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         h = self._live_history(channel)

@@ -26,6 +26,8 @@ import uuid
 from collections.abc import Sequence
 from contextlib import suppress
 from importlib.resources import files
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 import txredisapi
@@ -48,7 +50,6 @@ from pushd.broker import (
     History,
     Listener,
     Published,
-    _item_key,
 )
 from pushd.config import RedisAddress
 from pushd.message import dump_json, envelope_prefix
@@ -66,29 +67,63 @@ class Script:
 _PUBLISH_LUA = (files("pushd.broker") / "publish.lua").read_text()
 PUBLISH = Script(_PUBLISH_LUA)
 
-# Many publishes in one script, in order: publish.lua as a function of its own
-# KEYS and ARGV. ARGV: count, keyed (1: each item has an idempotency key), then
-# publish.lua's six arguments per item; KEYS: each item's one or two keys.
-PUBLISH_MANY = Script(
+# Many publishes in one script, in order, a run of messages of one channel at
+# a time: one history read, one EXPIRE and one PUBLISH per run (its envelopes
+# one a line, which the hub splits), one XADD per message (linked as
+# publish.lua links them). An envelope has no newline: compact JSON escapes it.
+#   ARGV[1..3]  history size, history TTL, idempotency TTL
+#   ARGV[4]     the batch's idempotency key ('' for none): item i is <prefix>idempotency:<key>#i
+#   ARGV[5]     the index of this chunk's first item; then per run, five arguments:
+#               history stream, pub/sub channel, envelope start, count, the data one a line
+# Returns "<0|1>:<id>,..." for every item (1: its idempotency key had been seen).
+PUBLISH_MANY = Script("""
+local size, ttl, idem_ttl, key, index = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local out = {}
+for r = 6, #ARGV, 5 do
+  local stream, channel, head = ARGV[r], ARGV[r + 1], ARGV[r + 2]
+  local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  local prev = ''
+  if last[1] then prev = last[1][1] end
+  local live = {}
+  for data in string.gmatch(ARGV[r + 4], '[^\\n]+') do
+    local seen, idem = false, nil
+    if key ~= '' then
+      idem = key .. '#' .. index
+      seen = redis.call('GET', idem)
+    end
+    if seen then
+      out[#out + 1] = '1:' .. seen
+    else
+      local id = redis.call('XADD', stream, 'MAXLEN', '~', size, '*', 'd', data, 'p', prev)
+      prev = id
+      live[#live + 1] = head .. '"' .. id .. '","data":' .. data .. '}'
+      if idem then redis.call('SET', idem, id, 'EX', idem_ttl) end
+      out[#out + 1] = '0:' .. id
+    end
+    index = index + 1
+  end
+  if #live > 0 then
+    redis.call('EXPIRE', stream, ttl)
+    redis.call('PUBLISH', channel, table.concat(live, '\\n'))
+  end
+end
+return table.concat(out, ',')
+""")
+
+# The nginx+Lua gateway's store and a publish, atomically (as MULTI/EXEC would):
+# `LPUSH <channel> <entry>`, `LPUSH <event list> <channel>`, then publish.lua.
+#   KEYS[1] the list (the channel's name), KEYS[2] the event list, KEYS[3] the history stream
+#   ARGV[1] the entry, then publish.lua's ARGV
+PUSH = Script(
     "local function publish(KEYS, ARGV)\n"
     + _PUBLISH_LUA
     + """end
-local keyed = ARGV[2] == '1'
-local out, k, a = {}, 1, 3
-for i = 1, tonumber(ARGV[1]) do
-  local keys = {KEYS[k]}
-  k = k + 1
-  if keyed then
-    keys[2] = KEYS[k]
-    k = k + 1
-  end
-  out[i] = publish(keys, {ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]})
-  a = a + 6
-end
-return out
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[2], KEYS[1])
+return publish({KEYS[3]}, {ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
 """
 )
-BATCH_CHUNK = 500
+BATCH_CHUNK = 1000
 
 # KEYS: history stream; ARGV: since, count. Returns {complete, entries}.
 READ_AFTER = Script("""
@@ -406,34 +441,33 @@ class RedisBroker(Broker):
             published: list[Published] = []
             # Chunks one after the other: a script blocks Redis while it runs.
             for start in range(0, len(items), BATCH_CHUNK):
-                keys: list[str] = []
-                args: list[Any] = [0, int(idempotency_key is not None)]
-                for n, (channel, data) in enumerate(items[start : start + BATCH_CHUNK], start):
-                    item_keys, item_args = self._publish_args(
-                        channel, data, _item_key(idempotency_key, n)
+                key = (
+                    ""
+                    if idempotency_key is None
+                    else f"{self._prefix}idempotency:{idempotency_key}"
+                )
+                args: list[Any] = [*self._history_args, key, start]
+                for channel, run in groupby(items[start : start + BATCH_CHUNK], itemgetter(0)):
+                    datas = [data for _, data in run]
+                    args += (
+                        self._stream(channel),
+                        self._prefix + channel,
+                        envelope_prefix(channel),
+                        len(datas),
+                        b"\n".join(datas),
                     )
-                    keys += item_keys
-                    args += item_args
-                    args[0] += 1
-                answers = await self._eval(PUBLISH_MANY, keys, args)
-                published += [Published(i, repeated=bool(int(r))) for r, i in answers]
+                answer = await self._eval(PUBLISH_MANY, (), args)
+                published += [Published(a[2:], repeated=a[0] == "1") for a in answer.split(",")]
             return published
 
         return self.track(Deferred.fromCoroutine(run()))
 
-    def push_lists(self, channel: str, entry: bytes, event_list: str) -> Deferred[bool]:
-        async def run() -> bool:
-            transaction = await self._call("multi")
-            try:
-                await self._wait(transaction.lpush(channel, entry))
-                await self._wait(transaction.lpush(event_list, channel))
-            except BaseException:
-                transaction.discard()
-                raise
-            await self._wait(transaction.commit())
-            return True
-
-        return self.track(Deferred.fromCoroutine(run()))
+    def push(
+        self, channel: str, entry: bytes, event_list: str, data: bytes
+    ) -> Deferred[tuple[bool, Published]]:
+        keys, args = self._publish_args(channel, data, None)
+        d = self._eval(PUSH, [channel, event_list, *keys], [entry, *args])
+        return self.track(d.addCallback(lambda answer: (True, _published(answer))))
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         async def run() -> History:

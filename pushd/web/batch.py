@@ -11,8 +11,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from pushd.broker import BrokerUnavailable
-from pushd.message import data_json, dump_json, is_channel, load_json
+from pushd.message import data_json, dump_json, is_channel, load_json, load_json_line
 from pushd.web import errors
 from pushd.web.errors import ApiError
 from pushd.web.producer import Producing, idempotency_key, query_value, read_body
@@ -57,7 +56,7 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
             if not line.strip():
                 continue
             try:
-                obj = load_json(line)
+                obj = load_json_line(line)
             except ValueError:
                 raise ApiError(400, "bad_json", f"line {n} is not valid JSON") from None
             items.extend(_items_of(obj, n, max_message_size))
@@ -82,8 +81,14 @@ class PublishResource(ApiResource):
     async def _publish(self, items: list[tuple[str, bytes]], key: str | None) -> bytes:
         d = self._p.broker.publish_many(items, key)
         published = await self._p.publish("publish", d, len(items))
-        results = [{"channel": c, "id": p.id} for (c, _), p in zip(items, published, strict=True)]
-        return dump_json({"results": results})
+        names: dict[str, bytes] = {}
+        results = []
+        for (channel, _), p in zip(items, published, strict=True):
+            name = names.get(channel)
+            if name is None:
+                name = names[channel] = b'{"channel":' + dump_json(channel) + b',"id":"'
+            results.append(name + p.id.encode() + b'"}')
+        return b'{"results":[' + b",".join(results) + b"]}"
 
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
         self._p.auth.check(request)
@@ -92,6 +97,23 @@ class PublishResource(ApiResource):
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
         items = parse_batch(body, ctype, self._p.config.max_message_size)
         return self._publish(items, key)
+
+
+def push_data(body: bytes) -> bytes:
+    """What subscribers get of a `/push` body: its JSON, or it as a JSON string.
+    ValueError when it is not UTF-8."""
+    text = body.decode("utf-8")
+    try:
+        return data_json(load_json(text))
+    except ValueError:
+        return dump_json(text)
+
+
+def push_entry(body: bytes) -> tuple[int, str, bytes]:
+    """The gateway's list entry `<ms>|<request id>|<body>`, with its two parts."""
+    ms = int(time.time() * 1000)
+    request_id = uuid.uuid4().hex
+    return ms, request_id, f"{ms}|{request_id}|".encode() + body
 
 
 class PushResource(ApiResource):
@@ -121,24 +143,17 @@ class PushResource(ApiResource):
             raise ApiError(400, "bad_channel", "bad channel name")
         body = read_body(request, self._p.config.max_message_size)
         try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "bad_text", "the body is not UTF-8") from None
-        try:
-            data = data_json(load_json(text))
+            data = push_data(body)
         except ValueError:
-            data = dump_json(text)
+            raise ApiError(400, "bad_text", "the body is not UTF-8") from None
         return self._push(request, channel, body, data)
 
     async def _push(self, request: Request, channel: str, body: bytes, data: bytes) -> bytes:
-        ms = int(time.time() * 1000)
-        request_id = uuid.uuid4().hex
-        entry = f"{ms}|{request_id}|".encode() + body
-        broker = self._p.broker
+        ms, request_id, entry = push_entry(body)
+        d = self._p.broker.push(channel, entry, self._p.config.push_event_list, data)
         try:
-            kept = await broker.push_lists(channel, entry, self._p.config.push_event_list)
-            await self._p.publish("push", broker.publish(channel, data))
-        except (ApiError, BrokerUnavailable):
+            kept, _ = await self._p.publish("push", d)
+        except ApiError:
             raise ApiError(503, "unavailable", "redis unavailable") from None
         if not kept:
             request.setHeader(b"warning", b'299 pushd "memory broker: no Redis lists kept"')

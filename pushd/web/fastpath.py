@@ -1,4 +1,5 @@
-"""The producers' hot path: `POST /channels/{channel}`, answered without twisted.web.
+"""The producers' hot path: `POST /channels/{channel}` and `POST /push?c=`,
+answered without twisted.web.
 
 twisted.web spends most of a small publish on itself: a Request object, its
 headers parsed through the email package, a Deferred chain, a resource
@@ -22,27 +23,31 @@ from pushd.auth import client_host
 from pushd.broker import BrokerUnavailable, Published
 from pushd.message import data_from_body, dump_json, is_channel
 from pushd.web import errors
+from pushd.web.batch import push_data, push_entry
 from pushd.web.producer import IDEMPOTENCY_KEY_MAX, Producing
 
 log = Logger()
 
-_PREFIX = b"POST /channels/"
-_HEAD = (
-    b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nDate: %s\r\n\r\n"
-)
+_CHANNELS = b"POST /channels/"
+_PUSH = b"POST /push?c="
+_HEAD = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n%s\r\n"
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+_NO_LISTS = b'Warning: 299 pushd "memory broker: no Redis lists kept"\r\n'
 # Headers whose presence sends a request down the full path.
 _UNUSUAL = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 
 
 class Request:
-    """One publish taken on the hot path."""
+    """One publish taken on the hot path; `body` is kept for `/push` only."""
 
-    __slots__ = ("channel", "data", "key", "started")
+    __slots__ = ("body", "channel", "data", "key", "started")
 
-    def __init__(self, channel: str, data: bytes, key: str | None) -> None:
+    def __init__(self, channel: str, data: bytes, key: str | None, body: bytes | None) -> None:
         self.channel = channel
         self.data = data
         self.key = key
+        self.body = body
         self.started = time.monotonic()
 
 
@@ -52,25 +57,32 @@ class FastPublish:
         self._clock = clock
         self._max_size = producing.config.max_message_size
         self._published = producing.metrics.published.labels("channels")
+        self._pushed = producing.metrics.published.labels("push")
+        self._event_list = producing.config.push_event_list
         self._seconds = producing.metrics.publish_seconds
         self._date = (0, b"")
 
     def parse(self, data: bytes, peer: Any) -> Request | None:
         """The publish `data` holds, whole and valid; None for anything else."""
-        if not data.startswith(_PREFIX):
+        if data.startswith(_CHANNELS):
+            start, push = len(_CHANNELS), False
+        elif data.startswith(_PUSH):
+            start, push = len(_PUSH), True
+        else:
             return None
         head_end = data.find(b"\r\n\r\n")
         line_end = data.find(b"\r\n")
         if head_end < 0:
             return None
-        target, _, version = data[len(_PREFIX) : line_end].partition(b" ")
+        target, _, version = data[start:line_end].partition(b" ")
         if version != b"HTTP/1.1":
             return None
         try:
             channel = target.decode("ascii")
         except UnicodeDecodeError:
             return None
-        if not is_channel(channel):  # also refuses "/history", "?query", "%xx"
+        # Also refuses "/history", "&more", "%xx" (and "+", a space in a query).
+        if not is_channel(channel) or (push and ("+" in channel or "#" in channel)):
             return None
         headers: dict[bytes, bytes] = {}
         for line in data[line_end + 2 : head_end].split(b"\r\n"):
@@ -100,36 +112,67 @@ class FastPublish:
             key_text = key.decode("latin-1")
             if len(key_text) > IDEMPOTENCY_KEY_MAX or not key_text.isprintable() or not key_text:
                 return None
+        if push:
+            if key is not None:
+                return None
+            try:
+                message = push_data(body)
+            except ValueError:
+                return None
+            return Request(channel, message, None, body)
         try:
             message = data_from_body(body, headers.get(b"content-type", b"").decode("latin-1"))
         except ValueError:
             return None
-        return Request(channel, message, None if key is None else key_text)
+        return Request(channel, message, None if key is None else key_text, None)
 
     def publish(self, request: Request, answer: Any) -> None:
         """Publish; `answer(bytes)` gets the whole HTTP response."""
+        if request.body is not None:
+            self._push(request, answer)
+            return
 
         def published(result: Published) -> None:
             self._published.inc()
             self._seconds.observe(time.monotonic() - request.started)
             body = dump_json({"channel": request.channel, "id": result.id})
-            answer(self._response(200, b"OK", body))
-
-        def failed(failure: Any) -> None:
-            if failure.check(BrokerUnavailable):
-                status, code, text = errors.UNAVAILABLE
-                reason = b"Service Unavailable"
-            else:
-                log.failure("publishing to {channel} failed", failure, channel=request.channel)
-                status, code, text = 500, "internal", "internal error"
-                reason = b"Internal Server Error"
-            answer(self._response(status, reason, dump_json({"error": code, "message": text})))
+            answer(self._response(200, b"OK", _JSON, body))
 
         d = self._p.broker.publish(request.channel, request.data, request.key)
-        d.addCallbacks(published, failed)
+        d.addCallbacks(published, self._failed, errbackArgs=(request, answer, False))
 
-    def _response(self, status: int, reason: bytes, body: bytes) -> bytes:
+    def _push(self, request: Request, answer: Any) -> None:
+        assert request.body is not None
+        ms, request_id, entry = push_entry(request.body)
+
+        def pushed(result: tuple[bool, Published]) -> None:
+            self._pushed.inc()
+            self._seconds.observe(time.monotonic() - request.started)
+            body = f"S|{ms}|{request_id}".encode()
+            answer(self._response(200, b"OK", _TEXT, body, b"" if result[0] else _NO_LISTS))
+
+        d = self._p.broker.push(request.channel, entry, self._event_list, request.data)
+        d.addCallbacks(pushed, self._failed, errbackArgs=(request, answer, True))
+
+    def _failed(self, failure: Any, request: Request, answer: Any, push: bool) -> None:
+        if failure.check(BrokerUnavailable):
+            (status, code, text), reason = errors.UNAVAILABLE, b"Service Unavailable"
+            if push:
+                text = "redis unavailable"
+        else:
+            log.failure("publishing to {channel} failed", failure, channel=request.channel)
+            status, code, text = 500, "internal", "internal error"
+            reason = b"Internal Server Error"
+        if push:
+            answer(self._response(status, reason, _TEXT, f"F|{text}".encode()))
+        else:
+            body = dump_json({"error": code, "message": text})
+            answer(self._response(status, reason, _JSON, body))
+
+    def _response(
+        self, status: int, reason: bytes, ctype: bytes, body: bytes, extra: bytes = b""
+    ) -> bytes:
         now = int(self._clock.seconds())
         if self._date[0] != now:
             self._date = (now, datetimeToString(now))
-        return _HEAD % (status, reason, len(body), self._date[1]) + body
+        return _HEAD % (status, reason, ctype, len(body), self._date[1], extra) + body
