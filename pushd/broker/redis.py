@@ -189,6 +189,27 @@ COUNTS_TTL_MS = 6_000
 COUNTS_BATCH = 500
 
 
+class _FastCommands:
+    """txredisapi builds a command's bytes an argument at a time, through a
+    bytearray: 7.5 us for a publish's ten arguments, the largest single cost of
+    a POST. The same RESP, built in one join (arguments as txredisapi encodes them)."""
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        encode: Any = self._encode_value  # type: ignore[attr-defined]
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            kind = type(arg)
+            if kind is not bytes:
+                arg = b"%d" % arg if kind is int else encode(arg)
+            parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        return b"".join(parts)
+
+
+def _fast_commands(factory: Any) -> None:
+    """Connections the pool makes from now on build commands the fast way."""
+    factory.protocol = type("PushdRedisProtocol", (_FastCommands, factory.protocol), {})
+
+
 class _Replies:
     """The nodes' answers to one command; `all` fires once every node answered."""
 
@@ -320,6 +341,7 @@ class RedisBroker(Broker):
                 master, dbid=a.db, poolsize=self._pool_size, **options
             )
             self._pool_factory = self._pool._factory
+            _fast_commands(self._pool_factory)
             # txredisapi has no Sentinel subscriber: give ours what its
             # Sentinel endpoint asks of a factory (it looks the master up
             # before every connection attempt).
@@ -329,6 +351,7 @@ class RedisBroker(Broker):
             self._sub_factory.startConnecting(txredisapi._SentinelEndpoint(self._sub_factory))
         else:
             self._pool_factory = txredisapi.RedisFactory(None, a.db, self._pool_size, **options)
+            _fast_commands(self._pool_factory)
             self._pool_factory.startConnecting(self._endpoint())
             self._pool = self._pool_factory.handler
             self._sub_factory.startConnecting(self._endpoint())
