@@ -17,6 +17,7 @@ connected clients see a delay, not a hole.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -45,7 +46,9 @@ class _Channel:
     __slots__ = ("buffer", "last", "subscribers", "turn")
 
     def __init__(self) -> None:
-        self.subscribers: set[Subscriber] = set()
+        # Each subscriber, with what the hub calls to hand it a delivery: its
+        # `deliver`, or what it named with `deliver_directly`.
+        self.subscribers: dict[Subscriber, Callable[[Delivery], None]] = {}
         self.last: tuple[int, int] | None = None
         # Live messages held back while the gap after an outage is filled.
         self.buffer: list[Message] | None = None
@@ -78,17 +81,27 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-        state.subscribers.add(subscriber)
+        state.subscribers[subscriber] = subscriber.deliver
         return self._broker.subscribe(channel)
 
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         state = self._channels.get(channel)
         if state is None:
             return
-        state.subscribers.discard(subscriber)
+        state.subscribers.pop(subscriber, None)
         if not state.subscribers:
             del self._channels[channel]
             self._broker.unsubscribe(channel)
+
+    def deliver_directly(
+        self, channel: str, subscriber: Subscriber, deliver: Callable[[Delivery], None]
+    ) -> None:
+        """From now on `deliver`, not `subscriber.deliver`, takes `channel`'s
+        messages: a session whose subscription is plainly live hands the hub its
+        transport's own method, one call less per delivery."""
+        state = self._channels.get(channel)
+        if state is not None and subscriber in state.subscribers:
+            state.subscribers[subscriber] = deliver
 
     def dispatch(self, channel: str, raw: bytes) -> None:
         """The broker's listener: messages in, handed to every local subscriber."""
@@ -123,10 +136,10 @@ class Hub:
             messages, state.turn = state.turn or [], None
             delivery: Delivery = messages[0] if len(messages) == 1 else Burst(messages)
             # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
-            subscribers = tuple(state.subscribers)
-            for subscriber in subscribers:
-                subscriber.deliver(delivery)
-            self._delivered(len(subscribers) * len(messages))
+            receivers = tuple(state.subscribers.values())
+            for deliver in receivers:
+                deliver(delivery)
+            self._delivered(len(receivers) * len(messages))
 
     def resume(self, channel: str) -> None:
         """The broker subscribed `channel` again after losing its bus connection."""

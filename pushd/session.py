@@ -90,7 +90,7 @@ class Session:
         out = self._out
         out.subscribed(channel, history.complete)
         if since is None:
-            self._subs[channel] = None
+            self._live(channel)
         else:
             last = parse_id(since)
             replay = [
@@ -109,6 +109,11 @@ class Session:
             self._subs[channel] = last
         for message in pending:
             self.deliver(message)
+
+    def _live(self, channel: str) -> None:
+        """Nothing more to hold back or drop: the transport takes `channel` straight."""
+        self._subs[channel] = None
+        self._hub.deliver_directly(channel, self, self._out.message)
 
     def identify(self, user: str, personal_channel: str | None) -> None:
         """The client is `user`: the application may address it, and it joins the
@@ -161,5 +166,5 @@ class Session:
             elif one.id is None:
                 self._out.message(one)
             elif parse_id(one.id) > state:
-                self._subs[one.channel] = None
+                self._live(one.channel)
                 self._out.message(one)

@@ -235,7 +235,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         own["send_queue"] = ()
         cls = type(self)
         for name, value in list(own.items()):
-            if type(value) not in _SHAREABLE:
+            if type(value) not in _SHAREABLE or name == "state":  # read per delivery
                 continue
             shared = getattr(cls, name, _UNSET)
             if shared is _UNSET:
