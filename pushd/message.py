@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import (  # type: ignore[attr-defined]
+    c_encode_basestring,
+    c_encode_basestring_ascii,
+    c_make_encoder,
+)
 from typing import Any
 
 CHANNEL_RE = re.compile(
@@ -18,8 +23,25 @@ ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
 _ID_MAX = 2**64 - 1  # each part of a Redis stream id is 64 bits
 
 _ENVELOPE_HEAD = b'{"type":"message","channel":'
-_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def _encoder(ensure_ascii: bool) -> Any:
+    """Compact JSON. json.JSONEncoder makes its C encoder anew on every call;
+    pushd encodes per publish, so it keeps one (no circular check: what it
+    encodes comes from JSON or from pushd itself)."""
+    if c_make_encoder is None:
+        return json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":")).encode
+    quote = c_encode_basestring_ascii if ensure_ascii else c_encode_basestring
+
+    def not_json(value: Any) -> Any:
+        raise TypeError(f"{type(value).__name__} is not JSON")
+
+    encode = c_make_encoder(None, not_json, quote, None, ":", ",", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+_compact = _encoder(ensure_ascii=False)
+_ascii = _encoder(ensure_ascii=True)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -31,17 +53,11 @@ _decoder = json.JSONDecoder(parse_constant=_refuse_constant)
 
 def load_json(text: str | bytes) -> Any:
     """Strict JSON: NaN and Infinity refused, nesting too deep for Python refused;
-    every refusal is a ValueError."""
-    try:
-        return _decoder.decode(text.decode("utf-8") if isinstance(text, bytes) else text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def load_json_line(line: str) -> Any:
-    """`load_json` of one line of a batch, straight through the C scanner:
-    thousands of lines a request go through here."""
-    text = line.strip(" \t\r\n")
+    every refusal is a ValueError. Straight through the C scanner: it runs per
+    publish, and per line of a batch."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    text = text.strip(" \t\r\n")
     try:
         value, end = _decoder.scan_once(text, 0)  # type: ignore[attr-defined]
     except StopIteration:

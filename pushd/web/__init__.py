@@ -141,6 +141,7 @@ class PushdChannel(HTTPChannel):
     fast: FastPublish | None = None
     # What arrives while a request of the hot path waits for the broker.
     _fast_waiting: list[bytes] | None = None
+    _peer: Any = None
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.totalHeadersSize = self.max_header_size
@@ -208,8 +209,10 @@ class PushdChannel(HTTPChannel):
             self._fast_waiting.append(data)
             return
         if self.fast is not None and self._between_requests():
-            transport: Any = self.transport
-            request = self.fast.parse(data, transport.getPeer())
+            if self._peer is None:
+                transport: Any = self.transport
+                self._peer = transport.getPeer()
+            request = self.fast.parse(data, self._peer)
             if request is not None:
                 self.resetTimeout()
                 self._stop_deadline()

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from pushd.message import data_json, dump_json, is_channel, load_json, load_json_line
+from pushd.message import data_json, dump_json, is_channel, load_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
 from pushd.web.producer import Producing, idempotency_key, query_value, read_body
@@ -56,7 +56,7 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
             if not line.strip():
                 continue
             try:
-                obj = load_json_line(line)
+                obj = load_json(line)
             except ValueError:
                 raise ApiError(400, "bad_json", f"line {n} is not valid JSON") from None
             items.extend(_items_of(obj, n, max_message_size))
