@@ -189,7 +189,8 @@ OPTIONS: tuple[Option, ...] = (
         "redis-timeout",
         _non_negative_float,
         5.0,
-        "seconds a Redis command may take before the publish answers 503",
+        "seconds Redis may leave a command unanswered: then what waits answers 503 "
+        "(checked every S seconds, so a publish fails within 2 S)",
         metavar="S",
     ),
     Option(

@@ -5,6 +5,8 @@ full HTTP stack answers them, with nothing lost or reordered."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 
 import pytest_twisted
 import treq
@@ -183,3 +185,35 @@ async def test_push_on_a_kept_alive_connection(start_pushd: StartPushd) -> None:
     assert [m["data"] for m in got] == [{"n": 0}, {"n": 1}, {"n": 2}]
     raw.transport.loseConnection()
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_that_stops_answering_gets_503_then_recovers(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    """Redis frozen (SIGSTOP): publishes waiting on it answer 503 within twice
+    --redis-timeout; once it answers again, so does publishing."""
+    pushd = PushdUnderTest.config(redis=own_redis.address(), redis_prefix=prefix, redis_timeout=1)
+    await pushd.start()
+    raw = await connect_raw(pushd.port)
+    try:
+        raw.transport.write(post("frozen", b"1"))
+        await raw.until(b"HTTP/1.1 200")
+        assert own_redis.process is not None
+        own_redis.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        raw.transport.write(post("frozen", b"2"))
+        await raw.until(b"HTTP/1.1 503", timeout=5)
+        assert time.monotonic() - started < 2.5
+        own_redis.process.send_signal(signal.SIGCONT)
+
+        async def published() -> bool:
+            response = await pushd.post("frozen", "3")
+            return response.code == 200
+
+        await wait_for(published, what="publishing after Redis answers again")
+    finally:
+        if own_redis.process is not None:
+            own_redis.process.send_signal(signal.SIGCONT)
+        raw.transport.loseConnection()
+        await pushd.stop()

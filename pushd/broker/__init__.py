@@ -69,7 +69,7 @@ class Broker(Service):
     local_count: LocalCount | None = None
 
     def __init__(self) -> None:
-        self._in_flight: set[Deferred[Any]] = set()
+        self._in_flight = 0
         self._drained: list[Deferred[None]] = []
 
     @property
@@ -79,17 +79,16 @@ class Broker(Service):
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         """Count `d` as a publish in flight until it fires (see `drain`)."""
-        self._in_flight.add(d)
+        self._in_flight += 1
+        return d.addBoth(self._landed)
 
-        def done(result: Any) -> Any:
-            self._in_flight.discard(d)
-            if not self._in_flight:
-                waiters, self._drained = self._drained, []
-                for waiter in waiters:
-                    waiter.callback(None)
-            return result
-
-        return d.addBoth(done)
+    def _landed(self, result: Any) -> Any:
+        self._in_flight -= 1
+        if not self._in_flight and self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+        return result
 
     def drain(self) -> Deferred[None]:
         """Fires once no publish is in flight: a stopping service waits for this."""

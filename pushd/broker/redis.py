@@ -23,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
+from functools import lru_cache
 from importlib.resources import files
 from itertools import groupby
 from operator import itemgetter
@@ -55,6 +56,10 @@ from pushd.config import RedisAddress
 from pushd.message import dump_json, envelope_prefix
 
 log = Logger()
+
+
+def _as_is(reply: Any) -> Any:
+    return reply
 
 
 class Script:
@@ -189,23 +194,34 @@ COUNTS_TTL_MS = 6_000
 COUNTS_BATCH = 500
 
 
+def _resp(*args: Any) -> bytes:
+    """A command in RESP, its arguments encoded as txredisapi encodes them
+    (pushd's are bytes, str and int)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        kind = type(arg)
+        if kind is str:
+            arg = arg.encode()
+        elif kind is int:
+            arg = b"%d" % arg
+        elif kind is not bytes:
+            raise TypeError(f"{kind.__name__} in a Redis command")
+        parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(parts)
+
+
 class _FastCommands:
     """txredisapi builds a command's bytes an argument at a time, through a
     bytearray: 7.5 us for a publish's ten arguments, the largest single cost of
-    a POST. The same RESP, built in one join (arguments as txredisapi encodes
-    them). (Writing commands straight to the socket, or corked to the end of
-    the turn, measured slower than Twisted's buffered write: Redis then reads
-    fewer commands at once.)"""
+    a POST. The same RESP, in one join. (Writing commands straight to the
+    socket, or corked to the end of the turn, measured slower than Twisted's
+    buffered write: Redis then reads fewer commands at once.)"""
 
     def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-        encode: Any = self._encode_value  # type: ignore[attr-defined]
-        parts = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            kind = type(arg)
-            if kind is not bytes:
-                arg = b"%d" % arg if kind is int else encode(arg)
-            parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        return b"".join(parts)
+        try:
+            return _resp(*args)
+        except (TypeError, UnicodeEncodeError):
+            return super()._build_command(*args, **kwargs)  # type: ignore[misc]
 
 
 def _fast_commands(factory: Any) -> None:
@@ -310,6 +326,9 @@ class RedisBroker(Broker):
         self._replies: dict[str, _Replies] = {}
         self._reporter = LoopingCall(self._report_counts)
         self._reporter.clock = reactor
+        self._stuck: dict[Any, Any] = {}
+        self._watchdog = LoopingCall(self._check_stuck)
+        self._watchdog.clock = reactor
 
     # -- keys
 
@@ -360,10 +379,14 @@ class RedisBroker(Broker):
             self._sub_factory.startConnecting(self._endpoint())
         self._pool_factory.deferred.addCallback(self._check_ready)
         self._reporter.start(COUNTS_REFRESH, now=False)
+        if self._timeout:
+            self._watchdog.start(self._timeout, now=False)
 
     async def _stop(self) -> None:
         await self.drain()
         self._reporter.stop()
+        if self._watchdog.running:
+            self._watchdog.stop()
         if self._reported and self.connected:
             # Leave the counts at once rather than when they expire.
             with suppress(BrokerUnavailable):
@@ -433,32 +456,80 @@ class RedisBroker(Broker):
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None
     ) -> Deferred[Published]:
-        d = self._eval(PUBLISH, *self._publish_args(channel, data, idempotency_key))
-        return self.track(d.addCallback(_published))
+        keys, args = self._publish_args(channel, data, idempotency_key)
+        command = None
+        if idempotency_key is None:
+            # Everything but the data is the same for every publish to a channel.
+            head, tail = self._publish_command(channel)
+            command = b"".join((head, b"$%d\r\n" % len(data), data, tail))
+        return self.track(self._eval(PUBLISH, keys, args, _published, command))
 
-    def _eval(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Deferred[Any]:
-        """EVALSHA straight on the pool's first free connection, as txredisapi's
-        handle would pick it, without its per-command Deferred chain: publishing
-        is the hot path. Commands of one reactor turn leave in one write."""
+    @lru_cache(maxsize=4096)  # noqa: B019 (the broker lives as long as the process)
+    def _publish_command(self, channel: str) -> tuple[bytes, bytes]:
+        """EVALSHA of publish.lua for `channel`, in RESP, before and after the data."""
+        keys, args = self._publish_args(channel, b"", None)
+        whole = _resp("EVALSHA", PUBLISH.sha, len(keys), *keys, *args)
+        data_at = whole.index(b"$0\r\n\r\n")
+        return whole[:data_at], whole[data_at + 4 :]  # the tail starts with the data's CRLF
+
+    def _eval(
+        self,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        then: Callable[[Any], Any] = _as_is,
+        command: bytes | None = None,
+    ) -> Deferred[Any]:
+        """`then(reply)` of EVALSHA on the pool's first free connection, as txredisapi's handle
+        would pick it, but without txredisapi's command machinery (three
+        Deferreds and a timer per command): the command is written and the next
+        reply taken from the connection's own reply queue, which is all that
+        machinery does. Publishing is the hot path. A reply that never comes is
+        the watchdog's (`_check_stuck`), not a timer's per command."""
         factory = self._pool_factory
         free = factory.connectionQueue.pending if factory is not None else ()
         if not free or not free[0].connected:
-            return Deferred.fromCoroutine(self._run(script, keys, args))
-        try:
-            d = free[0].execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except txredisapi.RedisError as e:
-            return fail(BrokerUnavailable(f"Redis: {e}"))
-        return d.addErrback(self._eval_failed, script, keys, args)
+            return Deferred.fromCoroutine(self._run(script, keys, args)).addCallback(then)
+        conn = free[0]
+        if command is None:
+            try:
+                command = conn._build_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            except txredisapi.RedisError as e:
+                return fail(BrokerUnavailable(f"Redis: {e}"))
+        d: Deferred[Any] = conn.replyQueue.get()
+        conn.transport.write(command)
+        return d.addCallback(self._evaluated, script, keys, args, then)
 
-    def _eval_failed(
-        self, failure: Any, script: Script, keys: Sequence[str], args: Sequence[Any]
+    def _evaluated(
+        self,
+        reply: Any,
+        script: Script,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        then: Callable[[Any], Any],
     ) -> Any:
-        error = failure.value
-        if isinstance(error, txredisapi.ResponseError) and str(error).startswith("NOSCRIPT"):
-            return Deferred.fromCoroutine(self._run(script, keys, args))
-        if isinstance(error, (txredisapi.RedisError, TimeoutError, CancelledError)):
-            raise BrokerUnavailable(f"Redis: {error or type(error).__name__}")
-        return failure
+        if not isinstance(reply, Exception):
+            return then(reply)
+        if isinstance(reply, txredisapi.ResponseError) and str(reply).startswith("NOSCRIPT"):
+            return Deferred.fromCoroutine(self._run(script, keys, args)).addCallback(then)
+        if isinstance(reply, txredisapi.RedisError):  # lost, timed out, or an error reply
+            raise BrokerUnavailable(f"Redis: {reply}")
+        raise reply
+
+    def _check_stuck(self) -> None:
+        """Every `--redis-timeout`: a pool connection whose oldest unanswered
+        command was already its oldest a tick ago is cut; what waits on it fails
+        (503) and the pool connects again."""
+        stuck: dict[Any, Any] = {}
+        for conn in list(self._pool_factory.pool if self._pool_factory else ()):
+            waiting = conn.replyQueue.waiting
+            oldest = waiting[0] if waiting else None
+            if oldest is not None and self._stuck.get(conn) is oldest:
+                log.warn("Redis did not answer in {timeout} s: reconnecting", timeout=self._timeout)
+                conn.transport.abortConnection()
+            else:
+                stuck[conn] = oldest
+        self._stuck = stuck
 
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
@@ -492,8 +563,8 @@ class RedisBroker(Broker):
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
         keys, args = self._publish_args(channel, data, None)
-        d = self._eval(PUSH, [channel, event_list, *keys], [entry, *args])
-        return self.track(d.addCallback(lambda answer: (True, _published(answer))))
+        d = self._eval(PUSH, [channel, event_list, *keys], [entry, *args], _pushed)
+        return self.track(d)
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         async def run() -> History:
@@ -672,6 +743,10 @@ class RedisBroker(Broker):
 def _published(answer: list[Any]) -> Published:
     repeated, msg_id = answer
     return Published(msg_id, repeated=bool(int(repeated)))
+
+
+def _pushed(answer: list[Any]) -> tuple[bool, Published]:
+    return True, _published(answer)
 
 
 def _loads(raw: bytes) -> Any:

@@ -187,6 +187,9 @@ class PushdChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
+        if self._fast_waiting is not None:
+            self._start_deadline()  # a whole request waits for the broker, not the client
+            return
         self._refuse(b"408 Request Timeout", "timeout")
 
     def _refuse(self, status: bytes, code: str) -> None:
@@ -215,7 +218,6 @@ class PushdChannel(HTTPChannel):
             request = self.fast.parse(data, self._peer)
             if request is not None:
                 self.resetTimeout()
-                self._stop_deadline()
                 self._fast_waiting = []
                 self.fast.publish(request, self._fast_answer)
                 return
@@ -236,7 +238,11 @@ class PushdChannel(HTTPChannel):
         if self.transport is None:
             return
         write_now(self.transport, response)
-        self._start_deadline()
+        # The next request's headers have their deadline from now.
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(self.handshake_timeout)
+        else:
+            self._start_deadline()
         if waiting:
             self.dataReceived(b"".join(waiting))
 
