@@ -563,8 +563,21 @@ class RedisBroker(Broker):
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
         keys, args = self._publish_args(channel, data, None)
-        d = self._eval(PUSH, [channel, event_list, *keys], [entry, *args], _pushed)
+        head, middle, tail = self._push_command(channel, event_list)
+        command = b"".join(
+            (head, b"$%d\r\n" % len(entry), entry, middle, b"$%d\r\n" % len(data), data, tail)
+        )
+        d = self._eval(PUSH, [channel, event_list, *keys], [entry, *args], _pushed, command)
         return self.track(d)
+
+    @lru_cache(maxsize=4096)  # noqa: B019 (the broker lives as long as the process)
+    def _push_command(self, channel: str, event_list: str) -> tuple[bytes, bytes, bytes]:
+        """EVALSHA of PUSH for `channel` in RESP, around the entry and the data."""
+        keys, args = self._publish_args(channel, b"", None)
+        whole = _resp("EVALSHA", PUSH.sha, len(keys) + 2, channel, event_list, *keys, b"", *args)
+        entry_at = whole.index(b"$0\r\n\r\n")
+        data_at = whole.index(b"$0\r\n\r\n", entry_at + 6)
+        return whole[:entry_at], whole[entry_at + 4 : data_at], whole[data_at + 4 :]
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         async def run() -> History:
