@@ -364,14 +364,7 @@ def row_fanout(
             if lat["missing"] or not post_ok(lat["post_status"]):
                 PROBLEMS.append(f"{label}: {lat['missing']:,} deliveries missing, POST statuses "
                                 f"{lat['post_status']}")  # fmt: skip
-            say(
-                f"{label} at {rate:g} msg/s ({rate * held:,.0f} deliveries/s offered): p50 "
-                f"{lat.get('p50_ms', 0):.2f} ms, p99 {lat.get('p99_ms', 0):.2f} ms, max "
-                f"{lat.get('max_ms', 0):.2f} ms over {lat['deliveries']:,} deliveries "
-                f"({lat['missing']:,} missing); client "
-                f"{lat['client_cpu_us_per_delivery']:.2f} CPU us/delivery; server CPU "
-                f"{lat['server_cpu_percent']:.0f}%"
-            )
+            say(R.latency_line(label, rate, held, lat))
         finals = clients.quit()
         out["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
         if out["closed_by_server"]:

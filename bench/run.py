@@ -1042,6 +1042,17 @@ def burst_phase(
     return out
 
 
+def latency_line(label: str, rate: float, held: int, lat: dict[str, Any]) -> str:
+    """The progress line of a paced (latency) phase."""
+    return (
+        f"{label} at {rate:g} msg/s ({rate * held:,.0f} deliveries/s offered): "
+        f"p50 {lat.get('p50_ms', 0):.2f} ms, p99 {lat.get('p99_ms', 0):.2f} ms, "
+        f"max {lat.get('max_ms', 0):.2f} ms over {lat['deliveries']:,} deliveries "
+        f"({lat['missing']:,} missing); client {lat['client_cpu_us_per_delivery']:.2f} "
+        f"CPU us/delivery; server CPU {lat['server_cpu_percent']:.0f}%"
+    )
+
+
 def test_fanout(
     s: Servers, subs: int, burst_msgs: int, serial_msgs: int, lat_rate: float, lat_msgs: int
 ) -> dict[str, Any]:
@@ -1083,14 +1094,7 @@ def test_fanout(
         "other_cpu0_percent": other_cpu,
         **merge_latency(reps),
     }
-    lat = result["latency"]
-    say(
-        f"fan-out {held:,} latency at {lat_rate:g} msg/s ({lat_rate * held:,.0f} deliveries/s): "
-        f"p50 {lat.get('p50_ms', 0):.2f} ms, p99 {lat.get('p99_ms', 0):.2f} ms, "
-        f"max {lat.get('max_ms', 0):.2f} ms over {deliveries:,} deliveries "
-        f"({lat['missing']:,} missing); client {lat['client_cpu_us_per_delivery']:.2f} "
-        f"CPU us/delivery; server CPU {server_cpu:.0f}%"
-    )
+    say(latency_line(f"fan-out {held:,} latency", lat_rate, held, result["latency"]))
     finals = clients.quit()
     result["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
     result["close_codes"] = dict(sum((Counter(r["close_codes"]) for r in finals), Counter()))
