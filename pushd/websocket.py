@@ -284,6 +284,14 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             self._expiry.cancel()
         self.factory.gone(self)
 
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        # Autobahn resolves is_closed with the protocol itself, and the session
+        # points back at it: cycles that would leave every closed connection to
+        # the cycle collector. Nothing reads them once the connection is gone.
+        for name in ("session", "is_closed", "is_open"):
+            self.__dict__.pop(name, None)
+
     # -- client frames
 
     def handle_subscribe(self, msg: dict[str, Any]) -> None:

@@ -155,3 +155,38 @@ async def test_closing_leaves_nothing_behind(pushd: PushdUnderTest, redis_client
 
     if pushd.cfg.redis is not None:
         await wait_for(no_redis_subscriptions, what="Redis subscriptions to go")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_leave_nothing_to_the_cycle_collector(pushd: PushdUnderTest) -> None:
+    """Opening and closing connections frees pushd's side of them at once, by
+    reference counting: no full collections (pauses) as thousands come and go."""
+    import gc
+
+    def pushd_garbage() -> list[str]:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            ours = {"PushdServerProtocol", "PushdChannel", "PushdRequest", "Session", "Server"}
+            return [type(o).__name__ for o in gc.garbage if type(o).__name__ in ours]
+        finally:
+            gc.garbage.clear()
+            gc.set_debug(0)
+
+    gc.collect()
+    gc.disable()
+    try:
+        clients = [await pushd.connect("?channel=gc") for _ in range(10)]
+        for client in clients:
+            await client.next_of("subscribed")
+        assert pushd_garbage() == []  # open: the upgrade's HTTP channel and request went
+        for client in clients:
+            await client.close()
+        await wait_for(lambda: not pushd.hub.count("gc"), what="the hub to let go")
+        await wait_for(
+            lambda: not pushd.service.listeners[0].factory.ws_factory.clients,
+            what="the connections to close",
+        )
+        assert pushd_garbage() == []  # closed
+    finally:
+        gc.enable()
