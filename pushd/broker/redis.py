@@ -194,12 +194,22 @@ COUNTS_TTL_MS = 6_000
 COUNTS_BATCH = 500
 
 
-def _resp(*args: Any) -> bytes:
+#: Where a command template (`_template`) leaves room for bytes given per call.
+_HOLE: Any = object()
+
+
+def _template(*args: Any) -> tuple[bytes, ...]:
     """A command in RESP, its arguments encoded as txredisapi encodes them
-    (pushd's are bytes, str and int)."""
+    (pushd's are bytes, str and int), in pieces split at each `_HOLE`: `_fill`
+    puts each call's own bytes there."""
+    pieces: list[bytes] = []
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         kind = type(arg)
+        if arg is _HOLE:
+            pieces.append(b"".join(parts))
+            parts = []
+            continue
         if kind is str:
             arg = arg.encode()
         elif kind is int:
@@ -207,7 +217,19 @@ def _resp(*args: Any) -> bytes:
         elif kind is not bytes:
             raise TypeError(f"{kind.__name__} in a Redis command")
         parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    pieces.append(b"".join(parts))
+    return tuple(pieces)
+
+
+def _fill(pieces: tuple[bytes, ...], *values: bytes) -> bytes:
+    parts = [pieces[0]]
+    for value, piece in zip(values, pieces[1:], strict=True):
+        parts += (b"$%d\r\n" % len(value), value, b"\r\n", piece)
     return b"".join(parts)
+
+
+def _resp(*args: Any) -> bytes:
+    return _template(*args)[0]
 
 
 class _FastCommands:
@@ -460,17 +482,14 @@ class RedisBroker(Broker):
         command = None
         if idempotency_key is None:
             # Everything but the data is the same for every publish to a channel.
-            head, tail = self._publish_command(channel)
-            command = b"".join((head, b"$%d\r\n" % len(data), data, tail))
+            command = _fill(self._publish_command(channel), data)
         return self.track(self._eval(PUBLISH, keys, args, _published, command))
 
     @lru_cache(maxsize=4096)  # noqa: B019 (the broker lives as long as the process)
-    def _publish_command(self, channel: str) -> tuple[bytes, bytes]:
-        """EVALSHA of publish.lua for `channel`, in RESP, before and after the data."""
-        keys, args = self._publish_args(channel, b"", None)
-        whole = _resp("EVALSHA", PUBLISH.sha, len(keys), *keys, *args)
-        data_at = whole.index(b"$0\r\n\r\n")
-        return whole[:data_at], whole[data_at + 4 :]  # the tail starts with the data's CRLF
+    def _publish_command(self, channel: str) -> tuple[bytes, ...]:
+        """EVALSHA of publish.lua for `channel`, in RESP, around the data."""
+        keys, args = self._publish_args(channel, _HOLE, None)
+        return _template("EVALSHA", PUBLISH.sha, len(keys), *keys, *args)
 
     def _eval(
         self,
@@ -563,21 +582,17 @@ class RedisBroker(Broker):
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
         keys, args = self._publish_args(channel, data, None)
-        head, middle, tail = self._push_command(channel, event_list)
-        command = b"".join(
-            (head, b"$%d\r\n" % len(entry), entry, middle, b"$%d\r\n" % len(data), data, tail)
-        )
+        command = _fill(self._push_command(channel, event_list), entry, data)
         d = self._eval(PUSH, [channel, event_list, *keys], [entry, *args], _pushed, command)
         return self.track(d)
 
     @lru_cache(maxsize=4096)  # noqa: B019 (the broker lives as long as the process)
-    def _push_command(self, channel: str, event_list: str) -> tuple[bytes, bytes, bytes]:
+    def _push_command(self, channel: str, event_list: str) -> tuple[bytes, ...]:
         """EVALSHA of PUSH for `channel` in RESP, around the entry and the data."""
-        keys, args = self._publish_args(channel, b"", None)
-        whole = _resp("EVALSHA", PUSH.sha, len(keys) + 2, channel, event_list, *keys, b"", *args)
-        entry_at = whole.index(b"$0\r\n\r\n")
-        data_at = whole.index(b"$0\r\n\r\n", entry_at + 6)
-        return whole[:entry_at], whole[entry_at + 4 : data_at], whole[data_at + 4 :]
+        keys, args = self._publish_args(channel, _HOLE, None)
+        return _template(
+            "EVALSHA", PUSH.sha, len(keys) + 2, channel, event_list, *keys, _HOLE, *args
+        )
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         async def run() -> History:

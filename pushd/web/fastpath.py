@@ -140,8 +140,7 @@ class FastPublish:
             return
 
         def published(result: Published) -> None:
-            self._published.inc()
-            self._seconds.observe(time.monotonic() - request.started)
+            self._counted(self._published, request)
             body = _answer_head(request.channel) + result.id.encode() + b'"}'
             answer(self._response(200, b"OK", _JSON, body))
 
@@ -153,13 +152,17 @@ class FastPublish:
         ms, request_id, entry = push_entry(request.body)
 
         def pushed(result: tuple[bool, Published]) -> None:
-            self._pushed.inc()
-            self._seconds.observe(time.monotonic() - request.started)
+            self._counted(self._pushed, request)
             body = f"S|{ms}|{request_id}".encode()
             answer(self._response(200, b"OK", _TEXT, body, b"" if result[0] else _NO_LISTS))
 
         d = self._p.broker.push(request.channel, entry, self._event_list, request.data)
         d.addCallbacks(pushed, self._failed, errbackArgs=(request, answer, True))
+
+    def _counted(self, counter: Any, request: Request) -> None:
+        """As Producing.publish counts and times a publish."""
+        counter.inc()
+        self._seconds.observe(time.monotonic() - request.started)
 
     def _failed(self, failure: Any, request: Request, answer: Any, push: bool) -> None:
         if failure.check(BrokerUnavailable):
