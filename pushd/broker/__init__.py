@@ -40,6 +40,17 @@ class BrokerUnavailable(Exception):
     """The broker cannot take a publish now; nothing was stored (HTTP 503)."""
 
 
+class OutcomeUnknown(Exception):
+    """The command reached the broker (or may have) but no answer came: the
+    publish may or may not be stored (HTTP 504 `outcome_unknown`). A retry with
+    the same Idempotency-Key settles it."""
+
+
+class IdempotencyKeyReused(Exception):
+    """The Idempotency-Key was first used with another request (other endpoint,
+    channel(s) or body): nothing was published (HTTP 422)."""
+
+
 @dataclass(frozen=True)
 class Published:
     id: str
@@ -54,6 +65,9 @@ class History:
     messages: list[tuple[str, bytes]] = field(default_factory=list)
     #: For a read after an id: True only when no message after it is missing.
     complete: bool = False
+    #: The channel's newest retained id when it was read (None: no history).
+    #: A subscription's `position`; also tells a `since` ahead of the channel.
+    last: str | None = None
 
 
 class Broker(Service):

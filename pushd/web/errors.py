@@ -32,7 +32,24 @@ LOOPBACK_ONLY = (
 )
 NOT_FOUND = (404, "not_found", "no such resource")
 TOO_LARGE = (413, "too_large", "the body is larger than --max-message-size")
+KEY_REUSED = (
+    422,
+    "idempotency_key_reused",
+    "this Idempotency-Key was first used with another request; nothing was published",
+)
 UNAVAILABLE = (503, "unavailable", "the broker is unreachable; nothing was published, retry later")
+
+SHUTTING_DOWN = (
+    503,
+    "shutting_down",
+    "this node is shutting down; nothing was published, retry (on another node)",
+)
+OUTCOME_UNKNOWN = (
+    504,
+    "outcome_unknown",
+    "the broker did not answer in time: the message may or may not be stored;"
+    " retry with the same Idempotency-Key",
+)
 
 
 def write_json(request: Request, status: int, body: bytes) -> None:
