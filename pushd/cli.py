@@ -1,14 +1,16 @@
 """`pushd-cli`: publish and subscribe from the command line, with `pushd.client`.
 
     pushd-cli publish CHANNEL DATA [--json] [--url U] [--api-key K] [--retries N]
+                      [--idempotency-key K]
     pushd-cli subscribe CHANNEL [CHANNEL...] [--url U] [--token T] [--since ID] [--count N]
     python -m pushd.cli ...
 
 `publish` sends DATA (`-`: standard input) as text, or as JSON with `--json`,
 and prints the message id. `subscribe` prints every message envelope as one JSON
-line, reconnecting and resuming after a lost connection, until interrupted or,
-with `--count N`, after N messages. The URL, key and token default to
-$PUSHD_CLI_URL (else http://127.0.0.1:8080), $PUSHD_CLI_API_KEY and
+line, reconnecting and resuming every channel after a lost connection (a
+channel that printed nothing yet from the position pushd gave), until
+interrupted or, with `--count N`, after N messages. The URL, key and token
+default to $PUSHD_CLI_URL (else http://127.0.0.1:8080), $PUSHD_CLI_API_KEY and
 $PUSHD_CLI_TOKEN. Exit status: 0 done, 1 refused or failed (one line on
 stderr), 2 bad command line.
 """
@@ -31,7 +33,7 @@ from pushd.check import (
     verbose_log,
 )
 from pushd.client import Publisher, PushdError, Subscriber
-from pushd.message import parse_id
+from pushd.message import load_json, parse_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -92,7 +94,12 @@ def parser() -> argparse.ArgumentParser:
         "--retries",
         type=int,
         default=5,
-        help="tries again after a 503 or a lost connection, with backoff (default: 5)",
+        help="tries again after a 503, a 504 or a lost connection, with backoff, under"
+        " the same Idempotency-Key (default: 5)",
+    )
+    pub.add_argument(
+        "--idempotency-key",
+        help="the publish's Idempotency-Key (default: a random one, kept across retries)",
     )
     common(pub)
 
@@ -114,12 +121,12 @@ async def _publish(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
     data: Any = text
     if args.json:
         try:
-            data = json.loads(text)
+            data = load_json(text)  # strict: NaN, Infinity, 1e400 refused
         except ValueError as exc:
             raise CliError(f"DATA is not JSON: {exc}") from None
     publisher = Publisher(args.url, args.api_key, reactor=reactor, retries=max(0, args.retries))
     try:
-        msg_id = await publisher.publish(args.channel, data)
+        msg_id = await publisher.publish(args.channel, data, idempotency_key=args.idempotency_key)
     except PushdError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:
@@ -139,7 +146,8 @@ async def _subscribe(reactor: Any, args: argparse.Namespace, out: TextIO) -> Non
     seen = 0
     try:
         async for envelope in subscriber:
-            print(json.dumps(envelope, separators=(",", ":")), file=out, flush=True)
+            line = json.dumps(envelope, separators=(",", ":"), allow_nan=False)
+            print(line, file=out, flush=True)
             seen += 1
             if args.count is not None and seen >= args.count:
                 return

@@ -10,19 +10,22 @@
         async for envelope in subscriber:  # {"type": "message", "channel", "id", "data"}
             print(envelope["data"])
 
-`Publisher` retries a publish that got 503 (Redis unavailable) or lost its
-connection, with exponential backoff and jitter, always under one
-`Idempotency-Key`, so a retry never publishes twice. Other refusals raise
+`Publisher` retries a publish that got 503 (Redis unavailable), 504 (outcome
+unknown) or lost its connection, with exponential backoff and jitter, always
+under one `Idempotency-Key` (made up when the caller gives none), so a retry
+never publishes twice. Other refusals raise
 `PushdError(status, code, message)` with the server's JSON error.
 
-`Subscriber` keeps the last id of every channel; when the connection is lost
-(pushd restarted, 1001 going away, 4008 slow consumer, a network error) it
-connects again after a jittered exponential backoff and resubscribes with
-`since`, so no retained message is missed, and drops any message it already
-delivered. It stops for good on close code 4003 (disconnected by the
-application), on a handshake the server refuses (401, 403, 404, 400: a new
-attempt would fare no better) and on 4001 (token expired) unless `token` is a
-callable, which is then asked for a fresh token before every connection.
+`Subscriber` keeps a resume point for every channel (the last id delivered, or,
+on a channel quiet so far, the `position` pushd gave when it subscribed); when
+the connection is lost (pushd restarted, 1001 going away, 4008 slow consumer, a
+network error) it connects again after a jittered exponential backoff and
+resubscribes with `since`, so no retained message is missed, on quiet channels
+too, and drops any message it already delivered. It stops for good on close
+code 4003 (disconnected by the application), on a handshake the server refuses
+(401, 403, 404, 400: a new attempt would fare no better) and on 4001 (token
+expired) unless `token` is a callable, which is then asked for a fresh token
+before every connection.
 
 Everything runs on the Twisted reactor: await these coroutines from
 `Deferred.fromCoroutine`, `twisted.internet.task.react` or pytest-twisted.
@@ -77,6 +80,10 @@ _CONNECTION_ERRORS = (
     RequestTransmissionFailed,
 )
 
+#: Answers a publish retries, under the same Idempotency-Key: 503 (nothing was
+#: stored) and 504 (it may have been: the retry answers the stored id, if any).
+_RETRIED = frozenset((503, 504))
+
 #: Handshake refusals a new attempt would not change: the Subscriber gives up.
 _FATAL_HANDSHAKE = {400, 401, 403, 404, 405, 426}
 
@@ -112,9 +119,11 @@ async def _error_of(response: Any) -> PushdError:
 class Publisher:
     """Publishes through pushd's producer API (`POST /channels/{channel}`, `POST /publish`).
 
-    `retries` is how many times a publish is tried again after a 503 or a lost
-    connection, waiting `backoff` seconds (doubling each time, with jitter)
-    between tries; `timeout` bounds each try.
+    Every publish carries an `Idempotency-Key` (the caller's, or a random one):
+    `retries` is how many times it is tried again, under that key, after a 503,
+    a 504 or a lost connection, waiting `backoff` seconds (doubling each time,
+    with jitter) between tries; `timeout` bounds each try. A 422 (the key was
+    first used with another request) is raised, never retried.
     """
 
     def __init__(
@@ -145,7 +154,9 @@ class Publisher:
         if isinstance(data, str):
             body, ctype = data.encode("utf-8"), "text/plain; charset=utf-8"
         else:
-            body, ctype = json.dumps(data, separators=(",", ":")).encode(), "application/json"
+            # Strict JSON (pushd refuses NaN and Infinity): ValueError here, not a 400.
+            text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+            body, ctype = text.encode(), "application/json"
         answer = await self._post(
             self.target.publish_url(channel), body, ctype, idempotency_key or uuid.uuid4().hex
         )
@@ -160,7 +171,7 @@ class Publisher:
         """Publish many `(channel, data)` messages in one request (`POST /publish`,
         NDJSON), in order; their ids. Data is sent as JSON (a `str` stays a string)."""
         lines = [
-            json.dumps({"channel": channel, "data": data}, separators=(",", ":"))
+            json.dumps({"channel": channel, "data": data}, separators=(",", ":"), allow_nan=False)
             for channel, data in items
         ]
         if not lines:
@@ -194,9 +205,11 @@ class Publisher:
                 d = Deferred.fromCoroutine(self._attempt(url, body, headers))
                 return await d.addTimeout(self.timeout, self.reactor)
             except PushdError as exc:
-                if exc.status != 503 or attempt >= self.retries:
+                if exc.status not in _RETRIED or attempt >= self.retries:
                     raise
-                log.info("publish: 503 {message}, retrying", message=exc.message)
+                log.info(
+                    "publish: {status} {message}, retrying", status=exc.status, message=exc.message
+                )
             except _CONNECTION_ERRORS as exc:
                 if attempt >= self.retries:
                     raise
@@ -237,7 +250,7 @@ class _Protocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.opened.callback(None)
         for frame in self.factory.frames:
-            self.sendMessage(json.dumps(frame).encode())
+            self.sendMessage(json.dumps(frame, allow_nan=False).encode())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -275,6 +288,8 @@ class _HandshakeFailed(Exception):
 
 
 _END = object()
+#: The resume point of a channel that had no history: from its beginning.
+BEGINNING = "0-0"
 
 
 class Subscriber:
@@ -317,7 +332,9 @@ class Subscriber:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
-        #: The id of the last message delivered, per channel: where a reconnect resumes.
+        #: Where a reconnect resumes, per channel: the id of the last message
+        #: delivered, else the `position` pushd gave on subscribing ("0-0": the
+        #: channel had no history, resume from its beginning).
         self.last_ids: dict[str, str] = {}
         if isinstance(since, str):
             self.last_ids = dict.fromkeys(self.channels, since)
@@ -520,6 +537,8 @@ class Subscriber:
         elif kind == "subscribed" and isinstance(channel, str):
             self._subscribed.add(channel)
             self.recovered[channel] = bool(frame.get("recovered"))
+            if channel in self.channels and "position" in frame:
+                self._adopt_position(channel, frame["position"])
             if self._subscribed >= set(self.channels):
                 waiting, self._ready = self._ready, []
                 for d in waiting:
@@ -538,6 +557,23 @@ class Subscriber:
             ):
                 # This channel will never be subscribed: stop waiting for it.
                 self._subscribed.add(channel)
+
+    def _adopt_position(self, channel: str, position: Any) -> None:
+        """pushd's `position` (the channel's newest id once live; None: no
+        history, so from its beginning, "0-0") becomes the resume point of a
+        channel that has none yet, so a quiet channel is resumed too; and of
+        one whose `since` is ahead of the channel (clock skew), whose live
+        messages would look old. Otherwise the resume point stays: a replay
+        after it follows, and a connection lost before it arrives must ask for
+        it again."""
+        at = position if isinstance(position, str) else BEGINNING
+        try:
+            key = parse_id(at)
+        except ValueError:
+            return
+        last = self.last_ids.get(channel)
+        if last is None or parse_id(last) > key:
+            self.last_ids[channel] = at
 
     def _message(self, frame: dict[str, Any], channel: str) -> None:
         msg_id = frame.get("id")

@@ -9,11 +9,12 @@ the value came from.
 from __future__ import annotations
 
 import configparser
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from pushd.message import CHANNEL_RE
 
@@ -434,6 +435,47 @@ def _read_ini(path: str) -> dict[str, list[str]]:
     return values
 
 
+#: Options whose values are secrets; and those whose URLs may carry a password.
+SECRET_OPTIONS = frozenset(("api-key", "token-secret"))
+URL_OPTIONS = frozenset(("redis", "auth-url"))
+#: How `--workers` hands a worker the secrets: JSON in its environment (readable by
+#: its own user only, /proc/<pid>/environ), never on its command line (`ps`).
+WORKER_SECRETS = "PUSHD_WORKER_SECRETS"
+
+
+def without_password(url: str) -> str:
+    """`url` without the password of its user part (`redis://:pw@h:1/2` -> `redis://h:1/2`)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{name}@{host}" if name else host))
+
+
+def split_secrets(given: Mapping[str, tuple[str, ...]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The values of options as given, split into what a worker's command line may
+    show and its secrets (option name -> value, or list for a repeatable option):
+    keys and token secrets go whole to the secrets; a URL with a password shows
+    without it, and the secrets hold it whole."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for option in OPTIONS:
+        values = given.get(option.key)
+        if not values:
+            continue
+        value: Any = list(values) if option.repeatable else values[-1]
+        if option.name in SECRET_OPTIONS:
+            secret[option.name] = value
+            continue
+        if option.name in URL_OPTIONS and any(without_password(v) != v for v in values):
+            secret[option.name] = value
+            stripped = [without_password(v) for v in values]
+            value = stripped if option.repeatable else stripped[-1]
+        public[option.name] = value
+    return public, secret
+
+
 def _split_env(option: Option, raw: str) -> list[str]:
     return raw.split() if option.repeatable else [raw.strip()]
 
@@ -445,6 +487,10 @@ def load(
     """Merge the four sources. `command_line` maps option names (`history-size`) to a string, a list
     of strings (repeatable options) or None when the option was not given."""
     environ = os.environ if environ is None else environ
+    handed = environ.get(WORKER_SECRETS)
+    if handed:
+        # A worker of --workers: the parent's secret values, which its command line lacks.
+        command_line = {**command_line, **json.loads(handed)}
     config_path = command_line.get("config") or environ.get("PUSHD_CONFIG")
     from_file = _read_ini(config_path) if config_path else {}
 

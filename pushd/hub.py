@@ -12,7 +12,18 @@ subscriber as one Burst, which its transport writes with one send.
 The hub remembers the last id it handed out per channel. When the broker's bus
 connection comes back after an outage, the hub fills the gap from the history
 before live messages go on (and drops live messages it already handed out), so
-connected clients see a delay, not a hole.
+connected clients see a delay, not a hole. Only ids pushd produced count: a
+payload another process PUBLISHed is data with no id (pushd.message, BUS_MARKER)
+and moves nothing.
+
+A message's path, one name a step: the broker's bus connection receives a
+payload (`RedisBroker._bus_received`; the memory broker calls the listener
+itself) and hands it to its listener, `Hub.receive`; `Message.from_bus` makes
+messages of it; `Hub._take` queues each for the turn (or holds it back while a
+gap is filled); `Hub.flush` hands the turn's messages to each subscriber's
+`deliver`. `receive` and every `deliver` call sit behind an exception boundary:
+what raises is logged with its channel and counted (`pushd_bus_errors_total`,
+`pushd_delivery_errors_total`), and the other messages and subscribers go on.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pushd.broker import Broker, BrokerUnavailable
-from pushd.message import Burst, Delivery, Message, envelope, format_id, parse_id
+from pushd.message import Burst, Delivery, Message, envelope, format_id, is_channel, parse_id
 
 log = Logger()
 
@@ -65,9 +76,11 @@ class Hub:
         self._flush_call: Any = None
         self._broker = broker
         self._delivered = metrics.deliveries.inc if metrics is not None else _ignore
+        self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Any]] = {}
-        broker.listener = self.dispatch
+        broker.listener = self.receive
+        broker.bus_error = self.bus_error
         broker.resumed = self.resume
         broker.on_control = self.control
         broker.local_counts = self.channels
@@ -103,13 +116,31 @@ class Hub:
         if state is not None and subscriber in state.subscribers:
             state.subscribers[subscriber] = deliver
 
-    def dispatch(self, channel: str, raw: bytes) -> None:
-        """The broker's listener: messages in, handed to every local subscriber."""
+    def receive(self, channel: str, payload: bytes) -> None:
+        """The broker's listener: a bus payload of `channel` in, its messages
+        queued for this turn's flush. Nothing raised here reaches the broker."""
         state = self._channels.get(channel)
         if state is None:
             return
-        for message in Message.all_from_wire(channel, raw):
-            self._take(state, message)
+        try:
+            messages = Message.from_bus(channel, payload)
+            if messages[0].id is None and self._metrics is not None:
+                self._metrics.bus_foreign.inc()
+        except Exception:
+            self.bus_error("parse", channel)
+            return
+        for message in messages:
+            try:
+                self._take(state, message)
+            except Exception:
+                self.bus_error("take", channel)
+
+    def bus_error(self, stage: str, channel: str) -> None:
+        """Log the exception being handled, raised at `stage` of a bus message
+        of `channel`, and count it; the caller goes on with the next message."""
+        log.failure("a bus message of {channel} failed ({stage})", channel=channel, stage=stage)
+        if self._metrics is not None:
+            self._metrics.bus_errors.labels(stage=stage).inc()
 
     def _take(self, state: _Channel, message: Message) -> None:
         if message.id is not None:
@@ -134,12 +165,26 @@ class Hub:
         self._flush_call = None
         for state in due:
             messages, state.turn = state.turn or [], None
-            delivery: Delivery = messages[0] if len(messages) == 1 else Burst(messages)
-            # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
-            receivers = tuple(state.subscribers.values())
-            for deliver in receivers:
-                deliver(delivery)
-            self._delivered(len(receivers) * len(messages))
+            if not messages:
+                continue
+            try:
+                delivery: Delivery = messages[0] if len(messages) == 1 else Burst(messages)
+                # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
+                receivers = tuple(state.subscribers.values())
+                for deliver in receivers:
+                    try:
+                        deliver(delivery)
+                    except Exception:
+                        self._delivery_failed(messages[0].channel)
+                self._delivered(len(receivers) * len(messages))
+            except Exception:
+                self._delivery_failed(messages[0].channel)
+
+    def _delivery_failed(self, channel: str) -> None:
+        """A subscriber raised taking a delivery: logged, counted; the others go on."""
+        log.failure("delivering a message of {channel} failed", channel=channel)
+        if self._metrics is not None:
+            self._metrics.delivery_errors.inc()
 
     def resume(self, channel: str) -> None:
         """The broker subscribed `channel` again after losing its bus connection."""
@@ -186,6 +231,9 @@ class Hub:
     def control(self, command: dict[str, Any]) -> int:
         """Carry out a command on this node's clients; how many it acted on."""
         kind, user, channel = command.get("cmd"), command.get("user"), command.get("channel")
+        if channel is not None and not (isinstance(channel, str) and is_channel(channel)):
+            log.warn("control command with a bad channel: {command!r}", command=command)
+            return 0
         if kind == "destroy" and isinstance(channel, str):
             state = self._channels.get(channel)
             targets = tuple(state.subscribers) if state is not None else ()

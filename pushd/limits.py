@@ -28,6 +28,45 @@ class TokenBucket:
         return True
 
 
+class KeyedBuckets:
+    """A TokenBucket per key (a token: the HTTP publishes of one browser client
+    share its rate, as a WebSocket's publishes share their connection's).
+    Bounded: past `max_keys`, keys whose bucket has refilled (idle for
+    burst/rate seconds: forgetting them changes nothing) or whose `expires`
+    has passed are dropped; a table still full of busy keys refuses new ones."""
+
+    def __init__(self, rate: float, burst: int, clock: Any, max_keys: int = 100_000) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._max_keys = max_keys
+        self._refill = burst / rate
+        # key -> (bucket, last take, expires or None)
+        self._buckets: dict[str, tuple[TokenBucket, float, float | None]] = {}
+
+    def take(self, key: str, expires: float | None = None) -> bool:
+        now = self._clock.seconds()
+        entry = self._buckets.get(key)
+        if entry is None:
+            if len(self._buckets) >= self._max_keys:
+                self._sweep(now)
+                if len(self._buckets) >= self._max_keys:
+                    return False
+            bucket = TokenBucket(self._rate, self._burst, self._clock)
+        else:
+            bucket = entry[0]
+        self._buckets[key] = (bucket, now, expires)
+        return bucket.take()
+
+    def _sweep(self, now: float) -> None:
+        for key, (_, last, expires) in list(self._buckets.items()):
+            if now - last >= self._refill or (expires is not None and expires <= now):
+                del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
 class ConnectionCounter:
     """Open connections per client address, all transports together."""
 

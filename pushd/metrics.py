@@ -21,6 +21,22 @@ class Metrics:
         self.deliveries = Counter(
             "pushd_deliveries", "Messages handed to local subscribers", registry=r
         )
+        self.bus_foreign = Counter(
+            "pushd_bus_foreign_messages",
+            "Bus payloads another process PUBLISHed, delivered as data with no id",
+            registry=r,
+        )
+        self.bus_errors = Counter(
+            "pushd_bus_errors",
+            "Bus messages that raised on their way in (logged with their channel), by stage",
+            ["stage"],
+            registry=r,
+        )
+        self.delivery_errors = Counter(
+            "pushd_delivery_errors",
+            "Deliveries a local subscriber raised on (logged with the channel)",
+            registry=r,
+        )
         self.slow_consumers = Counter(
             "pushd_slow_consumers_dropped",
             "Clients dropped because they did not read",

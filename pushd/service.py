@@ -69,9 +69,14 @@ class Listener(Service):
 
 
 class PushdService(MultiService):
-    """Everything of one pushd process; stopping it is graceful: stop accepting,
-    say goodbye to clients (1001; streams end), finish the publishes in flight,
-    then let go of the broker; all within --shutdown-timeout."""
+    """Everything of one pushd process; stopping it is graceful: from the first
+    moment no new request reaches the broker (503 shutting_down, `Connection:
+    close` on every answer), stop accepting, say goodbye to clients (1001;
+    streams end), answer the publishes in flight, then let go of the broker;
+    all within --shutdown-timeout."""
+
+    #: Seconds an idle keep-alive connection is kept open once stopping.
+    idle_grace = 1.0
 
     def __init__(
         self, config: Config, broker: Broker, hub: Hub, metrics: Metrics, reactor: Any
@@ -86,10 +91,19 @@ class PushdService(MultiService):
         self.site: Any = None
 
     async def _goodbye(self) -> None:
+        # First, before anything can reach the broker: every answer from now on
+        # closes its connection, and requests that arrive get 503 shutting_down.
+        # Idle keep-alive connections stay open a moment, in case a request is
+        # already on its way (closing under it would leave it unanswered).
+        self.site.begin_stop(min(self.idle_grace, self.config.shutdown_timeout / 2))
         await gatherResults([maybeDeferred(lst.stopService) for lst in self.listeners])
         for streams in self.site.streams:
             streams.end_all()
-        leaving = gatherResults([self.site.ws_factory.close_all(), self.broker.drain()])
+        # The broker stays until every publish sent to it is answered, and every
+        # HTTP connection has written its last answer and closed.
+        leaving = gatherResults(
+            [self.site.ws_factory.close_all(), self.broker.drain(), self.site.channels_gone()]
+        )
         leaving.addTimeout(self.config.shutdown_timeout, self.reactor)
         try:
             await leaving

@@ -1,10 +1,34 @@
 """One client's subscriptions, whatever carries them (WebSocket, SSE, stream).
 
-Subscribing with `since` follows the safe order: join the channel live first
-and buffer what arrives, read the history after `since`, send it, then release
-the buffered live messages newer than the last one sent. So a client gets every
-retained message once, in id order, even while producers publish; and
+Every subscription follows the safe order: join the channel live first and
+buffer what arrives, make ONE read of the broker (the history after `since`,
+or, without `since`, the channel's newest id), acknowledge, send the history,
+then release the buffered live messages newer than the read. So a client gets
+every retained message once, in id order, even while producers publish; and
 "recovered" is true only when the history proves nothing after `since` is gone.
+
+Position. The acknowledgement carries `position`: the newest id the read saw
+(None: the channel had no history). The read is the subscription's cut: every
+message of the channel after `position` reaches the client (replayed or live),
+and no message at or before it is sent once the acknowledgement is: the session
+drops live messages up to `position` (or up to the last one replayed, which is
+the same id). So `position` is a safe resume point for a client that has had
+nothing else on the channel, and a client's id-based dedup never throws away a
+message sent after it.
+
+The race, on Redis: pub/sub and the read run on two connections, so a message
+published between the join and the read reaches pushd live, maybe while the
+read is in flight (it waits in the buffer), maybe only after the read's answer
+(it comes straight to `deliver`). Either way its id says on which side of the
+cut it is: newer than `position`, it is delivered (from the buffer, in order,
+after the replay; or live); at or before `position`, it was in the channel
+before the subscription took effect, and is not sent (a replay has already
+sent it when it comes after `since`). Nothing newer than `position` is ever
+dropped. Messages without an id (PUBLISHed into Redis by another process) are
+always delivered and never move the cut.
+
+`since` ahead of the channel (clock skew, an id from elsewhere) answers
+recovered false and `position` the real newest id: live messages after it flow.
 """
 
 from __future__ import annotations
@@ -12,7 +36,7 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from pushd.broker import Broker, BrokerUnavailable, History
@@ -30,7 +54,8 @@ class Outlet(Protocol):
     #: far behind could never catch up.
     replaying: bool
 
-    def subscribed(self, channel: str, recovered: bool) -> None: ...
+    def subscribed(self, channel: str, recovered: bool, position: str | None) -> None:
+        """The subscription is acknowledged: sent before any message of `channel`."""
 
     def message(self, message: Delivery) -> None:
         """A message, or a Burst of them: a live one is the same object for
@@ -80,33 +105,37 @@ class Session:
 
     async def _join(self, channel: str, since: str | None, pending: list[Message]) -> None:
         await self._hub.subscribe(channel, self)
+        # Joined live: from here on `pending` holds what arrives. One read now.
         history = History()
-        if since is not None and self._subs.get(channel) is pending:
-            # Without Redis the subscription goes on live, with recovered false.
+        if self._subs.get(channel) is pending:
+            # Without Redis the subscription goes on live, with recovered false
+            # and no position.
             with suppress(BrokerUnavailable):
-                history = await self._broker.history(channel, since, None)
+                if since is None:
+                    history = History(last=await self._broker.last_id(channel))
+                else:
+                    history = await self._broker.history(channel, since, None)
         if self._subs.get(channel) is not pending:
             return  # unsubscribed or closed meanwhile
         out = self._out
-        out.subscribed(channel, history.complete)
-        if since is None:
+        replay = [
+            Message(channel, msg_id, envelope(channel, msg_id, data))
+            for msg_id, data in history.messages
+        ]
+        position = _position(since, history.last, replay)
+        out.subscribed(channel, history.complete, position)
+        if replay:
+            out.replaying = True
+            try:
+                out.message(replay[0] if len(replay) == 1 else Burst(replay))
+            finally:
+                out.replaying = False
+        if position is None:
             self._live(channel)
         else:
-            last = parse_id(since)
-            replay = [
-                Message(channel, msg_id, envelope(channel, msg_id, data))
-                for msg_id, data in history.messages
-            ]
-            if replay:
-                last = parse_id(replay[-1].id)  # type: ignore[arg-type]
-                out.replaying = True
-                try:
-                    out.message(replay[0] if len(replay) == 1 else Burst(replay))
-                finally:
-                    out.replaying = False
-            # Pub/sub runs on another connection than the history read: messages
-            # just replayed may still arrive live. Drop them until a newer one.
-            self._subs[channel] = last
+            # The cut (see the module's docstring): live messages up to `position`
+            # were replayed, or came before the subscription.
+            self._subs[channel] = parse_id(position)
         for message in pending:
             self.deliver(message)
 
@@ -115,13 +144,14 @@ class Session:
         self._subs[channel] = None
         self._hub.deliver_directly(channel, self, self._out.message)
 
-    def identify(self, user: str, personal_channel: str | None) -> None:
+    def identify(self, user: str, personal_channel: str | None) -> Deferred[None]:
         """The client is `user`: the application may address it, and it joins the
-        user's personal channel without asking."""
+        user's personal channel without asking (fires once that is live)."""
         self.user = user
         self._hub.add_user(user, self)
         if personal_channel is not None and personal_channel not in self._subs:
-            self.subscribe(personal_channel)
+            return self.subscribe(personal_channel)
+        return succeed(None)
 
     def unsubscribe(self, channel: str, *, tell: bool = False) -> bool:
         """Leave `channel`; False when the session was not in it. `tell`: the
@@ -168,3 +198,18 @@ class Session:
             elif parse_id(one.id) > state:
                 self._live(one.channel)
                 self._out.message(one)
+
+
+def _position(since: str | None, last: str | None, replay: list[Message]) -> str | None:
+    """Where the subscription starts (see the module's docstring): the newest id
+    the read saw; with `since`, the last message replayed, or `since` itself when
+    the channel has nothing newer, or the channel's newest id when `since` is
+    ahead of it. Never past what the client is sent: the session drops live
+    messages up to it."""
+    if since is None:
+        return last
+    if replay:
+        return replay[-1].id
+    if last is None:
+        return None
+    return last if parse_id(last) < parse_id(since) else since

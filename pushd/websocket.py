@@ -6,10 +6,13 @@ The wire protocol (shared/protocol.md is the contract; `->` client to server,
   GET /ws?channel=a&channel=b[&since=<id>]     subscribes to a and b on connect
 
   -> {"type": "subscribe", "channel": "a", "since"?: "<id>"}
-  <- {"type": "subscribed", "channel": "a", "recovered": false}
+  <- {"type": "subscribed", "channel": "a", "recovered": false, "position": "<id>"|null}
        sent for every subscription (from the URL or a frame) before any
        message of that channel; "recovered" is true only when every retained
-       message after `since` was delivered (no `since`: false)
+       message after `since` was delivered (no `since`: false); "position" is
+       the channel's newest id once live and replayed (null: no history), the
+       client's resume point until a message arrives: every message after it
+       comes, none at or before it (pushd.session)
   <- {"type": "message", "channel": "a", "id": "<ms>-<seq>", "data": ...}
   -> {"type": "unsubscribe", "channel": "a"}
   <- {"type": "unsubscribed", "channel": "a"}
@@ -36,7 +39,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, client_host, token_from
-from pushd.broker import Broker, BrokerUnavailable
+from pushd.broker import Broker, BrokerUnavailable, OutcomeUnknown
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import SendBound, TokenBucket
@@ -346,6 +349,14 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             await factory.broker.publish(channel, data)
         except BrokerUnavailable:
             self._reply(FrameError("unavailable", "not published, retry", channel).frame())
+        except OutcomeUnknown:
+            self._reply(
+                FrameError(
+                    "outcome_unknown",
+                    "the broker did not answer: may or may not be published",
+                    channel,
+                ).frame()
+            )
         except Exception:
             log.failure("client publish failed")
         else:
@@ -360,8 +371,17 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
 
     # -- the session's outlet
 
-    def subscribed(self, channel: str, recovered: bool) -> None:
-        self._reply(dump_json({"type": "subscribed", "channel": channel, "recovered": recovered}))
+    def subscribed(self, channel: str, recovered: bool, position: str | None) -> None:
+        self._reply(
+            dump_json(
+                {
+                    "type": "subscribed",
+                    "channel": channel,
+                    "recovered": recovered,
+                    "position": position,
+                }
+            )
+        )
 
     def unsubscribed(self, channel: str) -> None:
         self._reply(dump_json({"type": "unsubscribed", "channel": channel}))

@@ -11,11 +11,15 @@ dies, and on stop it asks them all to stop (SIGTERM: their graceful stop).
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
@@ -23,7 +27,14 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from pushd.config import OPTIONS, Config, ConfigError
+from pushd.config import (
+    OPTIONS,
+    URL_OPTIONS,
+    WORKER_SECRETS,
+    Config,
+    ConfigError,
+    split_secrets,
+)
 from pushd.service import with_backlog
 
 log = Logger()
@@ -60,16 +71,66 @@ def open_socket(description: str) -> tuple[socket.socket, str]:
 
 
 def worker_arguments(config: Config, domains: list[str]) -> list[str]:
-    """A worker's pushd options: everything given to the parent, but its sockets."""
+    """A worker's pushd options: everything given to the parent, but its sockets
+    and its secrets (API keys, the token secret, passwords in URLs), which any
+    local user could read on a command line: those go in `worker_secrets`."""
+    public, _ = split_secrets(config.given)
     args: list[str] = []
     for option in OPTIONS:
-        if option.key in ("listen", "workers"):
+        if option.key in ("listen", "workers") or option.name not in public:
             continue
-        for value in config.given.get(option.key, ()):
-            args.append(f"--{option.name}={value}")
+        value = public[option.name]
+        for item in value if option.repeatable else [value]:
+            args.append(f"--{option.name}={item}")
     for index, domain in enumerate(domains):
         args.append(f"--listen=systemd:domain={domain}:index={index}")
     return args
+
+
+def worker_secrets(config: Config) -> dict[str, str]:
+    """The environment that hands a worker its secrets (pushd.config reads it)."""
+    _, secret = split_secrets(config.given)
+    return {WORKER_SECRETS: json.dumps(secret)} if secret else {}
+
+
+def secret_strings(config: Config) -> list[str]:
+    """The secrets as they may be spelled on a command line: keys, token secret,
+    and the password part of a URL, as typed."""
+    _, secret = split_secrets(config.given)
+    found: list[str] = []
+    for name, value in secret.items():
+        for item in value if isinstance(value, list) else [value]:
+            if name in URL_OPTIONS:
+                password = urlsplit(item).password
+                if password:
+                    found.append(password)
+            else:
+                found.append(item)
+    return [s for s in found if s]
+
+
+def mask_command_line(secrets: list[str]) -> bool:
+    """Overwrite every secret in this process's own command line (what `ps` and
+    /proc/<pid>/cmdline show) with x's, as mysql does with a password given as an
+    option. What the operator typed is visible until then: the environment
+    (PUSHD_API_KEY, ...) or --config keep secrets off command lines altogether.
+    False when /proc does not say where the command line is."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        # after the comm: field 3 (state) is [0]; arg_start and arg_end are 48 and 49
+        start, end = int(fields[45]), int(fields[46])
+    except (OSError, IndexError, ValueError):
+        return False
+    if not 0 < start < end:
+        return False
+    raw = ctypes.string_at(start, end - start)
+    masked = raw
+    for secret in secrets:
+        encoded = secret.encode()
+        masked = masked.replace(encoded, b"x" * len(encoded))
+    if masked != raw:
+        ctypes.memmove(start, masked, len(masked))
+    return True
 
 
 class _Worker(ProcessProtocol):
@@ -95,6 +156,8 @@ class WorkerPool(Service):
 
     def startService(self) -> None:
         super().startService()
+        # The workers' command lines have none; the parent's own loses what it had.
+        mask_command_line(secret_strings(self._config))
         for description in self._config.listen:
             sock, domain = open_socket(description)
             self._sockets.append(sock)
@@ -109,7 +172,12 @@ class WorkerPool(Service):
 
     def _spawn(self, number: int) -> None:
         worker = _Worker(self, number)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("LISTEN_") and k != WORKER_SECRETS
+        }
+        env.update(worker_secrets(self._config))
         names = ":".join(f"listen{n}" for n in range(len(self._sockets)))
         # Twisted wants as many names as descriptors, as systemd >= 227 gives.
         env.update(LISTEN_FDS=str(len(self._sockets)), LISTEN_FDNAMES=names, PUSHD_WORKERS="1")

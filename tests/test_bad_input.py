@@ -94,7 +94,13 @@ async def _start(start_pushd: StartPushd, **overrides: Any) -> Healthy:
         **overrides,
     )
     client = await pushd.connect(f"?channel=healthy&token={token(None, ['healthy'], aud=AUDIENCE)}")
-    assert await client.next(5) == {"type": "subscribed", "channel": "healthy", "recovered": False}
+    subscribed = await client.next(5)  # and its "position", whatever it is
+    assert subscribed == {
+        **subscribed,
+        "type": "subscribed",
+        "channel": "healthy",
+        "recovered": False,
+    }
     return Healthy(pushd, client)
 
 
@@ -261,10 +267,49 @@ async def test_malformed_http(
     answer = await raw_exchange(healthy.pushd, request_bytes)
     got, headers, body = http_answer(answer)
     assert got == status, answer[:300]
-    if code is not None:
-        assert headers["content-type"] == "application/json"
-        error = json.loads(body)
-        assert error["error"] == code and error["message"], error
+    # Every error carries the contract's JSON, the HTTP parser's own included.
+    assert headers["content-type"] == "application/json", answer[:300]
+    error = json.loads(body)
+    assert error["error"] == (code or "bad_request") and error["message"], error
+    await healthy.still_fine()
+
+
+def _publish(*headers: bytes, body: bytes = b"1") -> bytes:
+    """A kept-alive publish as the hot path takes them, with `headers` added."""
+    lines = [b"POST /channels/hot HTTP/1.1", b"Host: 127.0.0.1", *headers]
+    return b"\r\n".join([*lines, b"Content-Length: %d" % len(body), b"", b""]) + body
+
+
+HOT_PATH_MALFORMED = [
+    pytest.param(_publish(b"X-A: a\x00b"), "bad_request", id="nul-in-value"),
+    pytest.param(_publish(b"X-A: a\rb"), "bad_request", id="bare-cr-in-value"),
+    pytest.param(_publish(b"X-A: a\nb"), "bad_request", id="bare-lf-in-value"),
+    pytest.param(_publish(b"X-A: a\x01b"), "bad_request", id="control-byte-in-value"),
+    pytest.param(_publish(b"X/A: a"), "bad_request", id="bad-name-character"),
+    pytest.param(_publish(b"X-A : a"), "bad_request", id="space-before-colon"),
+    pytest.param(_publish(b"X-A: a", b" folded"), "bad_request", id="obs-fold"),
+    pytest.param(
+        _publish(*(b"X-F%d: v" % n for n in range(120))), "too_many_headers", id="101-headers"
+    ),
+    pytest.param(_publish(b"Content-Length: 1"), "bad_request", id="content-length-twice"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "code"), HOT_PATH_MALFORMED)
+@pytest_twisted.ensureDeferred
+async def test_malformed_publish_reaches_the_hot_path_and_is_refused(
+    healthy: Healthy, request_bytes: bytes, code: str
+) -> None:
+    """In one read, shaped as the hot path takes publishes: it looks at it, refuses
+    it, and twisted.web answers 400 (as it would the same bytes in many reads)."""
+    assert healthy.pushd.service is not None
+    fast = healthy.pushd.service.site.fast
+    tried, taken = fast.tried, fast.taken
+    answer = await raw_exchange(healthy.pushd, request_bytes)
+    got, headers, body = http_answer(answer)
+    assert got == 400 and headers["connection"] == "close", answer[:300]
+    assert json.loads(body)["error"] == code
+    assert (fast.tried - tried, fast.taken - taken) == (1, 0)
     await healthy.still_fine()
 
 
@@ -307,6 +352,9 @@ PRODUCER = [
         "bad_json",
         id="json-infinity",
     ),
+    # Numbers that do not fit a double: a lenient parser reads them as Infinity.
+    pytest.param(_post("news", b'{"x": 1e400}', JSON), 400, "bad_json", id="json-1e400"),
+    pytest.param(_post("news", b"-1e400", JSON), 400, "bad_json", id="json-minus-1e400"),
     pytest.param(
         _post("news", b"[" * 30000 + b"]" * 30000, JSON),
         400,
@@ -557,6 +605,11 @@ BAD_FRAMES = [
         [_error("bad_json")],
         id="json-nan",
     ),
+    pytest.param(
+        _text(b'{"type": "publish", "channel": "pub.x", "data": {"x": 1e400}}'),
+        [_error("bad_json")],
+        id="json-1e400",
+    ),
     pytest.param(_text([1, 2]), [_error("bad_request")], id="not-an-object"),
     pytest.param(_text("ping"), [_error("bad_request")], id="a-string"),
     pytest.param(_text({}), [_error("bad_request")], id="no-type"),
@@ -729,7 +782,8 @@ async def test_fragmented_message_works(healthy: Healthy) -> None:
         + frame(0x0, message[6:])
     )
     await wait_for(lambda: texts(raw), timeout=5, what="the subscription")
-    assert texts(raw) == [{"type": "subscribed", "channel": "news", "recovered": False}]
+    (subscribed,) = texts(raw)
+    assert subscribed == {**subscribed, "type": "subscribed", "channel": "news", "recovered": False}
     msg_id = await healthy.pushd.publish("news", "after fragments")
     await wait_for(lambda: len(texts(raw)) == 2, timeout=5, what="the message")
     assert texts(raw)[1]["id"] == msg_id

@@ -307,6 +307,63 @@ async def test_every_message_once_in_order_across_a_pushd_restart(
     assert page.problems == []
 
 
+@pytest.mark.parametrize("transport", ["auto", "sse"])
+@pytest_twisted.ensureDeferred
+async def test_a_quiet_channel_is_resumed_across_a_pushd_restart(
+    browser: Browser,
+    page: Any,
+    tmp_path: Path,
+    redis_pushd: PushdUnderTest,
+    redis_server: RedisServer,
+    prefix: str,
+    transport: str,
+) -> None:
+    """The page subscribed to a channel that has delivered nothing; pushd stops; a
+    message is published to that channel (on another node: Redis keeps it) while
+    it is down; pushd starts again: the page shows the message, once."""
+    node = Node(
+        tmp_path,
+        "--redis",
+        f"redis://127.0.0.1:{redis_server.port}",
+        "--redis-prefix",
+        prefix,
+        "--shutdown-timeout",
+        "2",
+    )
+    node.start()
+    try:
+        await node.ready()
+        await browser.call(open_recorder, page, node.url, channel="quiet", transport=transport)
+        assert await browser.call(page.evaluate, "client.lastId('quiet')") == "0-0"
+        status = await deferToThread(node.kill, signal.SIGTERM)
+        assert status in (0, -signal.SIGTERM, 128 + signal.SIGTERM), status
+        await browser.call(page.wait_for_function, "window.client.state === 'reconnecting'")
+        missed = await redis_pushd.publish("quiet", {"while": "down"})
+        node.start()
+        await node.ready()
+
+        def shown() -> Any:
+            page.wait_for_function("id => window.seen.has(id)", arg=missed, timeout=15_000)
+            return page.evaluate("({received: window.received, subscribed: window.subscribed})")
+
+        seen = await browser.call(shown)
+        live = await node.publish("quiet", {"after": "restart"})
+
+        def after() -> Any:
+            page.wait_for_function("id => window.seen.has(id)", arg=live)
+            return page.evaluate("window.received")
+
+        received = await browser.call(after)
+    finally:
+        node.stop()
+    assert received == [
+        {"id": missed, "data": {"while": "down"}},
+        {"id": live, "data": {"after": "restart"}},
+    ]
+    assert len(seen["subscribed"]) >= 2
+    assert page.problems == []
+
+
 # A WebSocket that can never connect (as behind a proxy that drops the upgrade).
 NO_WEBSOCKET = """
 window.WebSocket = class extends WebSocket {

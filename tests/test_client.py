@@ -66,9 +66,13 @@ async def test_publish_text_json_and_batches(pushd: PushdUnderTest) -> None:
             {"headline": "pushd is up"},
             [1, "two"],
         ]
-        # A repeated Idempotency-Key answers the first id and publishes nothing.
+        # A repeated Idempotency-Key answers the first id and publishes nothing;
+        # the key is bound to its request: on another one it is refused (422).
         first = await publisher.publish("dm#alice,bob", 1, idempotency_key="k-1")
-        assert await publisher.publish("dm#alice,bob", 2, idempotency_key="k-1") == first
+        assert await publisher.publish("dm#alice,bob", 1, idempotency_key="k-1") == first
+        with pytest.raises(PushdError) as reused:
+            await publisher.publish("dm#alice,bob", 2, idempotency_key="k-1")
+        assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
         assert [m["data"] for m in await history(pushd.url, "dm%23alice,bob")] == [1]
 
         ids = await publisher.publish_batch([("a", 1), ("b", "two"), ("a", {"n": 3})])
@@ -252,6 +256,65 @@ async def test_subscriber_resumes_across_a_node_restart(
         node.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_subscriber_resumes_a_quiet_channel_across_a_node_restart(
+    redis_pushd: PushdUnderTest, redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """A channel that delivered nothing yet is resumed from its position: a
+    message published to it while the node is down comes once."""
+    redis = ("--redis", f"redis://127.0.0.1:{redis_server.port}", "--redis-prefix", prefix)
+    node = Node(tmp_path, *redis, "--shutdown-timeout", "2")
+    node.start()
+    old = await redis_pushd.publish("kept", "before")
+    subscriber = Subscriber(node.url, ["quiet", "kept"], backoff=0.05, max_backoff=0.3)
+    try:
+        await node.ready()
+        await with_timeout(subscriber.ready())
+        assert subscriber.last_ids == {"quiet": "0-0", "kept": old}
+        node.kill(signal.SIGTERM)
+        missed = await redis_pushd.publish("quiet", "while down")
+        node.start()
+        await node.ready()
+        await wait_for(lambda: subscriber.connections >= 2, what="the subscriber to reconnect")
+        assert [(m["id"], m["data"]) for m in await take(subscriber, 1)] == [(missed, "while down")]
+        live = await redis_pushd.publish("kept", "after")
+        assert [m["id"] for m in await take(subscriber, 1)] == [live]
+        assert subscriber.recovered == {"quiet": True, "kept": True}
+        assert subscriber.last_ids == {"quiet": missed, "kept": live}
+        await with_timeout(subscriber.close())
+    finally:
+        subscriber.close()
+        node.stop()
+
+
+def test_subscriber_takes_positions_as_resume_points() -> None:
+    """Quiet channels resume from pushd's position ("0-0" without history), a
+    `since` ahead of the channel from its newest id; a resume point behind the
+    position stays (the replay up to it may not have arrived)."""
+    subscriber = Subscriber(
+        "http://127.0.0.1:1", ["quiet", "busy", "ahead", "behind"], since={
+            "ahead": "9999999999999-0", "behind": "5-0"
+        }
+    )  # fmt: skip
+    for channel, position in [
+        ("quiet", None),
+        ("busy", "7-0"),
+        ("ahead", "8-0"),
+        ("behind", "9-0"),
+    ]:
+        subscriber._frame(
+            {"type": "subscribed", "channel": channel, "recovered": False, "position": position}
+        )
+    assert subscriber.last_ids == {"quiet": "0-0", "busy": "7-0", "ahead": "8-0", "behind": "5-0"}
+    # A replayed message moves it on; an older pushd without positions changes nothing.
+    subscriber._frame({"type": "message", "channel": "behind", "id": "6-0", "data": 1})
+    subscriber._frame({"type": "subscribed", "channel": "busy", "recovered": True})
+    assert subscriber.last_ids["behind"] == "6-0" and subscriber.last_ids["busy"] == "7-0"
+    # A message another process PUBLISHed into Redis has no id: it moves nothing.
+    subscriber._frame({"type": "message", "channel": "quiet", "id": None, "data": "foreign"})
+    assert subscriber.last_ids["quiet"] == "0-0"
+
+
 class ScriptedServer(WebSocketServerProtocol):
     """Answers each connection with a subscribed frame, one message, then a close code."""
 
@@ -389,3 +452,33 @@ async def test_the_command_line(node: Node) -> None:
     assert (code, out) == (1, "") and err.startswith("pushd-cli: DATA is not JSON"), err
     code, _, err = await cli("publish", "bad channel", "x")
     assert code == 2 and "usage: pushd-cli" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_command_line_resumes_a_quiet_channel_across_a_restart(
+    redis_pushd: PushdUnderTest, redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    redis = ("--redis", f"redis://127.0.0.1:{redis_server.port}", "--redis-prefix", prefix)
+    node = Node(tmp_path, *redis, "--shutdown-timeout", "2")
+    node.start()
+    try:
+        await node.ready()
+        subscribing = Deferred.fromCoroutine(
+            cli("subscribe", "hush", "--count", "1", "--url", node.url)
+        )
+
+        async def subscribed() -> bool:
+            response = await treq.get(f"{node.url}/channels/hush", persistent=False)
+            return (await response.json())["subscribers"] == 1
+
+        await wait_for(subscribed, timeout=20, what="pushd-cli subscribe")
+        node.kill(signal.SIGTERM)
+        missed = await redis_pushd.publish("hush", "while down")
+        node.start()
+        code, out, err = await with_timeout(subscribing, 30)
+        assert (code, err) == (0, ""), out + err
+        assert [json.loads(line) for line in out.splitlines()] == [
+            {"type": "message", "channel": "hush", "id": missed, "data": "while down"}
+        ]
+    finally:
+        node.stop()

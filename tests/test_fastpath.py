@@ -12,6 +12,7 @@ import pytest_twisted
 import treq
 
 from pushd.message import parse_id
+from pushd.web.fastpath import FastPublish
 from tests.support import PushdUnderTest, RedisServer, StartPushd, connect_raw, wait_for
 
 
@@ -24,6 +25,12 @@ def post(channel: str, body: bytes, *headers: str) -> bytes:
         *headers,
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def hot_path(pushd: PushdUnderTest) -> FastPublish:
+    """The site's hot path, whose counters say which requests it took."""
+    assert pushd.service is not None and pushd.service.site.fast is not None
+    return pushd.service.site.fast
 
 
 def responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
@@ -47,9 +54,11 @@ async def test_keep_alive_publishes_one_by_one(pushd: PushdUnderTest) -> None:
     client = await pushd.connect("?channel=hot")
     await client.next_of("subscribed")
     raw = await connect_raw(pushd.port)
+    taken = hot_path(pushd).taken
     for n in range(20):
         raw.transport.write(post("hot", json.dumps({"n": n}).encode()))
         await raw.until(b"HTTP/1.1 200 OK", count=n + 1)
+    assert hot_path(pushd).taken - taken == 20
     answers = responses(raw.data)
     ids = [json.loads(body)["id"] for _, _, body in answers]
     assert [status for status, _, _ in answers] == [200] * 20
@@ -67,15 +76,18 @@ async def test_keep_alive_publishes_one_by_one(pushd: PushdUnderTest) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_requests_sent_back_to_back_are_answered_in_order(pushd: PushdUnderTest) -> None:
-    """Pipelined requests, and requests arriving while one waits for the broker."""
+    """Pipelined requests, and requests arriving while one waits for the broker:
+    most take the hot path (a request cut in two by a read goes to twisted.web)."""
     client = await pushd.connect("?channel=pipe")
     await client.next_of("subscribed")
     raw = await connect_raw(pushd.port)
+    taken = hot_path(pushd).taken
     for n in range(200):
         raw.transport.write(post("pipe", str(n).encode()))
     await raw.until(b"HTTP/1.1 ", count=200)
     answers = responses(raw.data)
     assert [status for status, _, _ in answers] == [200] * 200
+    assert hot_path(pushd).taken - taken >= 150
     ids = [json.loads(body)["id"] for _, _, body in answers]
     got = [await client.next_of("message") for _ in range(200)]
     assert [(m["id"], m["data"]) for m in got] == [(ids[n], n) for n in range(200)]
@@ -104,6 +116,8 @@ async def test_errors_and_other_requests_on_the_same_connection(pushd: PushdUnde
     assert answers[3][1]["id"] == answers[4][1]["id"]  # the repeat publishes nothing
     assert answers[5][1]["last_id"] == answers[3][1]["id"]
     assert parse_id(answers[6][1]["id"]) > parse_id(answers[3][1]["id"])
+    # The publishes took the hot path; the refusals were twisted.web's.
+    assert (hot_path(pushd).tried, hot_path(pushd).taken) == (6, 4)
     raw.transport.loseConnection()
 
 
@@ -111,6 +125,7 @@ async def test_errors_and_other_requests_on_the_same_connection(pushd: PushdUnde
 async def test_the_hot_path_asks_for_the_key(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(api_key=("k",))
     raw = await connect_raw(pushd.port)
+    fast = hot_path(pushd)
     raw.transport.write(post("keyed", b"1"))
     await raw.until(b"HTTP/1.1 ")
     raw.transport.write(post("keyed", b"1", "Authorization: Bearer nope"))
@@ -120,6 +135,7 @@ async def test_the_hot_path_asks_for_the_key(start_pushd: StartPushd) -> None:
     answers = responses(raw.data)
     assert [status for status, _, _ in answers] == [401, 401, 200]
     assert answers[0][1]["www-authenticate"] == 'Bearer realm="pushd"'
+    assert (fast.tried, fast.taken) == (3, 1)  # the refusals are twisted.web's
     raw.transport.loseConnection()
 
 
@@ -132,6 +148,7 @@ async def test_the_hot_path_believes_only_trusted_proxies(start_pushd: StartPush
     raw.transport.write(post("fwd", b"1", "X-Forwarded-For: 127.0.0.1"))
     await raw.until(b"HTTP/1.1 ", count=2)
     assert [status for status, _, _ in responses(raw.data)] == [403, 200]
+    assert (hot_path(pushd).tried, hot_path(pushd).taken) == (2, 1)
     raw.transport.loseConnection()
 
 
@@ -154,6 +171,7 @@ async def test_the_hot_path_answers_503_without_redis(own_redis: RedisServer, pr
             return responses(raw.data)[-1][0] == 503
 
         await wait_for(refused, what="a 503 on the kept-alive connection")
+        assert hot_path(pushd).taken == count  # every one, the 503s too
         _, headers, body = responses(raw.data)[-1]
         assert headers["content-type"] == "application/json"
         assert json.loads(body)["error"] == "unavailable"
@@ -178,6 +196,7 @@ async def test_push_on_a_kept_alive_connection(start_pushd: StartPushd) -> None:
         await raw.until(b"HTTP/1.1 200", count=n + 1)
     answers = responses(raw.data)
     assert [body.split(b"|")[0] for _, _, body in answers] == [b"S"] * 3
+    assert hot_path(pushd).taken == 3
     assert {h["content-type"] for _, h, _ in answers} == {"text/plain; charset=utf-8"}
     memory = pushd.cfg.redis is None
     assert all(("warning" in h) == memory for _, h, _ in answers)
@@ -188,11 +207,12 @@ async def test_push_on_a_kept_alive_connection(start_pushd: StartPushd) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_redis_that_stops_answering_gets_503_then_recovers(
+async def test_a_redis_that_stops_answering_gets_504_then_recovers(
     own_redis: RedisServer, prefix: str
 ) -> None:
-    """Redis frozen (SIGSTOP): publishes waiting on it answer 503 within twice
-    --redis-timeout; once it answers again, so does publishing."""
+    """Redis frozen (SIGSTOP): a publish sent to it answers 504 outcome_unknown
+    (it may be stored) within twice --redis-timeout; once Redis answers again,
+    so does publishing."""
     pushd = PushdUnderTest.config(redis=own_redis.address(), redis_prefix=prefix, redis_timeout=1)
     await pushd.start()
     raw = await connect_raw(pushd.port)
@@ -202,9 +222,12 @@ async def test_a_redis_that_stops_answering_gets_503_then_recovers(
         assert own_redis.process is not None
         own_redis.process.send_signal(signal.SIGSTOP)
         started = time.monotonic()
+        taken = hot_path(pushd).taken
         raw.transport.write(post("frozen", b"2"))
-        await raw.until(b"HTTP/1.1 503", timeout=5)
+        await raw.until(b"HTTP/1.1 504", timeout=5)
         assert time.monotonic() - started < 2.5
+        assert json.loads(responses(raw.data)[-1][2])["error"] == "outcome_unknown"
+        assert hot_path(pushd).taken == taken + 1
         own_redis.process.send_signal(signal.SIGCONT)
 
         async def published() -> bool:

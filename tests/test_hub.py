@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 
 from pushd.broker.memory import MemoryBroker
 from pushd.hub import Hub
-from pushd.message import Burst, Delivery, Message, dump_json
+from pushd.message import Burst, Delivery, Message, bus_payload, dump_json
 
 
 class Sink:
@@ -101,7 +101,7 @@ def test_one_bus_payload_may_carry_several_envelopes() -> None:
     lines = [
         b'{"type":"message","channel":"news","id":"5-%d","data":%d}' % (n, n) for n in range(3)
     ]
-    hub.dispatch("news", b"\n".join(lines))
+    hub.receive("news", bus_payload(*lines))
     clock.turn()
     assert [m.payload for m in sink.got] == lines
 
@@ -119,10 +119,10 @@ def test_memory_ids_increase_within_one_millisecond_and_history_expires() -> Non
 
 
 def test_a_payload_published_straight_into_the_bus_is_wrapped() -> None:
-    message = Message.from_wire("news", b'{"raw": true}')
+    [message] = Message.from_bus("news", b'{"raw": true}')
     assert message.id is None
     assert message.payload == b'{"type":"message","channel":"news","id":null,"data":{"raw":true}}'
-    text = Message.from_wire("news", b"just text")
+    [text] = Message.from_bus("news", b"just text")
     assert text.payload.endswith(b'"data":"just text"}')
 
 
@@ -139,7 +139,7 @@ def test_a_gap_after_an_outage_is_filled_from_history_without_duplicates() -> No
     hub.resume("news")  # subscribed again: the hub reads what it missed
     clock.turn()
     assert [json.loads(m.payload)["data"] for m in sink.got] == [1, 2, 3]
-    hub.dispatch("news", sink.got[1].payload)  # the same message late: dropped
+    hub.receive("news", bus_payload(sink.got[1].payload))  # the same message late: dropped
     broker.publish("news", b"4")
     clock.turn()
     assert [m.id for m in sink.got] == ["0-0", "0-1", "0-2", "0-3"]

@@ -83,6 +83,8 @@ async def test_push_keeps_the_gateway_lists_byte_for_byte(
     redis_pushd: PushdUnderTest, redis_client: Any
 ) -> None:
     pushd = redis_pushd
+    # The gateway's lists are not prefixed: start from none, whatever ran before.
+    await redis_client.execute_command("DEL", "orders", "message_gateway_event")
     client = await pushd.connect("?channel=orders")
     await client.next_of("subscribed")
     body = 'hello | "world" ü'

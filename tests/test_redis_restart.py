@@ -118,7 +118,8 @@ async def test_outage_loses_nothing_that_was_accepted(
                 if response.code == 200:
                     accepted.append((await response.json())["id"])
                     return
-                assert response.code == 503
+                # 504: sent as Redis died, outcome unknown; the key settles it.
+                assert response.code in (503, 504)
                 refused += 1
                 await deferLater(reactor, 0.02, lambda: None)
 

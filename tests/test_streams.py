@@ -9,7 +9,7 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
 
-from tests.sse import open_sse
+from tests.sse import Event, EventStream, open_sse
 from tests.support import (
     SECRET,
     PushdUnderTest,
@@ -22,15 +22,28 @@ from tests.support import (
 )
 
 
+async def until_live(stream: EventStream) -> list[Event]:
+    """Events up to and with the one that says every channel is live (its `id:`
+    resumes them all)."""
+    events = []
+    while True:
+        events.append(await stream.next())
+        if events[-1].type == "subscribed" and "channels" in json.loads(events[-1].data):
+            return events
+
+
 @pytest_twisted.ensureDeferred
 async def test_sse_delivers_ids_and_envelopes(pushd: PushdUnderTest) -> None:
     stream = await open_sse(f"{pushd.url}/sse?channel=news")
     assert stream.response.headers.getRawHeaders("content-type") == ["text/event-stream"]
-    subscribed = await stream.next()
-    assert subscribed.type == "subscribed"
+    subscribed, live = await until_live(stream)
+    assert (subscribed.type, subscribed.last_event_id) == ("subscribed", "")
     assert json.loads(subscribed.data) == {
-        "type": "subscribed", "channel": "news", "recovered": False
+        "type": "subscribed", "channel": "news", "recovered": False, "position": None
     }  # fmt: skip
+    # Live: a quiet channel resumes from its beginning.
+    assert (live.type, live.last_event_id) == ("subscribed", "0-0")
+    assert json.loads(live.data) == {"type": "subscribed", "channels": {"news": "0-0"}}
     msg_id = await pushd.publish("news", {"n": 1})
     event = await stream.next()
     assert (event.type, event.last_event_id) == ("message", msg_id)
@@ -45,8 +58,7 @@ async def test_sse_resumes_with_last_event_id_on_one_and_many_channels(
     pushd: PushdUnderTest,
 ) -> None:
     first = await open_sse(f"{pushd.url}/sse?channel=a&channel=b")
-    for _ in range(2):
-        await first.next()
+    assert len(await until_live(first)) == 3
     await pushd.publish("a", "a1")
     await pushd.publish("b", "b1")
     for _ in range(2):
@@ -57,16 +69,20 @@ async def test_sse_resumes_with_last_event_id_on_one_and_many_channels(
 
     # The browser reconnects with the Last-Event-ID header: both channels resume.
     again = await open_sse(f"{pushd.url}/sse?channel=a&channel=b", {"Last-Event-ID": cursor})
-    events = [json.loads((await again.next()).data) for _ in range(4)]
-    assert [e["recovered"] for e in events if e["type"] == "subscribed"] == [True, True]
+    events = [json.loads(e.data) for e in await until_live(again)]
+    assert [e["recovered"] for e in events if "recovered" in e] == [True, True]
     assert sorted(e["id"] for e in events if e["type"] == "message") == sorted(missed)
+    assert events[-1]["channels"] == {"a": missed[0], "b": missed[1]}
+    assert again.last_event_id != cursor
     again.close()
 
     # One channel: the id is the message id; ?since= and ?last_event_id= do the same.
     last = missed[0]
     for name in ("since", "last_event_id"):
         one = await open_sse(f"{pushd.url}/sse?channel=a&{name}={last}")
-        assert json.loads((await one.next()).data)["recovered"] is True
+        events = await until_live(one)
+        assert json.loads(events[0].data)["recovered"] is True
+        assert events[-1].last_event_id == last
         last = await pushd.publish("a", "a3")
         assert (await one.next()).last_event_id == last
         one.close()
@@ -76,7 +92,7 @@ async def test_sse_resumes_with_last_event_id_on_one_and_many_channels(
 async def test_sse_sends_keepalive_comments(start_pushd: StartPushd) -> None:
     pushd = await start_pushd(keepalive=0.2)
     stream = await open_sse(f"{pushd.url}/sse?channel=quiet")
-    await stream.next()
+    await until_live(stream)
     await wait_for(lambda: "keep-alive" in stream.comments, what="a keep-alive comment")
     stream.close()
 
@@ -119,7 +135,12 @@ async def test_ndjson_stream_with_curl(pushd: PushdUnderTest) -> None:
     ids = [await pushd.publish("news", {"n": n}) for n in range(3)]
     out, _, _ = await curl
     lines = [json.loads(line) for line in out.decode().splitlines() if line]
-    assert lines[0] == {"type": "subscribed", "channel": "news", "recovered": False}
+    assert lines[0] == {
+        "type": "subscribed",
+        "channel": "news",
+        "recovered": False,
+        "position": None,
+    }
     assert [(m["id"], m["data"]) for m in lines[1:]] == [(i, {"n": n}) for n, i in enumerate(ids)]
     await wait_for(lambda: pushd.hub.channels() == {}, what="curl's subscription to go")
 

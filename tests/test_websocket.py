@@ -33,7 +33,9 @@ async def test_url_subscription_is_acknowledged_then_delivers(pushd: PushdUnderT
 async def test_subscribe_and_unsubscribe_frames(pushd: PushdUnderTest) -> None:
     client = await pushd.connect()
     client.send({"type": "subscribe", "channel": "room.1"})
-    assert await client.next() == {"type": "subscribed", "channel": "room.1", "recovered": False}
+    assert await client.next() == {
+        "type": "subscribed", "channel": "room.1", "recovered": False, "position": None
+    }  # fmt: skip
     await pushd.publish("room.1", 1)
     assert (await client.next_of("message"))["data"] == 1
 
@@ -123,7 +125,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays(
 async def test_invalid_channel_in_url_is_an_error_frame(pushd: PushdUnderTest) -> None:
     client = await pushd.connect("?channel=a%20b&channel=fine")
     frames = [await client.next(), await client.next()]
-    assert {"type": "subscribed", "channel": "fine", "recovered": False} in frames
+    assert {"type": "subscribed", "channel": "fine", "recovered": False, "position": None} in frames
     error = next(f for f in frames if f["type"] == "error")
     assert (error["code"], error["channel"]) == ("bad_channel", "a b")
     await client.close()

@@ -107,7 +107,9 @@ async def test_fragmented_frames_are_one_message(pushd: PushdUnderTest) -> None:
     )
     await raw.until(b'"subscribed"')
     texts = [json.loads(p) for op, p in server_frames(raw.data) if op == 0x1]
-    assert texts == [{"type": "subscribed", "channel": "frag", "recovered": False}]
+    assert texts == [
+        {"type": "subscribed", "channel": "frag", "recovered": False, "position": None}
+    ]
     assert (0xA, b"hi") in server_frames(raw.data)
     raw.transport.loseConnection()
 

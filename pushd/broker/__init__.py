@@ -12,10 +12,31 @@ before it on its channel. Reading "everything after <id>" is therefore provably
 complete when the first entry read names <id> as its predecessor (or, with
 nothing newer, when <id> is the newest entry): whatever trimmed, expired or
 lost the history in between breaks the chain, and recovery says so.
+
+The first message of a channel links to "" (nothing before it). So that a
+channel whose history expired does not look new again, a broker remembers a
+channel's newest id well past its history (the Redis broker in
+`<prefix>{<channel>}:meta`, 10 times the history TTL and at least a day): the
+first message of its next history links to it, and its id stays above it.
+After the Redis broker saw Redis lose its data (`<prefix>!lost`, see EPOCH in
+redis.py), a first message with nothing remembered links to "?": something
+may be missing before it. Reading after "0-0" ("from the beginning") is
+complete when the first retained entry links to "", or when the channel has no
+history and nothing was remembered or lost. A `destroy` drops the history and
+makes the remembered id "?<id>": the next history links to that, so no resume
+from before the destroy and no read after "0-0" is complete (messages of the
+channel were removed) until it is forgotten; ids stay above it.
+
+Idempotency: one record per key, bound to the request's `fingerprint`, holding
+the first answer; a repeat of the same request answers it again, another
+request under the same key fails with IdempotencyKeyReused. Both checks and
+the write run in the publishing script itself, so concurrent repeats on many
+nodes publish once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,17 +44,34 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 
-#: Called with (channel, raw envelope bytes) for every message of a subscribed channel.
+#: Called with (channel, bus payload) for every payload of a subscribed channel:
+#: pushd's own bus format (pushd.message.BUS_MARKER) or anything a process PUBLISHed.
 Listener = Callable[[str, bytes], None]
 #: The hub's local subscriber counts: all channels, and one channel.
 LocalCounts = Callable[[], dict[str, int]]
 LocalCount = Callable[[str], int]
 
 IDEMPOTENCY_TTL = 300
+#: How long a channel's newest id is remembered past its history: this many
+#: times the history TTL, and at least META_TTL_MIN seconds (a day).
+META_TTL_FACTOR = 10
+META_TTL_MIN = 86_400
+#: Reading after this id is reading from the beginning.
+BEGINNING = "0-0"
 
 
-def _item_key(key: str | None, index: int) -> str | None:
-    return None if key is None else f"{key}#{index}"
+def meta_ttl(history_ttl: float) -> int:
+    return int(max(history_ttl * META_TTL_FACTOR, META_TTL_MIN))
+
+
+def fingerprint(kind: bytes, items: list[tuple[str, bytes]]) -> str:
+    """What an Idempotency-Key is bound to: sha1 (hex) of the kind of request
+    (b"1" a single publish, b"n" a batch) and its (channel, data JSON) pairs.
+    Unambiguous: neither a channel name nor compact JSON holds a newline."""
+    h = hashlib.sha1(kind)
+    for channel, data in items:
+        h.update(b"\n" + channel.encode() + b"\n" + data)
+    return h.hexdigest()
 
 
 class BrokerUnavailable(Exception):
@@ -63,7 +101,8 @@ class History:
     """Retained messages of one channel, oldest first, as (id, data JSON)."""
 
     messages: list[tuple[str, bytes]] = field(default_factory=list)
-    #: For a read after an id: True only when no message after it is missing.
+    #: For a read after an id: True only when no message after it is missing
+    #: (after "0-0": when no message of the channel was ever trimmed or expired).
     complete: bool = False
     #: The channel's newest retained id when it was read (None: no history).
     #: A subscription's `position`; also tells a `since` ahead of the channel.
@@ -81,6 +120,9 @@ class Broker(Service):
     on_control: Callable[[dict[str, Any]], int] | None = None
     local_counts: LocalCounts | None = None
     local_count: LocalCount | None = None
+    #: Called, while the exception is handled, with (stage, channel) when a bus
+    #: message raised on its way in: logs and counts it (the hub's `bus_error`).
+    bus_error: Callable[[str, str], None] | None = None
 
     def __init__(self) -> None:
         self._in_flight = 0
@@ -117,17 +159,21 @@ class Broker(Service):
     ) -> Deferred[Published]:
         """Store and fan out a message whose `data` is compact JSON.
 
-        Fails with BrokerUnavailable when the message could not be accepted.
-        With an idempotency key seen in the last IDEMPOTENCY_TTL seconds it
-        publishes nothing and answers the first publish's id.
+        Fails with BrokerUnavailable when the message was not stored, and with
+        OutcomeUnknown when it may have been (a timeout, a connection lost after
+        the command was sent). With an idempotency key seen in the last
+        IDEMPOTENCY_TTL seconds it publishes nothing: for the same request
+        (channel and data) it answers the first publish's id, for another one it
+        fails with IdempotencyKeyReused.
         """
         raise NotImplementedError
 
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
     ) -> Deferred[list[Published]]:
-        """Publish (channel, data) pairs in order, pipelined; each item is
-        idempotent on its own (`<key>#<index>`). Fails with BrokerUnavailable."""
+        """Publish (channel, data) pairs in order, all or nothing (one script).
+        The idempotency key is the batch's, bound to all of its items (and
+        never matching a single publish's); failures as `publish`'s."""
         raise NotImplementedError
 
     def push(
@@ -140,7 +186,9 @@ class Broker(Service):
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         """With `since`: the retained messages after it (at most `limit`), and
-        whether that is all of them. Without: the newest `limit` messages."""
+        whether that is all of them (a `since` ahead of the channel's newest id
+        is not complete). Without: the newest `limit` messages. Either way
+        `last` is the channel's newest id."""
         raise NotImplementedError
 
     def last_id(self, channel: str) -> Deferred[str | None]:

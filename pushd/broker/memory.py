@@ -2,7 +2,8 @@
 
 It keeps the Redis broker's promises inside one process: ids of the stream
 form, strictly increasing per channel; a bounded, linked history per channel
-that expires `history_ttl` seconds after its last message; idempotency keys.
+that expires `history_ttl` seconds after its last message, its newest id
+remembered past that (pushd.broker); idempotency keys bound to their request.
 """
 
 from __future__ import annotations
@@ -10,10 +11,20 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
-from pushd.broker import IDEMPOTENCY_TTL, Broker, History, Listener, Published, _item_key
-from pushd.message import envelope, format_id, parse_id
+from pushd.broker import (
+    BEGINNING,
+    IDEMPOTENCY_TTL,
+    Broker,
+    History,
+    IdempotencyKeyReused,
+    Listener,
+    Published,
+    fingerprint,
+    meta_ttl,
+)
+from pushd.message import bus_payload, envelope, format_id, parse_id
 
 
 class _Entry:
@@ -27,12 +38,14 @@ class _Entry:
 
 
 class _History:
-    __slots__ = ("entries", "last", "touched")
+    __slots__ = ("entries", "last", "prev", "touched")
 
     def __init__(self, size: int) -> None:
         self.entries: deque[_Entry] = deque(maxlen=size)
         self.last = (-1, 0)
         self.touched = 0.0
+        #: What its first entry links to (pushd.broker).
+        self.prev = ""
 
 
 class MemoryBroker(Broker):
@@ -44,7 +57,12 @@ class MemoryBroker(Broker):
         self._history_ttl = history_ttl
         self._histories: dict[str, _History] = {}
         self._subscribed: set[str] = set()
-        self._seen: dict[str, tuple[float, str]] = {}
+        #: Idempotency key -> (until, the request's fingerprint, the ids answered).
+        self._seen: dict[str, tuple[float, str, list[str]]] = {}
+        self._meta_ttl = meta_ttl(history_ttl)
+        #: Channel -> (until, its newest id): kept past the history (pushd.broker).
+        self._newest: dict[str, tuple[float, str]] = {}
+        self._next_expiry = 0.0
 
     def _live_history(self, channel: str) -> _History | None:
         history = self._histories.get(channel)
@@ -58,70 +76,115 @@ class MemoryBroker(Broker):
         horizon = now - self._history_ttl
         for channel in [c for c, h in self._histories.items() if h.touched < horizon]:
             del self._histories[channel]
-        for key in [k for k, (until, _) in self._seen.items() if until < now]:
+        for key in [k for k, (until, _, _) in self._seen.items() if until < now]:
             del self._seen[key]
+        for channel in [c for c, (until, _) in self._newest.items() if until < now]:
+            del self._newest[channel]
+
+    def _remembered(self, channel: str) -> str:
+        """The channel's newest id, even past its history; "" when none."""
+        newest = self._newest.get(channel)
+        return newest[1] if newest is not None and newest[0] >= self._clock.seconds() else ""
+
+    def _repeat(self, key: str | None, bound: str) -> list[Published] | None:
+        """The first answer to a request under `key` (None: not seen)."""
+        if key is None:
+            return None
+        seen = self._seen.get(key)
+        if seen is None or seen[0] < self._clock.seconds():
+            return None
+        if seen[1] != bound:
+            raise IdempotencyKeyReused("the Idempotency-Key was first used with another request")
+        return [Published(msg_id, repeated=True) for msg_id in seen[2]]
+
+    def _remember(self, key: str | None, bound: str, published: list[Published]) -> None:
+        if key is not None:
+            until = self._clock.seconds() + IDEMPOTENCY_TTL
+            self._seen[key] = (until, bound, [p.id for p in published])
 
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None
     ) -> Deferred[Published]:
-        return succeed(self._publish(channel, data, idempotency_key))
+        bound = "" if idempotency_key is None else fingerprint(b"1", [(channel, data)])
+        try:
+            repeated = self._repeat(idempotency_key, bound)
+        except IdempotencyKeyReused as e:
+            return fail(e)
+        if repeated is not None:
+            return succeed(repeated[0])
+        published = self._publish(channel, data)
+        self._remember(idempotency_key, bound, [published])
+        return succeed(published)
 
-    def _publish(self, channel: str, data: bytes, idempotency_key: str | None) -> Published:
+    def _publish(self, channel: str, data: bytes) -> Published:
         now = self._clock.seconds()
-        if idempotency_key is not None:
-            seen = self._seen.get(idempotency_key)
-            if seen is not None and seen[0] >= now:
-                return Published(seen[1], repeated=True)
-        if len(self._histories) + len(self._seen) > 1024:
+        if (
+            len(self._histories) + len(self._seen) + len(self._newest) > 1024
+            and now >= self._next_expiry
+        ):
+            # At most once a second: remembered ids live a day, so a busy
+            # process may hold many more than 1024 for good reason.
+            self._next_expiry = now + 1
             self._expire()
         history = self._live_history(channel)
         if history is None:
             history = self._histories[channel] = _History(self._history_size)
+            # A new history links to the channel's newest id and stays above it.
+            history.prev = self._remembered(channel)
+            if history.prev:
+                history.last = parse_id(history.prev.lstrip("?"))
         history.touched = now
         ms = int(now * 1000)
         last_ms, last_seq = history.last
         seq = last_seq + 1 if ms <= last_ms else 0
         history.last = key = (max(ms, last_ms), seq)
-        prev = history.entries[-1].id if history.entries else ""
+        prev = history.entries[-1].id if history.entries else history.prev
         entry = _Entry(key, data, prev)
         history.entries.append(entry)
-        if idempotency_key is not None:
-            self._seen[idempotency_key] = (now + IDEMPOTENCY_TTL, entry.id)
+        self._newest[channel] = (now + self._meta_ttl, entry.id)
         if channel in self._subscribed and self.listener is not None:
-            self.listener(channel, envelope(channel, entry.id, data))
+            self.listener(channel, bus_payload(envelope(channel, entry.id, data)))
         return Published(entry.id)
 
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
     ) -> Deferred[list[Published]]:
-        return succeed(
-            [
-                self._publish(channel, data, _item_key(idempotency_key, n))
-                for n, (channel, data) in enumerate(items)
-            ]
-        )
+        bound = "" if idempotency_key is None else fingerprint(b"n", items)
+        try:
+            repeated = self._repeat(idempotency_key, bound)
+        except IdempotencyKeyReused as e:
+            return fail(e)
+        if repeated is not None:
+            return succeed(repeated)
+        published = [self._publish(channel, data) for channel, data in items]
+        self._remember(idempotency_key, bound, published)
+        return succeed(published)
 
     def push(
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
-        return succeed((False, self._publish(channel, data, None)))
+        return succeed((False, self._publish(channel, data)))
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         h = self._live_history(channel)
         entries = list(h.entries) if h is not None else []
+        last = entries[-1].id if entries else None
         if since is None:
             picked = entries[-limit:] if limit else entries
-            return succeed(History([(e.id, e.data) for e in picked], complete=False))
+            return succeed(History([(e.id, e.data) for e in picked], complete=False, last=last))
         after = parse_id(since)
         newer = [e for e in entries if e.key > after]
         # Linked entries: see pushd.broker.
+        before = "" if since == BEGINNING else since
         if newer:
-            complete = newer[0].prev == since
+            complete = newer[0].prev == before
+        elif last is not None:
+            complete = last == since
         else:
-            complete = entries[-1].id == since if entries else False
+            complete = before == "" and not self._remembered(channel)
         if limit is not None:
             newer = newer[:limit]
-        return succeed(History([(e.id, e.data) for e in newer], complete))
+        return succeed(History([(e.id, e.data) for e in newer], complete, last))
 
     def last_id(self, channel: str) -> Deferred[str | None]:
         h = self._live_history(channel)
@@ -132,7 +195,13 @@ class MemoryBroker(Broker):
 
     def control(self, command: dict[str, Any]) -> Deferred[int]:
         if command.get("cmd") == "destroy":
-            self._histories.pop(command["channel"], None)
+            channel = command["channel"]
+            self._histories.pop(channel, None)
+            # A tombstone: what comes next links to "?<id>" (pushd.broker).
+            newest = self._remembered(channel)
+            if newest:
+                until = self._clock.seconds() + self._meta_ttl
+                self._newest[channel] = (until, "?" + newest.lstrip("?"))
         if self.on_control is not None:
             self.on_control(command)
         return succeed(1)

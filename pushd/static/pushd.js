@@ -25,10 +25,12 @@
  *   pingInterval   ms between the client's own `ping` frames on a WebSocket (default 25000;
  *                  0: off); pingTimeout: ms to wait for the `pong` before the connection is
  *                  given up as dead and a new one is made (default 10000).
- *   httpPublish    false (default): publish() needs the WebSocket and rejects otherwise (SSE
- *                  cannot send). true: without an open WebSocket, publish() POSTs to
- *                  /channels/{channel} instead (the producer API: a key or a loopback client).
- *   apiKey         sent as "Authorization: Bearer <key>" with those POSTs.
+ *   httpPublish    true (default): without an open WebSocket (connecting, on SSE, not started),
+ *                  publish() POSTs to /channels/{channel} instead, with the token as
+ *                  "Authorization: Bearer <token>" (its `publish` claim must grant the channel;
+ *                  pushd answers CORS for allowed origins), or the apiKey, or nothing (a
+ *                  loopback producer). false: publish() needs the WebSocket and rejects otherwise.
+ *   apiKey         sent as "Authorization: Bearer <key>" with those POSTs instead of the token.
  *   withCredentials  passed to EventSource (cookies to another origin), default false.
  *   autoConnect    connect on the first subscribe() (default true); else call connect().
  *
@@ -44,20 +46,26 @@
  *                                  ping came back without an `error` for it), rejects with a
  *                                  PushdError (code "forbidden", "rate_limited", "too_large",
  *                                  ...). A Redis outage is reported later, as an "error" event
- *                                  with code "unavailable". Over HTTP (httpPublish): resolves
- *                                  the producer API's answer {channel, id}. Not connected and no
- *                                  httpPublish: rejects with code "not_connected" (or
- *                                  "not_supported" on SSE).
+ *                                  with code "unavailable". Over HTTP (no WebSocket open):
+ *                                  resolves the answer {channel, id}, rejects with pushd's error
+ *                                  code ("forbidden", "rate_limited", "token_expired", ...).
+ *                                  httpPublish false and no WebSocket: rejects with code
+ *                                  "not_connected" (or "not_supported" on SSE). Leaving the
+ *                                  page: navigator.sendBeacon(`${url}/channels/${channel}?token=
+ *                                  ${token}`, text) publishes too (as text: a beacon cannot send
+ *                                  application/json to another origin).
  *   on(event, fn) -> off function; off(event, fn).
- *   state, transport ("websocket" | "sse" | null), channels, lastId(channel).
+ *   state, transport ("websocket" | "sse" | null), channels, lastId(channel) (the channel's
+ *   resume point: the last id delivered, else pushd's position; "0-0": from its beginning).
  *
  * Events:
  *   "state"       fn(state, info): "idle" (not started), "connecting" (first attempt), "open",
  *                 "reconnecting" (lost; info.delay ms until the next attempt, info.attempt),
  *                 "closed" (close() was called, or pushd closed with 4003).
- *   "subscribed"  fn(channel, recovered): pushd confirmed a subscription; `recovered` true means
- *                 nothing after the last id seen was missed (false on a first subscribe, or when
- *                 history no longer reaches back that far).
+ *   "subscribed"  fn(channel, recovered, position): pushd confirmed a subscription; `recovered`
+ *                 true means nothing after the last id seen was missed (false on a first
+ *                 subscribe, or when history no longer reaches back that far); `position` is the
+ *                 channel's newest id (null: no history yet).
  *   "unsubscribed" fn(channel); "message" fn(message) for every message delivered;
  *   "transport"   fn(name) when the transport is chosen or changes (WebSocket -> SSE).
  *   "error"       fn(PushdError): pushd's `error` frames {code, message, channel?} not tied to
@@ -67,14 +75,16 @@
  * Reconnecting: after a lost connection the client waits a jittered exponential delay
  * (minDelay * 2^attempt, capped at maxDelay, then a random 50..100% of it), asks the token
  * function again, reconnects and subscribes every channel with `since` = the last id it
- * delivered on that channel, so pushd replays what was missed (from its history). It goes back
+ * delivered on that channel, or, on a channel that delivered nothing yet, the `position` pushd
+ * gave when it subscribed ("0-0" when the channel had no history), so pushd replays what was
+ * missed (from its history), on quiet channels too. It goes back
  * to attempt 0 once a connection opens. Close codes: 1001 (pushd stopping) and 4008 (slow
  * consumer): reconnect with backoff; 4001 (token expired): reconnect at once with a fresh token;
  * 4003 (disconnected by the application): NO reconnect, state "closed". When the browser says it
  * is back online, a waiting reconnect happens at once.
  *
  * SSE: one EventSource for all channels, /sse?channel=a&channel=b&since=<cursor>&token=...,
- * where the cursor carries each channel's last delivered id; subscribing or unsubscribing
+ * where the cursor carries each channel's resume point (as above); subscribing or unsubscribing
  * reopens it (with the cursor, so nothing is lost). The client reopens it itself after an error,
  * with the backoff above and a fresh token, rather than letting EventSource retry.
  *
@@ -111,7 +121,7 @@ const DEFAULTS = {
   maxDelay: 15000,
   pingInterval: 25000,
   pingTimeout: 10000,
-  httpPublish: false,
+  httpPublish: true,
   apiKey: null,
   withCredentials: false,
   autoConnect: true,
@@ -553,7 +563,8 @@ export class PushdClient {
         const ch = this._channels.get(frame.channel);
         if (!ch) break;
         ch.subscribed = true;
-        this._emit("subscribed", frame.channel, frame.recovered === true);
+        if ("position" in frame) this._adoptPosition(ch, frame.position);
+        this._emit("subscribed", frame.channel, frame.recovered === true, frame.position ?? null);
         break;
       }
       case "unsubscribed":
@@ -583,6 +594,16 @@ export class PushdClient {
     }
   }
 
+  /** pushd's `position` (the channel's newest id once live; null: no history, "0-0" to resume
+   *  from its beginning) becomes the resume point of a channel that has none yet, so a quiet
+   *  channel is resumed too; and of one whose `since` is ahead of the channel (clock skew),
+   *  whose live messages would look old. Otherwise the resume point stays where it is: a replay
+   *  after it follows, and a connection lost before it arrives must ask for it again. */
+  _adoptPosition(ch, position) {
+    const at = position ?? "0-0";
+    if (!ch.lastId || compareIds(ch.lastId, at) > 0) ch.lastId = at;
+  }
+
   _deliver(message) {
     const ch = this._channels.get(message?.channel);
     if (!ch) return;
@@ -604,7 +625,19 @@ export class PushdClient {
 
   async _post(channel, data) {
     const headers = { "content-type": "application/json" };
-    if (this.options.apiKey) headers.authorization = `Bearer ${this.options.apiKey}`;
+    let credential = this.options.apiKey;
+    if (!credential && this.options.token) {
+      try {
+        const t = this.options.token;
+        credential = typeof t === "function" ? await t() : t;
+      } catch (e) {
+        throw new PushdError("token", `the token callback failed: ${e?.message ?? e}`, {
+          channel,
+          cause: e,
+        });
+      }
+    }
+    if (credential) headers.authorization = `Bearer ${credential}`;
     let response;
     try {
       response = await fetch(this._url("http", `/channels/${encodeURIComponent(channel)}`, []), {

@@ -154,7 +154,11 @@ class PushResource(ApiResource):
         d = self._p.broker.push(channel, entry, self._p.config.push_event_list, data)
         try:
             kept, _ = await self._p.publish("push", d)
-        except ApiError:
+        except ApiError as e:
+            if e.status == errors.OUTCOME_UNKNOWN[0]:
+                raise ApiError(
+                    504, "outcome_unknown", "redis did not answer: outcome unknown"
+                ) from None
             raise ApiError(503, "unavailable", "redis unavailable") from None
         if not kept:
             request.setHeader(b"warning", b'299 pushd "memory broker: no Redis lists kept"')

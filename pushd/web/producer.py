@@ -5,19 +5,22 @@ from __future__ import annotations
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
-from pushd.broker import Broker, BrokerUnavailable
+from pushd.auth import AuthError, Grants, OriginPolicy, TokenVerifier, token_from
+from pushd.broker import Broker, BrokerUnavailable, IdempotencyKeyReused, OutcomeUnknown
 from pushd.config import Config
+from pushd.limits import KeyedBuckets
 from pushd.message import data_from_body, dump_json, envelope, is_channel, parse_id
 from pushd.metrics import Metrics
 from pushd.web import errors
 from pushd.web.errors import ApiError
-from pushd.web.resource import ApiResource, NotFound, ProducerAuth
+from pushd.web.resource import ApiResource, NotFound, ProducerAuth, request_host
 
 MAX_LIMIT = 10_000
 IDEMPOTENCY_KEY_MAX = 256
@@ -32,8 +35,15 @@ class Producing:
     metrics: Metrics
     config: Config
 
+    @cached_property
+    def browsers(self) -> BrowserPublish:
+        """Publishing from browser pages with subscriber tokens (made when first needed)."""
+        from twisted.internet import reactor
+
+        return BrowserPublish(self.config, reactor)
+
     async def publish(self, api: str, d: Deferred[Any], count: int = 1) -> Any:
-        """Wait for a publish: 503 when the broker could not take it; counted and timed."""
+        """Wait for a publish (errors: `ask`); counted and timed."""
         start = time.monotonic()
         result = await ask(d)
         self.metrics.published.labels(api).inc(count)
@@ -63,11 +73,16 @@ class ChannelsResource(Resource):
 
 
 async def ask(d: Any) -> Any:
-    """A broker's answer; 503 when it could not give one."""
+    """A broker's answer; 503 when it took nothing, 504 when a publish may or
+    may not be stored, 422 when its Idempotency-Key was used for another request."""
     try:
         return await d
     except BrokerUnavailable:
         raise ApiError(*errors.UNAVAILABLE) from None
+    except OutcomeUnknown:
+        raise ApiError(*errors.OUTCOME_UNKNOWN) from None
+    except IdempotencyKeyReused:
+        raise ApiError(*errors.KEY_REUSED) from None
 
 
 class _ChannelApi(ApiResource):
@@ -89,10 +104,35 @@ class ChannelResource(_ChannelApi):
         published = await self._p.publish("channels", d)
         return dump_json({"channel": self._channel, "id": published.id})
 
+    def render(self, request: Request) -> Any:
+        if request.method in (b"POST", b"OPTIONS"):
+            allowed = self._p.browsers.cors(request)
+            if request.method == b"OPTIONS":
+                return self._p.browsers.preflight(request, allowed)
+        return super().render(request)
+
     def handle_POST(self, request: Request) -> Coroutine[Any, Any, bytes]:
-        self._checked(request)
+        """A producer's publish (an API key, or loopback when no key is configured),
+        or a browser's: a subscriber token whose `publish` claim grants the channel."""
+        auth = self._p.auth
+        refusal = auth.refusal(
+            request.getHeader(b"authorization"),
+            lambda: request_host(request, auth.trusted_proxies),
+        )
+        browser = None
+        if refusal is not None:
+            browser = self._p.browsers.admit(request, self._channel, refusal)
+        else:
+            # A page of a refused origin publishes nothing, whatever it holds (a key,
+            # or loopback: a page in a browser on pushd's machine is a loopback client).
+            self._p.browsers.check_origin(request)
+            if not is_channel(self._channel):
+                raise ApiError(*errors.BAD_CHANNEL)
         key = idempotency_key(request)
-        return self._publish(message_data(request, self._p.config.max_message_size), key)
+        data = message_data(request, self._p.config.max_message_size)
+        if browser is not None:
+            self._p.browsers.take(*browser)
+        return self._publish(data, key)
 
     async def _describe(self) -> bytes:
         last_id = await ask(self._broker.last_id(self._channel))
@@ -169,3 +209,105 @@ def idempotency_key(request: Request) -> str | None:
     if not key or len(key) > IDEMPOTENCY_KEY_MAX or not key.isprintable():
         raise ApiError(*errors.BAD_IDEMPOTENCY_KEY)
     return key
+
+
+RATE_LIMITED = (429, "rate_limited", "publishing too fast with this token (--publish-rate)")
+NOT_GRANTED = (403, "forbidden", "the token does not grant publishing to this channel")
+ORIGIN_REFUSED = (403, "forbidden", "origin not allowed (--allowed-origin)")
+
+
+class BrowserPublish:
+    """`POST /channels/{channel}` from a browser page (the contract's "register
+    user events"): a subscriber token (`Authorization: Bearer`, or `?token=`
+    for navigator.sendBeacon, which cannot set headers) whose `publish` claim
+    grants the channel, checked as a subscription's token is; at most
+    --publish-rate publishes a second per token (--publish-burst); from an
+    allowed origin, with CORS: a preflight, and the headers on every answer."""
+
+    METHODS = b"POST"
+    HEADERS = b"Authorization, Content-Type, Idempotency-Key"
+    MAX_AGE = b"600"  # seconds a browser may keep a preflight's answer
+
+    def __init__(self, config: Config, clock: Any) -> None:
+        self.verifier = (
+            TokenVerifier(config.token_secret, config.token_audience)
+            if config.token_secret is not None
+            else None
+        )
+        self.origins = OriginPolicy(config.allowed_origin)
+        self.rates = KeyedBuckets(config.publish_rate, config.publish_burst, clock)
+
+    def cors(self, request: Request) -> bool:
+        """Sets the CORS headers of an answer to an allowed origin; False for a
+        refused one. A request without Origin is not from a page: allowed, no headers."""
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return True
+        request.setHeader(b"vary", b"Origin")
+        if not self.origins.admits(origin.decode("latin-1")):
+            return False
+        request.setHeader(b"access-control-allow-origin", origin)
+        return True
+
+    def preflight(self, request: Request, allowed: bool) -> Any:
+        """OPTIONS: 204 with what a page may send here; 403 for a refused origin."""
+        if not allowed:
+            return _error(request, ORIGIN_REFUSED)
+        request.setResponseCode(204)
+        request.setHeader(b"allow", b"DELETE, GET, OPTIONS, POST")
+        if request.getHeader(b"origin") is not None:
+            request.setHeader(b"access-control-allow-methods", self.METHODS)
+            request.setHeader(b"access-control-allow-headers", self.HEADERS)
+            request.setHeader(b"access-control-max-age", self.MAX_AGE)
+        # Finished here: returning b"" would make twisted.web add a Content-Length,
+        # which a 204 must not carry (RFC 9110 8.6).
+        request.write(b"")
+        request.finish()
+        return NOT_DONE_YET
+
+    def admit(
+        self, request: Request, channel: str, refusal: tuple[int, str, str]
+    ) -> tuple[str, Grants]:
+        """The token and grants of a browser that may publish to `channel`; ApiError
+        otherwise (`refusal`, the producer API's own, when no token is presented)."""
+        authorization = request.getHeader(b"authorization")
+        presented = token_from(
+            query_value(request, b"token"),
+            None if authorization is None else authorization.decode("latin-1"),
+        )
+        # What is not shaped as a JWT (header.claims.signature) is a wrong API key.
+        if presented is None or self.verifier is None or presented.count(".") != 2:
+            if refusal is errors.UNAUTHORIZED:
+                request.setHeader(b"www-authenticate", b'Bearer realm="pushd"')
+            raise ApiError(*refusal)
+        self.check_origin(request)
+        try:
+            grants = self.verifier.verify(presented)
+        except AuthError as e:
+            request.setHeader(b"www-authenticate", b'Bearer realm="pushd", error="invalid_token"')
+            raise ApiError(e.status, e.code, e.message) from None
+        if not is_channel(channel):
+            raise ApiError(*errors.BAD_CHANNEL)
+        if not grants.may_publish(channel):
+            raise ApiError(*NOT_GRANTED)
+        return presented, grants
+
+    def check_origin(self, request: Request) -> None:
+        """403 for a request from a page of an origin not allowed."""
+        origin = request.getHeader(b"origin")
+        if not self.origins.admits(None if origin is None else origin.decode("latin-1")):
+            raise ApiError(*ORIGIN_REFUSED)
+
+    def take(self, token: str, grants: Grants) -> None:
+        """One publish of the token's rate, or 429."""
+        if not self.rates.take(token, grants.expires):
+            raise ApiError(*RATE_LIMITED)
+
+
+def _error(request: Request, refusal: tuple[int, str, str]) -> bytes:
+    status, code, message = refusal
+    body = dump_json({"error": code, "message": message})
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body

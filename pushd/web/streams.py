@@ -7,13 +7,17 @@ same Session as a WebSocket (so recovery with `since` keeps the same promises).
       id: <id>                 (several channels: an opaque cursor of every
       data: <envelope JSON>     channel's last id, so Last-Event-ID resumes all)
 
-      event: subscribed        (EventSource hands these to
-      data: {"type":"subscribed","channel":"a","recovered":true}   listeners of
-                                "subscribed", not to onmessage)
+      event: subscribed        (one per channel, before its replay; EventSource
+      data: {"type":"subscribed","channel":"a","recovered":true,"position":"<id>"}
+                                hands these to listeners of "subscribed")
+      event: subscribed        (once every channel is live, its replay sent:
+      id: <cursor>              the resume point of every channel, quiet ones
+      data: {"type":"subscribed","channels":{"a":"<id>","b":"0-0"}}   included;
+                                a channel without history resumes from 0-0)
       : keep-alive             (a comment every --keepalive seconds, 15)
 
   GET /stream?channel=a                                     application/x-ndjson
-      {"type":"subscribed","channel":"a","recovered":false}
+      {"type":"subscribed","channel":"a","recovered":false,"position":null}
       {"type":"message","channel":"a","id":"...","data":...}
       (an empty line every --keepalive seconds keeps proxies from timing out
        the stream: readers skip empty lines)
@@ -31,6 +35,7 @@ import binascii
 import json
 from typing import Any
 
+from twisted.internet.defer import DeferredList
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -86,9 +91,11 @@ def decode_cursor(value: str, channels: list[str]) -> dict[str, str]:
 class _Stream(SendBound):
     """One open stream: the Session's outlet, the transport's producer."""
 
-    __slots__ = ("_last", "_limit", "_on_slow", "_request", "_sse", "session")
+    __slots__ = ("_channels", "_last", "_limit", "_on_slow", "_request", "_sse", "session")
 
-    def __init__(self, request: Request, sse: bool, limit: int, multi: bool, on_slow: Any) -> None:
+    def __init__(
+        self, request: Request, sse: bool, limit: int, channels: list[str], on_slow: Any
+    ) -> None:
         self._request = request
         self._on_slow = on_slow
         self.replaying = False
@@ -96,15 +103,41 @@ class _Stream(SendBound):
         self._limit = limit
         self._paused = False
         self._backlog = 0
-        # Several SSE channels: their last ids, for the cursor in `id:`.
-        self._last: dict[str, str] | None = {} if multi and sse else None
+        # The channels asked for; on SSE the `id:` resumes them.
+        self._channels = channels
+        # SSE: each channel's resume point (its position, then its last id), for
+        # `id:`: that id itself with one channel, the cursor of all with several.
+        self._last: dict[str, str] | None = {} if sse else None
         self.session: Session | None = None
 
     # -- the session's outlet
 
-    def subscribed(self, channel: str, recovered: bool) -> None:
-        event = dump_json({"type": "subscribed", "channel": channel, "recovered": recovered})
-        self._write(b"event: subscribed\ndata: " + event + b"\n\n" if self._sse else event + b"\n")
+    def subscribed(self, channel: str, recovered: bool, position: str | None) -> None:
+        event = dump_json(
+            {"type": "subscribed", "channel": channel, "recovered": recovered, "position": position}
+        )
+        if not self._sse:
+            self._write(event + b"\n")
+            return
+        # Not in an `id:` yet: a replay may follow, and a browser cut off before
+        # it must resume from where it was. `live` sends the cursor once replayed.
+        assert self._last is not None
+        self._last[channel] = position or "0-0"
+        self._write(b"event: subscribed\ndata: " + event + b"\n\n")
+
+    def live(self) -> None:
+        """Every channel asked for is live, its replay sent: one `subscribed`
+        event whose `id:` resumes every channel, quiet ones included (a channel
+        without history from `0-0`, its beginning)."""
+        if self._last is None:
+            return
+        resume = {c: self._last[c] for c in self._channels if c in self._last}
+        if not resume:
+            return  # no subscription went through: nothing to resume from
+        one = len(self._channels) == 1
+        event_id = resume[self._channels[0]] if one else encode_cursor(resume)
+        data = dump_json({"type": "subscribed", "channels": resume})
+        self._write(b"event: subscribed\nid: " + event_id.encode() + b"\ndata: " + data + b"\n\n")
 
     def message(self, message: Delivery) -> None:
         if isinstance(message, Burst):
@@ -115,12 +148,19 @@ class _Stream(SendBound):
             self._write(message.payload + b"\n")
         elif message.id is None:
             self._write(b"data: " + message.payload + b"\n\n")
-        elif self._last is None:
-            self._write(b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n")
         else:
-            self._last[message.channel] = message.id
-            cursor = encode_cursor(self._last).encode()
-            self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
+            last = self._last
+            assert last is not None
+            last[message.channel] = message.id
+            if len(self._channels) > 1:
+                cursor = encode_cursor(last).encode()
+                self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
+            elif message.channel == self._channels[0]:
+                self._write(b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n")
+            else:
+                # The user's personal channel beside one channel: its id would
+                # be taken for the channel's own on a reconnect.
+                self._write(b"data: " + message.payload + b"\n\n")
 
     def unsubscribed(self, channel: str) -> None:
         self.end()
@@ -277,9 +317,7 @@ class StreamResource(Resource):
         )
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
-        stream = _Stream(
-            request, self._sse, self._max_send_buffer, len(channels) > 1, self._slow_consumer
-        )
+        stream = _Stream(request, self._sse, self._max_send_buffer, channels, self._slow_consumer)
         if stream._last is not None:
             stream._last.update(cursor)
         stream.session = Session(self._hub, self._broker, stream)
@@ -300,10 +338,11 @@ class StreamResource(Resource):
                 self._keepalive.stop()
 
         request.notifyFinish().addBoth(gone)
-        for channel in channels:
-            stream.session.subscribe(channel, cursor.get(channel))
+        joining = [stream.session.subscribe(channel, cursor.get(channel)) for channel in channels]
         if grants.sub is not None:
-            stream.session.identify(grants.sub, self._config.personal(grants.sub))
+            joining.append(stream.session.identify(grants.sub, self._config.personal(grants.sub)))
+        # After every `subscribed` (the personal channel's too) and replay.
+        DeferredList(joining).addCallback(lambda _: stream.live())
         if grants.expires is not None:
             delay = max(0.0, grants.expires - self._clock.seconds())
             ending = self._clock.callLater(delay, _end, request)

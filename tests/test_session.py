@@ -1,0 +1,368 @@
+"""The Session's positions, deterministically: the memory broker and the hub on a
+`task.Clock`, reads of the broker held open and bus deliveries held back, so
+each interleaving of the race a real Redis allows is played on purpose.
+
+The invariant every test checks (pushd.session): once `subscribed` says
+`position`, the client is sent every message of the channel after it, once,
+in id order, and none at or before it; so `position` is a safe resume point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from pushd.broker import History
+from pushd.broker.memory import MemoryBroker
+from pushd.hub import Hub
+from pushd.message import Burst, Message, envelope, parse_id
+from pushd.session import Session
+
+
+class Outlet:
+    """Records what a transport would send: ("subscribed", recovered, position)
+    and ("message", id) per channel, in order."""
+
+    replaying = False
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.replayed: list[str | None] = []
+
+    def subscribed(self, channel: str, recovered: bool, position: str | None) -> None:
+        self.events.append(("subscribed", channel, recovered, position))
+
+    def message(self, message: Any) -> None:
+        for one in message.messages if isinstance(message, Burst) else (message,):
+            self.events.append(("message", one.channel, one.id))
+            if self.replaying:
+                self.replayed.append(one.id)
+
+    def unsubscribed(self, channel: str) -> None:
+        self.events.append(("unsubscribed", channel))
+
+    def disconnect(self) -> None:
+        self.events.append(("disconnect",))
+
+    def ack(self, channel: str) -> tuple[bool, str | None]:
+        acks = [e for e in self.events if e[0] == "subscribed" and e[1] == channel]
+        assert len(acks) == 1, self.events
+        return acks[0][2], acks[0][3]
+
+    def ids(self, channel: str) -> list[str | None]:
+        return [e[2] for e in self.events if e[0] == "message" and e[1] == channel]
+
+
+class HeldBroker(MemoryBroker):
+    """The memory broker, with two knobs for the race: `hold_reads` keeps the
+    session's read (last_id / history) open until `answer_reads()` (which reads
+    the store then: the moment of the read's snapshot), and `hold_bus` keeps
+    messages off the bus until `release_bus()` (pub/sub late, on its own
+    connection)."""
+
+    def __init__(self, clock: Clock, history_size: int = 100) -> None:
+        super().__init__(clock, history_size=history_size, history_ttl=3600)
+        self.hold_reads = False
+        self.hold_bus = False
+        self._reads: list[tuple[Deferred[Any], Any]] = []
+        self._bus: list[tuple[str, bytes]] = []
+
+    def subscribe(self, channel: str) -> Deferred[None]:
+        d = super().subscribe(channel)
+        # Wrap the hub's listener once it is set (the hub sets it on creation).
+        if self.listener is not None and not getattr(self.listener, "held", False):
+            hub_listener = self.listener
+
+            def listener(channel: str, raw: bytes) -> None:
+                if self.hold_bus:
+                    self._bus.append((channel, raw))
+                else:
+                    hub_listener(channel, raw)
+
+            listener.held = True  # type: ignore[attr-defined]
+            self.listener = listener
+            self._hub_listener = hub_listener
+        return d
+
+    def release_bus(self) -> None:
+        self.hold_bus = False
+        bus, self._bus = self._bus, []
+        for channel, raw in bus:
+            self._hub_listener(channel, raw)
+
+    def _held(self, read: Any) -> Deferred[Any]:
+        if not self.hold_reads:
+            return read()  # type: ignore[no-any-return]
+        d: Deferred[Any] = Deferred()
+        self._reads.append((d, read))
+        return d
+
+    def last_id(self, channel: str) -> Deferred[str | None]:
+        return self._held(lambda: MemoryBroker.last_id(self, channel))
+
+    def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
+        return self._held(lambda: MemoryBroker.history(self, channel, since, limit))
+
+    def answer_reads(self) -> None:
+        self.hold_reads = False
+        reads, self._reads = self._reads, []
+        for d, read in reads:
+            read().chainDeferred(d)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    c = Clock()
+    c.advance(1_700_000_000)  # ids of today's form, never "0-0"
+    return c
+
+
+@pytest.fixture
+def broker(clock: Clock) -> HeldBroker:
+    return HeldBroker(clock)
+
+
+@pytest.fixture
+def hub(broker: HeldBroker, clock: Clock) -> Hub:
+    return Hub(broker, clock=clock)
+
+
+def publish(broker: HeldBroker, clock: Clock, channel: str, n: int) -> str:
+    msg_id = broker.publish(channel, str(n).encode()).result.id
+    clock.advance(0)  # the hub hands messages out at the end of the turn
+    return msg_id
+
+
+def assert_safe(out: Outlet, channel: str, all_ids: list[str], since: str | None = None) -> None:
+    """Every message after the position, once, in order; none at or before it
+    (a replay after `since` comes first, then the same rule for live ones)."""
+    _, position = out.ack(channel)
+    start = parse_id(position) if position is not None else (-1, -1)
+    got = [i for i in out.ids(channel) if i is not None]
+    replayed = [i for i in out.replayed if i is not None]
+    if since is not None:
+        assert replayed == got[: len(replayed)]
+        assert all(parse_id(i) > parse_id(since) for i in replayed)
+        if replayed:
+            assert replayed[-1] == position
+    live = got[len(replayed) :]
+    assert live == [i for i in all_ids if parse_id(i) > start], (position, out.events)
+
+
+def test_a_quiet_channel_has_no_position_and_goes_live(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    out = Outlet()
+    Session(hub, broker, out).subscribe("quiet")
+    assert out.events == [("subscribed", "quiet", False, None)]
+    first = publish(broker, clock, "quiet", 1)
+    assert out.ids("quiet") == [first]
+
+
+def test_with_history_the_position_is_the_newest_id(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    old = [publish(broker, clock, "news", n) for n in range(3)]
+    out = Outlet()
+    Session(hub, broker, out).subscribe("news")
+    assert out.events == [("subscribed", "news", False, old[-1])]
+    new = publish(broker, clock, "news", 3)
+    assert out.ids("news") == [new]
+
+
+def test_a_message_during_the_read_is_delivered(broker: HeldBroker, hub: Hub, clock: Clock) -> None:
+    """Published after the read's snapshot but arriving while it is in flight
+    (buffered), and published after it arriving after its answer: both come."""
+    old = publish(broker, clock, "news", 0)
+    # The read ran on Redis (its snapshot is taken); its answer is on its way
+    # while a message arrives live.
+    snapshot = broker.last_id("news").result
+    out = Outlet()
+    broker.hold_reads = True
+    Session(hub, broker, out).subscribe("news")
+    during = publish(broker, clock, "news", 1)
+    assert out.events == []  # nothing before the acknowledgement
+    d, _ = broker._reads.pop()
+    d.callback(snapshot)
+    assert out.ack("news") == (False, old)
+    after = publish(broker, clock, "news", 2)
+    assert out.ids("news") == [during, after]
+    assert_safe(out, "news", [old, during, after])
+
+
+def test_a_message_the_read_saw_but_the_bus_brings_later_is_not_sent_twice(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    """Redis: pub/sub is another connection than the read. A message stored
+    before the read may reach pushd live after the read's answer: it is at or
+    before the position, so it is not sent (a client would take it for one it
+    had, or resume past it); the next one is."""
+    publish(broker, clock, "news", 0)
+    out = Outlet()
+    broker.hold_reads = True
+    Session(hub, broker, out).subscribe("news")
+    broker.hold_bus = True
+    raced = publish(broker, clock, "news", 1)  # stored; its pub/sub still on the way
+    broker.answer_reads()  # the snapshot sees it
+    assert out.ack("news") == (False, raced)
+    broker.release_bus()
+    clock.advance(0)
+    assert out.ids("news") == []
+    after = publish(broker, clock, "news", 2)
+    assert out.ids("news") == [after]
+    assert_safe(out, "news", [raced, after])
+
+
+def test_since_ahead_of_the_channel_is_not_recovered_and_live_messages_flow(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    newest = publish(broker, clock, "news", 0)
+    ms, _ = parse_id(newest)
+    ahead = f"{ms + 3_600_000}-0"  # an hour of clock skew
+    out = Outlet()
+    Session(hub, broker, out).subscribe("news", ahead)
+    assert out.ack("news") == (False, newest)
+    live = [publish(broker, clock, "news", n) for n in (1, 2)]
+    assert out.ids("news") == live
+    # On a channel without history: no position, everything live.
+    out2 = Outlet()
+    Session(hub, broker, out2).subscribe("empty", ahead)
+    assert out2.ack("empty") == (False, None)
+    msg = publish(broker, clock, "empty", 1)
+    assert out2.ids("empty") == [msg]
+
+
+def test_since_the_beginning_replays_everything_retained(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    ids = [publish(broker, clock, "news", n) for n in range(4)]
+    out = Outlet()
+    Session(hub, broker, out).subscribe("news", "0-0")
+    recovered, position = out.ack("news")
+    assert position == ids[-1]
+    assert out.replayed == ids
+    live = publish(broker, clock, "news", 4)
+    assert out.ids("news") == [*ids, live]
+    assert_safe(out, "news", [*ids, live], since="0-0")
+    # Nothing of the channel was trimmed: the broker may say so (its decision).
+    assert recovered in (True, False)
+
+
+def test_a_trimmed_channel_from_the_beginning_is_not_recovered(clock: Clock) -> None:
+    broker = HeldBroker(clock, history_size=3)
+    hub = Hub(broker, clock=clock)
+    ids = [publish(broker, clock, "news", n) for n in range(6)]
+    out = Outlet()
+    Session(hub, broker, out).subscribe("news", "0-0")
+    assert out.ack("news") == (False, ids[-1])
+    assert out.replayed == ids[-3:]
+
+
+def test_replayed_messages_arriving_live_later_are_not_sent_twice(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    ids = [publish(broker, clock, "news", n) for n in range(2)]
+    out = Outlet()
+    broker.hold_reads = True
+    Session(hub, broker, out).subscribe("news", ids[0])
+    broker.hold_bus = True
+    late = publish(broker, clock, "news", 2)
+    broker.answer_reads()
+    assert out.ack("news") == (True, late)
+    assert out.replayed == [ids[1], late]
+    broker.release_bus()
+    clock.advance(0)
+    after = publish(broker, clock, "news", 3)
+    assert out.ids("news") == [ids[1], late, after]
+    assert_safe(out, "news", [*ids, late, after], since=ids[0])
+
+
+def test_foreign_messages_never_move_the_cut(broker: HeldBroker, hub: Hub, clock: Clock) -> None:
+    """A payload another process PUBLISHed has no id: delivered, and the next
+    genuine message is judged against the position, not against it."""
+    newest = publish(broker, clock, "news", 0)
+    out = Outlet()
+    session = Session(hub, broker, out)
+    broker.hold_reads = True
+    session.subscribe("news")
+    foreign = Message("news", None, envelope("news", None, b'"from elsewhere"'))
+    session.deliver(foreign)  # buffered with the read in flight
+    broker.answer_reads()
+    assert out.ack("news") == (False, newest)
+    session.deliver(foreign)  # cut in place: still delivered
+    assert out.ids("news") == [None, None]
+    session.deliver(Message("news", newest, envelope("news", newest, b"0")))  # a late duplicate
+    after = publish(broker, clock, "news", 1)
+    assert out.ids("news") == [None, None, after]
+
+
+def test_a_read_that_fails_leaves_the_subscription_live_without_position(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    from twisted.internet.defer import fail
+
+    from pushd.broker import BrokerUnavailable
+
+    publish(broker, clock, "news", 0)
+    broker.last_id = lambda channel: fail(BrokerUnavailable())  # type: ignore[method-assign]
+    out = Outlet()
+    Session(hub, broker, out).subscribe("news")
+    assert out.ack("news") == (False, None)
+    msg = publish(broker, clock, "news", 1)
+    assert out.ids("news") == [msg]
+
+
+# Interleavings: before the subscription, then with the read in flight, each
+# message is published with its pub/sub on time or late; the read's snapshot
+# comes at one moment of that; more messages after the answer.
+_steps = st.lists(st.sampled_from(["publish", "publish-late", "release"]), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.integers(0, 3),
+    during=_steps,
+    snapshot_at=st.integers(0, 8),
+    after=st.integers(0, 3),
+    since=st.sampled_from([None, "first", "0-0", "ahead"]),
+)
+def test_every_interleaving_keeps_the_position_safe(
+    before: int, during: list[str], snapshot_at: int, after: int, since: str | None
+) -> None:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    broker = HeldBroker(clock)
+    hub = Hub(broker, clock=clock)
+    ids = [publish(broker, clock, "c", n) for n in range(before)]
+    if since == "first":
+        since = ids[0] if ids else None
+    elif since == "ahead":
+        since = "9999999999999-0"
+    out = Outlet()
+    broker.hold_reads = True
+    Session(hub, broker, out).subscribe("c", since)
+    answered = False
+    for n, step in enumerate(during):
+        if n == snapshot_at:
+            broker.answer_reads()
+            answered = True
+        if step == "release":
+            broker.release_bus()
+            clock.advance(0)
+            continue
+        broker.hold_bus = broker.hold_bus or step == "publish-late"
+        ids.append(publish(broker, clock, "c", len(ids)))
+    if not answered:
+        broker.answer_reads()
+    broker.release_bus()
+    clock.advance(0)
+    ids += [publish(broker, clock, "c", len(ids)) for _ in range(after)]
+    assert_safe(out, "c", ids, since=since if since != "9999999999999-0" else None)
+    # A position is always an id of the channel (or None: it had none).
+    _, position = out.ack("c")
+    assert position is None or position in ids or position == since
