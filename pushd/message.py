@@ -144,8 +144,13 @@ def format_id(ms: int, seq: int) -> str:
     return f"{ms}-{seq}"
 
 
-def _dump_exact(value: Any) -> bytes:
-    """The stdlib's encoder, for what orjson will not write (see above)."""
+def _dumps(value: Any) -> bytes:
+    """orjson, or the stdlib's encoder for what orjson will not write (see above).
+    UnicodeEncodeError for a lone surrogate: the callers decide what that means."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        pass
     try:
         return _compact(value).encode()
     except RecursionError:
@@ -156,11 +161,7 @@ def dump_json(value: Any) -> bytes:
     """Compact strict JSON, UTF-8, no newline inside: safe for NDJSON and SSE
     lines. Values hold no non-finite float (refused on the way in)."""
     try:
-        return orjson.dumps(value)
-    except TypeError:
-        pass
-    try:
-        return _dump_exact(value)
+        return _dumps(value)
     except UnicodeEncodeError:
         # A lone surrogate (JSON may escape one) has no UTF-8: keep it escaped.
         return _ascii(value).encode()
@@ -170,11 +171,7 @@ def data_json(value: Any) -> bytes:
     """A message's data as JSON; ValueError when a string in it is not Unicode
     (a lone surrogate): subscribers would get text no UTF-8 decoder takes."""
     try:
-        return orjson.dumps(value)
-    except TypeError:
-        pass
-    try:
-        return _dump_exact(value)
+        return _dumps(value)
     except UnicodeEncodeError:
         raise ValueError("a string of the data is not valid Unicode") from None
 

@@ -1,0 +1,741 @@
+"""Canaries: one test per library internal pushd relies on (issue 15, point 5).
+
+Each test checks one private (or undocumented) name of Twisted, Autobahn,
+txredisapi or the stdlib's json module on a fresh object, with the type and the
+behaviour pushd relies on, and fails with a message naming the library and its
+version. When one fails after an upgrade, the entry below says which pushd code to
+look at before lifting the pin in setup.cfg.
+
+Internal (library): pushd's use -> what it relies on
+
+- `HTTPChannel._HTTPChannel__first_line` (Twisted): web/__init__.py (PushdChannel.lineReceived,
+    dataReceived)
+    -> truthy while the next line is a request line (between requests), falsy once one was read
+- `LineReceiver._buffer`, `line_mode` (Twisted): web/__init__.py (PushdChannel.dataReceived)
+    -> bytes of a partial line wait in `_buffer`; `line_mode` is true while lines are read
+- `HTTPChannel._handlingRequest` (Twisted): web/__init__.py (requestDone)
+    -> True from a request's headers to its `requestDone`, False between requests
+- `HTTPChannel._networkProducer` (Twisted): web/__init__.py (_close_gently, _network)
+    -> the transport (an IPushProducer with unregisterProducer), set in connectionMade
+- `HTTPChannel._waitingForTransport` (Twisted): web/__init__.py (_fast_answer)
+    -> bool, set by `pauseProducing` while the transport's buffer is full
+- `HTTPChannel._send100Continue` (Twisted): web/__init__.py (PushdChannel._send100Continue)
+    -> called for `Expect: 100-continue` after `gotLength`, with the request last in `requests`
+- `HTTPChannel._respondToBadRequestAndDisconnect` (Twisted): web/__init__.py
+    (PushdChannel._respondToBadRequestAndDisconnect)
+    -> the one hook for every 400 twisted.web answers itself
+- `Request._disconnected` (Twisted): web/__init__.py, web/streams.py
+    -> False while the connection is up, True once it was lost
+- `server.Request._handleStar` (Twisted): web/__init__.py (PushdRequest._handleStar)
+    -> called by `process()` for a request target of `*`
+- names pushd adds to Twisted's classes (Twisted): web/__init__.py (PushdChannel, PushdRequest)
+    -> no pushd attribute shadows one Twisted adds in a release
+- `endpoints._parseServer` (Twisted): config.py (_endpoint), workers.py (open_socket)
+    -> `(description, factory) -> (kind, args, kwargs)`; ValueError for a bad one
+- `tcp.Server`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted): sending.py
+    (write_now)
+    -> the accepted TCP transport's class; both buffers empty (falsy) when nothing waits
+- `WebSocketServerProtocol.CONFIG_ATTRS`, copy in `_connectionMade` (Autobahn): websocket.py
+    (PushdServerFactory)
+    -> options set on the protocol class are read from it: Autobahn copies only what a
+       connection lacks
+- `WebSocketServerFactory.reactor` (Autobahn): websocket.py (_admitted: `factory.reactor`)
+    -> the reactor given to the factory, kept as `.reactor`
+- `http_headers`, `http_request_*`, `websocket_*`, `_wskey` (Autobahn): websocket.py
+    (_HANDSHAKE_ONLY, _shrink)
+    -> set on the connection by the handshake, never read once it is open
+- `__dict__` of an open connection, `state` (Autobahn): websocket.py (_shrink)
+    -> a plain instance dict that may be replaced, plain values read through the class
+- `send_queue` (Autobahn): websocket.py (_shrink)
+    -> appended to only for sync or chopsize writes: an empty tuple in its place is never
+       touched
+- `is_closed`, `is_open` (Autobahn): websocket.py (connectionLost)
+    -> instance attributes (futures) made per connection, `is_closed` resolved with the protocol
+- frames written straight to the transport (Autobahn): websocket.py (message, _reply,
+    text_frame)
+    -> `sendMessage` writes exactly `text_frame(payload)` (no compression unless negotiated)
+- `sendCloseFrame(code, reasonUtf8)` (Autobahn): websocket.py (close_all)
+    -> writes a close frame with a code `sendClose` refuses (1001)
+- names pushd adds to Autobahn's protocol (Autobahn): websocket.py (PushdServerProtocol)
+    -> no pushd attribute shadows one Autobahn adds (`_paused`, `message`, ...)
+- `WebSocketResource.render` (Autobahn + Twisted): web/__init__.py (WebSocketEndpoint.render),
+    websocket.py (onOpen)
+    -> detaches the channel (`channel.transport is None`), leaves it the transport's producer
+- `BaseRedisProtocol._build_command` (txredisapi): broker/redis.py (_FastCommands)
+    -> `(*args, **kwargs) -> bytes` RESP, called by `execute_command` (so an override takes
+       effect)
+- `BaseRedisProtocol.replyQueue` (`get`, `waiting`), `connected` (txredisapi): broker/redis.py
+    (_eval, _check_stuck)
+    -> one DeferredQueue per connection, oldest waiter first; error replies arrive as
+       ResponseError values
+- `RedisFactory.connectionQueue.pending`, `pool`, `size`, `handler` (txredisapi):
+    broker/redis.py (_eval, connected)
+    -> free connections listed in `pending`; non-blocking commands leave them there
+- `ConnectionHandler._factory` (via `Sentinel.master_for`) (txredisapi): broker/redis.py
+    (startService, sentinel)
+    -> the handle's factory, whose `protocol` pushd replaces
+- `txredisapi._SentinelEndpoint` (txredisapi): broker/redis.py (startService, sentinel)
+    -> asks the factory's `is_master`, `sentinel_manager`, `service_name`, `maxDelay`
+- `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
+    broker/redis.py (_SubscriberFactory, _Subscriber)
+    -> read at buildProtocol; `messageReceived(pattern, channel, message)` per message
+- `json.encoder.c_make_encoder`, `c_encode_basestring(_ascii)` (CPython): message.py (_encoder)
+    -> 9 positional arguments; `allow_nan=False` refuses NaN; yields str chunks
+- `JSONDecoder.scan_once` (CPython): message.py (_load_exact)
+    -> `(text, idx) -> (value, end)`; StopIteration when no value starts there
+
+`RedisBroker._disconnected` (broker/redis.py) is pushd's own, not Twisted's.
+txredisapi is imported inside the tests: importing it installs the default
+reactor (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import socket
+import struct
+import sys
+from importlib.metadata import version
+from typing import Any
+
+import pytest
+from twisted.internet import endpoints, tcp
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+TWISTED = f"Twisted {version('twisted')}"
+AUTOBAHN = f"autobahn {version('autobahn')}"
+TXREDISAPI = f"txredisapi {version('txredisapi')}"
+PYTHON = f"Python {sys.version.split()[0]}"
+
+
+def _changed(library: str, what: str) -> str:
+    return f"{library}: {what} (a pushd internal; see the list in tests/test_canaries.py)"
+
+
+def _present(library: str, owner: Any, *names: str) -> None:
+    """Each name is still there: a rename fails here, by name, not deep in a test."""
+    where = getattr(owner, "__name__", type(owner).__name__)
+    gone = [n for n in names if not hasattr(owner, n)]
+    assert not gone, _changed(library, f"{where} has no {', '.join(gone)}")
+
+
+# -- Twisted: twisted.web's HTTPChannel and Request
+
+
+def _channel(request_factory: Any = http.Request) -> tuple[http.HTTPChannel, StringTransport]:
+    channel = http.HTTPChannel()
+    channel.requestFactory = request_factory
+    channel.callLater = MemoryReactorClock().callLater  # type: ignore[method-assign,assignment]
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_httpchannel_first_line() -> None:
+    channel, _ = _channel()
+    what = _changed(TWISTED, "HTTPChannel._HTTPChannel__first_line")
+    assert hasattr(channel, "_HTTPChannel__first_line"), what + " is gone"
+    assert channel._HTTPChannel__first_line, what + " is not truthy before a request"
+    channel.dataReceived(b"GET / HTTP/1.1\r\n")
+    assert not channel._HTTPChannel__first_line, what + " stays truthy after a request line"
+    channel.dataReceived(b"Host: x\r\n\r\n")
+    assert channel._HTTPChannel__first_line, what + " is not truthy again after a request"
+
+
+def test_linereceiver_buffer_and_line_mode() -> None:
+    channel, _ = _channel()
+    _present(TWISTED, channel, "_buffer", "line_mode")
+    what = _changed(TWISTED, "LineReceiver._buffer / line_mode")
+    assert channel._buffer == b"" and channel.line_mode, what + " on a fresh channel"
+    channel.dataReceived(b"GET / HT")
+    assert channel._buffer == b"GET / HT", what + ": a partial line is not in _buffer"
+    channel.dataReceived(b"TP/1.1\r\nHost: x\r\ncontent-length: 3\r\n\r\n")
+    assert channel._buffer == b"" and not channel.line_mode, what + ": not in raw mode for a body"
+
+
+def test_httpchannel_handling_request() -> None:
+    channel, _ = _channel()
+    _present(TWISTED, channel, "_handlingRequest")
+    what = _changed(TWISTED, "HTTPChannel._handlingRequest")
+    assert channel._handlingRequest is False, what + " is not False on a fresh channel"
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert channel._handlingRequest is True, what + " is not True while a request is handled"
+    channel.requests[0].finish()
+    assert channel._handlingRequest is False, what + " is not False after requestDone"
+
+
+def test_httpchannel_network_producer() -> None:
+    channel, transport = _channel()
+    _present(TWISTED, channel, "_networkProducer")
+    what = _changed(TWISTED, "HTTPChannel._networkProducer")
+    assert channel._networkProducer is transport, what + " is not the transport"
+    assert transport.producer is channel, what + ": the channel is not the transport's producer"
+    channel._networkProducer.unregisterProducer()
+    assert transport.producer is None, what + ".unregisterProducer() did not unregister"
+
+
+def test_httpchannel_waiting_for_transport() -> None:
+    channel, _ = _channel()
+    _present(TWISTED, channel, "_waitingForTransport")
+    what = _changed(TWISTED, "HTTPChannel._waitingForTransport")
+    assert channel._waitingForTransport is False, what + " is not False on a fresh channel"
+    channel.pauseProducing()
+    assert channel._waitingForTransport is True, what + " is not set by pauseProducing"
+    channel.resumeProducing()
+    assert channel._waitingForTransport is False, what + " is not cleared by resumeProducing"
+
+
+def test_httpchannel_send_100_continue() -> None:
+    _present(TWISTED, http.HTTPChannel, "_send100Continue")
+    seen: list[Any] = []
+
+    class Request(http.Request):
+        def gotLength(self, length: int | None) -> None:
+            seen.append(("gotLength", length))
+            super().gotLength(length)
+
+    class Channel(http.HTTPChannel):
+        def _send100Continue(self) -> None:
+            seen.append(("100", self.requests[-1]))
+
+    channel = Channel()
+    channel.callLater = MemoryReactorClock().callLater  # type: ignore[method-assign,assignment]
+    channel.requestFactory = Request
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    what = _changed(TWISTED, "HTTPChannel._send100Continue")
+    assert ("100", channel.requests[-1]) in seen, what + " is not called for Expect: 100-continue"
+    assert seen == [("gotLength", 5), ("100", channel.requests[-1])], (
+        what + " comes before gotLength"
+    )
+
+
+def test_httpchannel_respond_to_bad_request() -> None:
+    _present(TWISTED, http.HTTPChannel, "_respondToBadRequestAndDisconnect")
+    bad: list[bytes] = []
+
+    class Channel(http.HTTPChannel):
+        def _respondToBadRequestAndDisconnect(self) -> None:
+            bad.append(b"")
+
+    what = _changed(TWISTED, "HTTPChannel._respondToBadRequestAndDisconnect")
+    for data in (
+        b"GARBAGE\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    ):
+        channel = Channel()
+        channel.callLater = MemoryReactorClock().callLater  # type: ignore[method-assign,assignment]
+        channel.requestFactory = http.Request
+        channel.makeConnection(StringTransport())
+        bad.clear()
+        channel.dataReceived(data)
+        assert bad, what + f" is not called for {data!r}"
+
+
+def test_request_disconnected() -> None:
+    channel, _ = _channel()
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    request = channel.requests[0]
+    _present(TWISTED, request, "_disconnected")
+    what = _changed(TWISTED, "Request._disconnected")
+    assert request._disconnected is False, what + " is not False while connected"
+    channel.connectionLost(Failure(ConnectionError("gone")))
+    assert request._disconnected is True, what + " is not True once the connection is lost"
+
+
+def test_request_handle_star() -> None:
+    _present(TWISTED, server.Request, "_handleStar")
+    seen: list[bytes] = []
+
+    class Request(server.Request):
+        def _handleStar(self) -> None:
+            seen.append(self.method)
+            self.finish()
+
+    channel, _ = _channel(Request)
+    channel.site = server.Site(Resource())  # type: ignore[attr-defined]
+    channel.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert seen == [b"OPTIONS"], _changed(TWISTED, "server.Request._handleStar is not called for *")
+
+
+def test_no_pushd_name_shadows_twisted() -> None:
+    from pushd.web import PushdChannel, PushdRequest
+
+    channel, _ = _channel()
+    channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+    live_channel = set(dir(channel))
+    channel.site = server.Site(Resource())  # type: ignore[attr-defined]
+    live_request = set(dir(server.Request(channel)))
+    assert _overlap(PushdChannel, live_channel) == {
+        "_respondToBadRequestAndDisconnect",
+        "_send100Continue",
+        "allContentReceived",
+        "allHeadersReceived",
+        "checkPersistence",
+        "connectionLost",
+        "connectionMade",
+        "dataReceived",
+        "lineLengthExceeded",
+        "lineReceived",
+        "loseConnection",
+        "maxHeaders",
+        "rawDataReceived",
+        "requestDone",
+        "writeHeaders",
+    }, _changed(
+        TWISTED,
+        "HTTPChannel gained or lost a name PushdChannel defines"
+        " (if pushd added the override on purpose, list it here)",
+    )
+    assert _overlap(PushdRequest, live_request) == {
+        "_handleStar",
+        "gotLength",
+        "handleContentChunk",
+        "process",
+        "processingFailed",
+        "render",
+    }, _changed(
+        TWISTED,
+        "server.Request gained or lost a name PushdRequest defines"
+        " (if pushd added the override on purpose, list it here)",
+    )
+
+
+def _overlap(cls: type, library_names: set[str]) -> set[str]:
+    """The names pushd's classes in `cls`'s MRO define that the library also has."""
+    own: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("pushd"):
+            own |= {n for n in vars(klass) if not n.startswith("__")}
+            own |= set(getattr(klass, "__slots__", ()))
+    return own & library_names
+
+
+# -- Twisted: endpoints and the TCP transport
+
+
+def test_endpoints_parse_server() -> None:
+    _present(TWISTED, endpoints, "_parseServer")
+    what = _changed(TWISTED, "endpoints._parseServer(description, factory)")
+    assert endpoints._parseServer("tcp:8080:interface=127.0.0.1:backlog=1024", None) == (
+        "TCP",
+        (8080, None),
+        {"interface": "127.0.0.1", "backlog": 1024},
+    ), what + " for tcp:"
+    kind, args, kwargs = endpoints._parseServer("unix:/tmp/pushd.sock:backlog=5", None)
+    assert (kind, args[0], kwargs["backlog"]) == ("UNIX", "/tmp/pushd.sock", 5), what + " for unix:"
+    for bad in ("bogus:1", "tcp:notaport"):
+        with pytest.raises(ValueError):
+            endpoints._parseServer(bad, None)
+
+
+def test_tcp_server_buffers() -> None:
+    what = _changed(TWISTED, "tcp.Server dataBuffer/_tempDataBuffer/TLS/socket")
+    _present(TWISTED, tcp.Server, "dataBuffer", "TLS")
+    assert tcp.Port.transport is tcp.Server, what + ": accepted connections are not tcp.Server"
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        transport = tcp.Server(ours, None, ("127.0.0.1", 1), None, 0, MemoryReactorClock())  # type: ignore[arg-type]
+        _present(TWISTED, transport, "socket", "_tempDataBuffer", "connected")
+        assert transport.socket is ours, what
+        assert transport.TLS is False and transport.connected, what
+        assert not transport.dataBuffer and transport._tempDataBuffer == [], what + " when fresh"
+        transport.write(b"abc")
+        assert transport.dataBuffer or transport._tempDataBuffer, what + ": a write is not buffered"
+        transport.doWrite()
+        assert theirs.recv(3) == b"abc", what + ": doWrite did not send"
+        assert not transport.dataBuffer and not transport._tempDataBuffer, (
+            what + " once all is sent"
+        )
+    finally:
+        ours.close()
+        theirs.close()
+
+
+# -- Autobahn
+
+
+def _ws_factory(protocol: type | None = None) -> Any:
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+    factory = WebSocketServerFactory(reactor=MemoryReactorClock())
+    factory.protocol = protocol or WebSocketServerProtocol  # type: ignore[assignment]
+    # No timers: nothing is left on a reactor.
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0, autoPingInterval=0)
+    return factory
+
+
+_HANDSHAKE = (
+    b"GET /ws?channel=a HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+)
+
+
+def _open_ws(protocol: type | None = None) -> tuple[Any, StringTransport]:
+    p = _ws_factory(protocol).buildProtocol(None)
+    transport = StringTransport()
+    p.makeConnection(transport)
+    p.dataReceived(_HANDSHAKE + base64.b64encode(os.urandom(16)) + b"\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 101 "), _changed(AUTOBAHN, "no handshake")
+    transport.clear()
+    return p, transport
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
+
+
+def test_autobahn_config_attrs_read_from_the_class() -> None:
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    class Protocol(WebSocketServerProtocol):
+        maxMessagePayloadSize = 1234
+
+    _present(AUTOBAHN, Protocol, "CONFIG_ATTRS", "STATE_OPEN")
+    factory = _ws_factory(Protocol)
+    what = _changed(AUTOBAHN, "WebSocketServerProtocol.CONFIG_ATTRS")
+    assert "maxMessagePayloadSize" in Protocol.CONFIG_ATTRS, what + " lacks an option pushd sets"
+    assert all(hasattr(factory, name) for name in Protocol.CONFIG_ATTRS), what + ": not on factory"
+    p = factory.buildProtocol(None)
+    p.makeConnection(StringTransport())
+    assert p.maxMessagePayloadSize == 1234, what + ": the factory's value overrode the class's"
+    assert "maxMessagePayloadSize" not in p.__dict__, what + ": copied to every connection"
+    assert "autoPingInterval" in p.__dict__, what + ": options lacking are no longer copied"
+
+
+def test_autobahn_factory_reactor() -> None:
+    from autobahn.twisted.websocket import WebSocketServerFactory
+
+    clock = MemoryReactorClock()
+    factory = WebSocketServerFactory(reactor=clock)
+    assert factory.reactor is clock, _changed(AUTOBAHN, "WebSocketServerFactory(reactor=).reactor")
+
+
+def test_autobahn_handshake_only_attributes() -> None:
+    from pushd.websocket import _HANDSHAKE_ONLY
+
+    p, _ = _open_ws()
+    # websocket_key is the client side's name; the server never sets it.
+    missing = [n for n in _HANDSHAKE_ONLY if n != "websocket_key" and n not in p.__dict__]
+    assert not missing, _changed(AUTOBAHN, f"the handshake no longer sets {missing}")
+
+
+def test_autobahn_open_connection_survives_shrink() -> None:
+    """What PushdServerProtocol._shrink does to an open connection: no handshake
+    attributes, a fresh smaller dict, plain values read through the class."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    from pushd.websocket import _HANDSHAKE_ONLY, _SHAREABLE
+
+    got: list[bytes] = []
+
+    class Protocol(WebSocketServerProtocol):
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            got.append(payload)
+
+    p, transport = _open_ws(Protocol)
+    transport.registerProducer(p, True)  # as PushdServerProtocol.onOpen does
+    what = _changed(AUTOBAHN, "an open connection")
+    assert p.state == Protocol.STATE_OPEN == 3, what + ": state/STATE_OPEN changed"
+    own = p.__dict__
+    for name in _HANDSHAKE_ONLY:
+        own.pop(name, None)
+    for name, value in list(own.items()):
+        if type(value) in _SHAREABLE and name != "state" and not hasattr(Protocol, name):
+            setattr(Protocol, name, value)
+            del own[name]
+    p.__dict__ = dict(own)
+    p.dataReceived(_client_frame(0x1, b"hello"))
+    assert got == [b"hello"], what + " reads what pushd drops (_shrink)"
+    p.sendMessage(b"back")
+    assert transport.value() == b"\x81\x04back", what + " cannot send once shrunk"
+    transport.clear()
+    p.dataReceived(_client_frame(0x8, struct.pack("!H", 1000)))
+    assert transport.value().startswith(b"\x88"), what + " cannot close once shrunk"
+
+
+def test_autobahn_send_queue() -> None:
+    from pushd.websocket import text_frame
+
+    p, transport = _open_ws()
+    what = _changed(AUTOBAHN, "send_queue")
+    assert len(p.__dict__.get("send_queue", (1,))) == 0, (
+        what + " is not an empty per-connection queue"
+    )
+    p.send_queue = ()
+    p.sendMessage(b"x" * 300)
+    assert transport.value() == text_frame(b"x" * 300), what + " is touched by a plain write"
+
+
+def test_autobahn_is_closed_is_open() -> None:
+    p = _ws_factory().buildProtocol(None)
+    what = _changed(AUTOBAHN, "is_closed/is_open")
+    assert isinstance(p.__dict__.get("is_closed"), Deferred), what + " is not per connection"
+    assert isinstance(p.__dict__.get("is_open"), Deferred), what + " is not per connection"
+    p.makeConnection(StringTransport())
+    p.connectionLost(Failure(ConnectionError("gone")))
+    seen: list[Any] = []
+    p.is_closed.addCallback(seen.append)
+    assert seen == [p], what + ": is_closed is not resolved with the protocol (the cycle)"
+
+
+def test_autobahn_frames_equal_text_frame() -> None:
+    from pushd.websocket import text_frame
+
+    p, transport = _open_ws()
+    for size in (0, 125, 126, 65535, 65536):
+        payload = b"a" * size
+        p.sendMessage(payload)
+        assert transport.value() == text_frame(payload), _changed(
+            AUTOBAHN, f"sendMessage no longer writes text_frame() for {size} bytes"
+        )
+        transport.clear()
+
+
+def test_autobahn_send_close_frame() -> None:
+    p, transport = _open_ws()
+    _present(AUTOBAHN, p, "sendCloseFrame")
+    p.sendCloseFrame(1001, b"server shutting down")
+    expected = b"\x88\x16" + struct.pack("!H", 1001) + b"server shutting down"
+    assert transport.value() == expected, _changed(AUTOBAHN, "sendCloseFrame(code, reasonUtf8)")
+
+
+def test_no_pushd_name_shadows_autobahn() -> None:
+    from pushd.websocket import PushdServerProtocol
+
+    p, _ = _open_ws()
+    assert _overlap(PushdServerProtocol, set(dir(p))) == {
+        "connectionLost",
+        "onClose",
+        "onConnect",
+        "onMessage",
+        "onOpen",
+    }, _changed(
+        AUTOBAHN,
+        "WebSocketServerProtocol gained or lost a name PushdServerProtocol defines"
+        " (if pushd added the override on purpose, list it here)",
+    )
+
+
+def test_websocket_resource_detaches_the_channel() -> None:
+    from autobahn.twisted.resource import WebSocketResource
+
+    root = Resource()
+    root.putChild(b"ws", WebSocketResource(_ws_factory()))  # type: ignore[arg-type]
+    channel, transport = _channel(server.Request)
+    channel.site = server.Site(root)  # type: ignore[attr-defined]
+    transport.protocol = channel  # type: ignore[attr-defined]  # as a TCP transport has
+    channel.dataReceived(
+        _HANDSHAKE.replace(b"/ws?channel=a", b"/ws") + b"dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    what = _changed(f"{AUTOBAHN} + {TWISTED}", "WebSocketResource.render")
+    assert transport.value().startswith(b"HTTP/1.1 101 "), what + " did not upgrade"
+    assert channel.transport is None, what + " no longer detaches the HTTP channel"
+    assert transport.producer is channel, what + ": the channel is no longer the producer"
+    transport.unregisterProducer()  # what PushdServerProtocol.onOpen does, then registers itself
+
+
+# -- txredisapi
+
+
+@pytest.fixture
+def txredisapi() -> Any:
+    import txredisapi
+
+    return txredisapi
+
+
+def _redis_conn(txredisapi: Any, protocol: type | None = None) -> tuple[Any, StringTransport]:
+    conn = (protocol or txredisapi.RedisProtocol)(charset="utf-8", convertNumbers=False)
+    transport = StringTransport()
+    conn.makeConnection(transport)  # no password, no db: ready at once
+    return conn, transport
+
+
+def test_txredisapi_build_command(txredisapi: Any) -> None:
+    from pushd.broker.redis import _fast_commands, _resp
+
+    what = _changed(TXREDISAPI, "BaseRedisProtocol._build_command")
+    conn, transport = _redis_conn(txredisapi)
+    _present(TXREDISAPI, conn, "_build_command")
+    args = ("EVALSHA", "f" * 40, 1, "k", b"\xff", -7)
+    assert conn._build_command(*args) == _resp(*args), what + " no longer builds the same RESP"
+    factory = txredisapi.RedisFactory(None, None, 1)
+    _fast_commands(factory)
+    calls: list[tuple[Any, ...]] = []
+
+    class Recording(factory.protocol):  # type: ignore[name-defined]
+        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+            calls.append(args)
+            return bytes(super()._build_command(*args, **kwargs))
+
+    conn, transport = _redis_conn(txredisapi, Recording)
+    conn.execute_command("PING")
+    assert calls == [("PING",)], what + " is not what execute_command calls"
+    assert transport.value() == b"*1\r\n$4\r\nPING\r\n", what
+
+
+def test_txredisapi_reply_queue(txredisapi: Any) -> None:
+    what = _changed(TXREDISAPI, "BaseRedisProtocol.replyQueue / connected")
+    conn, _ = _redis_conn(txredisapi)
+    _present(TXREDISAPI, conn, "replyQueue", "connected")
+    _present(TXREDISAPI, conn.replyQueue, "get", "waiting")
+    assert conn.connected, what + ": connected is not set"
+    queue = conn.replyQueue
+    first, second, third = queue.get(), queue.get(), queue.get()
+    assert queue.waiting == [first, second, third], what + ": waiting is not oldest first"
+    results: list[Any] = []
+    for d in (first, second, third):
+        d.addBoth(results.append)
+    conn.dataReceived(b":1\r\n-NOSCRIPT No matching script\r\n")
+    assert results[0] == 1, what + ": a reply does not fire the oldest waiter"
+    assert isinstance(results[1], txredisapi.ResponseError), what + ": error replies are not values"
+    assert str(results[1]).startswith("NOSCRIPT"), what + ": an error reply's text changed"
+    assert queue.waiting == [third], what
+    conn.connectionLost(Failure(ConnectionError("gone")))
+    assert isinstance(results[2], txredisapi.ConnectionError), what + ": a lost connection"
+    assert isinstance(results[2], txredisapi.RedisError), what
+    assert not conn.connected, what + ": connected is still set once lost"
+
+
+def test_txredisapi_connection_queue(txredisapi: Any) -> None:
+    what = _changed(TXREDISAPI, "RedisFactory.connectionQueue.pending / pool / size / handler")
+    factory = txredisapi.RedisFactory(None, None, 1, isLazy=True, convertNumbers=False)
+    _present(TXREDISAPI, factory, "connectionQueue", "pool", "size", "handler", "deferred")
+    _present(TXREDISAPI, factory.connectionQueue, "pending")
+    assert factory.size == 0 and factory.pool == [], what + " on a fresh factory"
+    conn, transport = _redis_conn(txredisapi)
+    conn.factory = factory
+    factory.addConnection(conn)
+    assert factory.connectionQueue.pending == [conn], what + ": a free connection is not pending"
+    assert factory.pool == [conn] and factory.size == 1, what
+    replies: list[Any] = []
+    factory.handler.ping().addCallback(replies.append)
+    assert transport.value() == b"*1\r\n$4\r\nPING\r\n", what + ": the handle did not use it"
+    assert factory.connectionQueue.pending == [conn], what + ": a command took it out of pending"
+    conn.dataReceived(b"+PONG\r\n")
+    assert replies == ["PONG"], what
+
+
+def test_txredisapi_handler_factory(txredisapi: Any) -> None:
+    _present(TXREDISAPI, txredisapi, "Sentinel", "SentinelConnectionFactory", "_SentinelEndpoint")
+    started: list[Any] = []
+
+    class Factory(txredisapi.SentinelConnectionFactory):
+        def startConnecting(self, endpoint: Any) -> None:
+            started.append(endpoint)
+
+    sentinel = object.__new__(txredisapi.Sentinel)
+    sentinel.sentinels = []
+    handle = sentinel.master_for("mymaster", factory_class=Factory, dbid=None, poolsize=2)
+    _present(TXREDISAPI, handle, "_factory")
+    what = _changed(TXREDISAPI, "ConnectionHandler._factory (Sentinel.master_for)")
+    assert isinstance(handle._factory, Factory), what + " is not the handle's factory"
+    assert handle._factory.handler is handle and handle._factory.poolsize == 2, what
+    assert isinstance(handle._factory, txredisapi.RedisFactory), what + ": not a RedisFactory"
+    assert [type(e) for e in started] == [txredisapi._SentinelEndpoint], what
+
+
+def test_txredisapi_sentinel_endpoint(txredisapi: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[Any] = []
+
+    class Manager:
+        def discover_master(self, name: str) -> Deferred[tuple[str, int]]:
+            asked.append(name)
+            return succeed(("10.0.0.1", 6380))
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[str]:
+            asked.append(factory)
+            return succeed("connected")
+
+    def make_endpoint(host: str, port: int, timeout: Any = None, tls: Any = None) -> Endpoint:
+        asked.append((host, port, timeout))
+        return Endpoint()
+
+    _present(TXREDISAPI, txredisapi, "_SentinelEndpoint", "_makeEndpoint")
+    monkeypatch.setattr(txredisapi, "_makeEndpoint", make_endpoint)
+    factory = txredisapi.SubscriberFactory(isLazy=True)
+    # What RedisBroker.startService gives its subscriber factory:
+    factory.sentinel_manager = Manager()
+    factory.service_name = "mymaster"
+    factory.is_master = True
+    result: list[Any] = []
+    txredisapi._SentinelEndpoint(factory).connect(factory).addBoth(result.append)
+    what = _changed(TXREDISAPI, "_SentinelEndpoint(factory)")
+    assert result == ["connected"], what + f" failed: {result}"
+    assert asked == ["mymaster", ("10.0.0.1", 6380, factory.maxDelay), factory], what
+
+
+def test_txredisapi_subscriber(txredisapi: Any) -> None:
+    got: list[Any] = []
+
+    class Subscriber(txredisapi.SubscriberProtocol):
+        def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+            got.append((pattern, channel, message))
+
+    factory = txredisapi.SubscriberFactory(isLazy=True)
+    factory.protocol = Subscriber
+    factory.charset = None
+    factory.convertNumbers = False
+    p = factory.buildProtocol(None)
+    p.transport = StringTransport()  # not makeConnection: the pool would schedule a call
+    clock = MemoryReactorClock()
+    p.callLater = clock.callLater  # what follows a bulk reply is read a turn later
+    what = _changed(TXREDISAPI, "SubscriberFactory.charset/convertNumbers, messageReceived")
+    assert p.charset is None and p.convertNumbers is False, what + ": not read at buildProtocol"
+    p.dataReceived(b"*3\r\n$7\r\nmessage\r\n$6\r\npushd:\r\n$4\r\n1.50\r\n")
+    for _ in range(3):
+        clock.advance(0)
+    assert got == [(None, b"pushd:", b"1.50")], what
+
+
+# -- CPython's json internals
+
+
+def test_json_c_make_encoder() -> None:
+    import json.encoder as encoder
+
+    _present(PYTHON, encoder, "c_make_encoder", "c_encode_basestring", "c_encode_basestring_ascii")
+    c_make_encoder = encoder.c_make_encoder  # type: ignore[attr-defined]
+    c_encode_basestring = encoder.c_encode_basestring  # type: ignore[attr-defined]
+    c_encode_basestring_ascii = encoder.c_encode_basestring_ascii  # type: ignore[attr-defined]
+
+    what = _changed(PYTHON, "json.encoder.c_make_encoder")
+    assert c_make_encoder is not None, what + " is gone (pushd falls back to the slow encoder)"
+
+    def not_json(value: Any) -> Any:
+        raise TypeError("not JSON")
+
+    for quote, text in ((c_encode_basestring, '"é"'), (c_encode_basestring_ascii, '"\\u00e9"')):
+        encode = c_make_encoder(None, not_json, quote, None, ":", ",", False, False, False)
+        value = {"a": [1, 2**70, "é", None, True, 1.5]}
+        assert "".join(encode(value, 0)) == f'{{"a":[1,{2**70},{text},null,true,1.5]}}', what
+        with pytest.raises(ValueError):
+            "".join(encode([math.nan], 0))
+        with pytest.raises(TypeError):
+            "".join(encode([object()], 0))
+
+
+def test_json_scan_once() -> None:
+    decoder = json.JSONDecoder(parse_float=float)
+    _present(PYTHON, decoder, "scan_once")
+    what = _changed(PYTHON, "JSONDecoder.scan_once")
+    assert decoder.scan_once('{"a": 123456789012345678901234}  ', 0) == (  # type: ignore[attr-defined]
+        {"a": 123456789012345678901234},
+        31,
+    ), what
+    with pytest.raises(StopIteration):
+        decoder.scan_once("  ", 0)  # type: ignore[attr-defined]
