@@ -17,13 +17,14 @@ payload another process PUBLISHed is data with no id (pushd.message, BUS_MARKER)
 and moves nothing.
 
 A message's path, one name a step: the broker's bus connection receives a
-payload (`RedisBroker._bus_received`; the memory broker calls the listener
-itself) and hands it to its listener, `Hub.receive`; `Message.from_bus` makes
-messages of it; `Hub._take` queues each for the turn (or holds it back while a
-gap is filled); `Hub.flush` hands the turn's messages to each subscriber's
-`deliver`. `receive` and every `deliver` call sit behind an exception boundary:
-what raises is logged with its channel and counted (`pushd_bus_errors_total`,
-`pushd_delivery_errors_total`), and the other messages and subscribers go on.
+payload (`RedisBroker._bus_received`; the memory broker's publish makes it)
+and hands it to the BusListener attached to the broker (pushd.broker), that
+is `Hub.receive`; `Message.from_bus` makes messages of it; `Hub._take` queues
+each for the turn (or holds it back while a gap is filled); `Hub.flush` hands
+the turn's messages to each subscriber's `deliver`. `receive` and every
+`deliver` call sit behind an exception boundary: what raises is logged with
+its channel and counted (`pushd_bus_errors_total`, `pushd_delivery_errors_total`),
+and the other messages and subscribers go on.
 """
 
 from __future__ import annotations
@@ -79,12 +80,7 @@ class Hub:
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Any]] = {}
-        broker.listener = self.receive
-        broker.bus_error = self.bus_error
-        broker.resumed = self.resume
-        broker.on_control = self.control
-        broker.local_counts = self.channels
-        broker.local_count = self.count
+        broker.attach(self)
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> Deferred[None]:
         """Add `subscriber` to `channel`; fires once the broker feeds the channel.
@@ -117,7 +113,7 @@ class Hub:
             state.subscribers[subscriber] = deliver
 
     def receive(self, channel: str, payload: bytes) -> None:
-        """The broker's listener: a bus payload of `channel` in, its messages
+        """BusListener.receive: a bus payload of `channel` in, its messages
         queued for this turn's flush. Nothing raised here reaches the broker."""
         state = self._channels.get(channel)
         if state is None:

@@ -24,7 +24,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 from pushd.config import Config, RedisAddress
-from pushd.service import PushdService, make_service
+from pushd.service import PushdService
+from pushd.testing import start_service
 
 TIMEOUT = 10.0
 
@@ -138,11 +139,9 @@ class PushdUnderTest:
         return cls(Config(**{**base.__dict__, **overrides, "given": {}}))
 
     async def start(self) -> None:
-        self.service = make_service(self.cfg, reactor)
-        self.service.startService()
-        ports = await with_timeout(self.service.when_listening())
+        # pushd.testing's start, which users' tests get too (a failed start is stopped).
+        self.service, ports = await start_service(self.cfg, reactor, TIMEOUT)
         self.port = ports[0].getHost().port
-        await with_timeout(self.service.broker.when_ready())
 
     async def stop(self) -> None:
         if self.service is not None and self.service.running:

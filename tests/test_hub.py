@@ -6,6 +6,7 @@ import json
 
 from twisted.internet.task import Clock
 
+from pushd.broker import UNATTACHED
 from pushd.broker.memory import MemoryBroker
 from pushd.hub import Hub
 from pushd.message import Burst, Delivery, Message, bus_payload, dump_json
@@ -132,10 +133,10 @@ def test_a_gap_after_an_outage_is_filled_from_history_without_duplicates() -> No
     hub.subscribe("news", sink)
     broker.publish("news", b"1")
     clock.turn()
-    listener, broker.listener = broker.listener, None  # the bus connection is down
+    broker.attach(UNATTACHED)  # the bus connection is down
     broker.publish("news", b"2")
     broker.publish("news", b"3")
-    broker.listener = listener
+    broker.attach(hub)
     hub.resume("news")  # subscribed again: the hub reads what it missed
     clock.turn()
     assert [json.loads(m.payload)["data"] for m in sink.got] == [1, 2, 3]

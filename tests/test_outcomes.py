@@ -190,3 +190,27 @@ async def test_a_batch_cut_off_by_a_frozen_redis_is_whole_or_absent(
     results = await until_200(pushd, "/publish", body, "cut", ctype="application/x-ndjson")
     assert len(results["results"]) == 2500
     assert len(await history(pushd, "c0")) + len(await history(pushd, "c1")) == 2500
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_publish_to_a_frozen_redis_says_outcome_unknown(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    from tests.support import SECRET, token
+
+    pushd = PushdUnderTest.config(
+        redis=own_redis.address(), redis_prefix=prefix, redis_timeout=1, token_secret=SECRET
+    )
+    await pushd.start()
+    assert own_redis.process is not None
+    client = await pushd.connect(f"?channel=chat&token={token(None, ['chat'], ['chat'])}")
+    try:
+        await client.next_of("subscribed")
+        own_redis.process.send_signal(signal.SIGSTOP)
+        client.send({"type": "publish", "channel": "chat", "data": "lost?"})
+        frame = await client.next_of("error")
+        assert (frame["code"], frame["channel"]) == ("outcome_unknown", "chat"), frame
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+        await client.close()
+        await pushd.stop()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from pushd.broker import History
+from pushd.broker import BusListener, History
 from pushd.broker.memory import MemoryBroker
 from pushd.hub import Hub
 from pushd.message import Burst, Message, envelope, parse_id
@@ -58,6 +58,24 @@ class Outlet:
         return [e[2] for e in self.events if e[0] == "message" and e[1] == channel]
 
 
+class _HeldBus:
+    """The hub as HeldBroker's listener: its bus payloads kept back while the
+    broker's `hold_bus` is set; the rest of BusListener goes to the hub as is."""
+
+    def __init__(self, broker: HeldBroker, hub: BusListener) -> None:
+        self._broker = broker
+        self._hub = hub
+
+    def receive(self, channel: str, payload: bytes) -> None:
+        if self._broker.hold_bus:
+            self._broker._bus.append((channel, payload))
+        else:
+            self._hub.receive(channel, payload)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hub, name)
+
+
 class HeldBroker(MemoryBroker):
     """The memory broker, with two knobs for the race: `hold_reads` keeps the
     session's read (last_id / history) open until `answer_reads()` (which reads
@@ -72,28 +90,16 @@ class HeldBroker(MemoryBroker):
         self._reads: list[tuple[Deferred[Any], Any]] = []
         self._bus: list[tuple[str, bytes]] = []
 
-    def subscribe(self, channel: str) -> Deferred[None]:
-        d = super().subscribe(channel)
-        # Wrap the hub's listener once it is set (the hub sets it on creation).
-        if self.listener is not None and not getattr(self.listener, "held", False):
-            hub_listener = self.listener
-
-            def listener(channel: str, raw: bytes) -> None:
-                if self.hold_bus:
-                    self._bus.append((channel, raw))
-                else:
-                    hub_listener(channel, raw)
-
-            listener.held = True  # type: ignore[attr-defined]
-            self.listener = listener
-            self._hub_listener = hub_listener
-        return d
+    def attach(self, listener: BusListener) -> None:
+        # The hub attaches itself on creation: it gets the bus through _HeldBus.
+        self._hub = listener
+        super().attach(_HeldBus(self, listener))
 
     def release_bus(self) -> None:
         self.hold_bus = False
         bus, self._bus = self._bus, []
         for channel, raw in bus:
-            self._hub_listener(channel, raw)
+            self._hub.receive(channel, raw)
 
     def _held(self, read: Any) -> Deferred[Any]:
         if not self.hold_reads:

@@ -3,7 +3,7 @@
 A broker takes publishes (`publish` answers the message id once the message is
 stored in the channel's history and on its way to every node), reads history
 back for recovery, and feeds the messages of the channels the hub asked for
-into the hub's listener. Two implementations share one contract
+to the BusListener attached to it (the hub). Two implementations share one contract
 (tests/test_broker_contract.py): `redis` (many processes, one Redis) and
 `memory` (one process, no Redis).
 
@@ -37,19 +37,14 @@ nodes publish once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 
-#: Called with (channel, bus payload) for every payload of a subscribed channel:
-#: pushd's own bus format (pushd.message.BUS_MARKER) or anything a process PUBLISHed.
-Listener = Callable[[str, bytes], None]
-#: The hub's local subscriber counts: all channels, and one channel.
-LocalCounts = Callable[[], dict[str, int]]
-LocalCount = Callable[[str], int]
+log = Logger()
 
 IDEMPOTENCY_TTL = 300
 #: How long a channel's newest id is remembered past its history: this many
@@ -109,24 +104,77 @@ class History:
     last: str | None = None
 
 
+class BusListener(Protocol):
+    """What a broker calls on this node: everything the bus brings in, and what
+    the broker asks of the node. pushd.hub.Hub is the one implementation; the
+    hub attaches itself (`Broker.attach`) when it is made."""
+
+    def receive(self, channel: str, payload: bytes) -> None:
+        """A bus payload of a subscribed `channel`: pushd's own bus format (after
+        pushd.message.BUS_MARKER, one envelope a line) or anything a process
+        PUBLISHed. The fan-out hot path; nothing may raise out of it."""
+
+    def resume(self, channel: str) -> None:
+        """`channel` is subscribed again after the bus connection was lost:
+        messages may be missing since the last one received."""
+
+    def control(self, command: dict[str, Any]) -> int:
+        """Carry out an application's command (a JSON object, e.g.
+        `{"cmd": "destroy", "channel": "news"}`) on this node's clients;
+        answers how many it acted on."""
+
+    def channels(self) -> dict[str, int]:
+        """This node's subscribers per channel (channels with none left out)."""
+
+    def count(self, channel: str) -> int:
+        """This node's subscribers of `channel`."""
+
+    def bus_error(self, stage: str, channel: str) -> None:
+        """Called while the exception is handled when a bus message of
+        `channel` raised on its way in at `stage` ("receive", "control"):
+        log and count it; the broker goes on with the next message."""
+
+
+class _Unattached:
+    """The BusListener of a broker nothing attached to: a node with no clients."""
+
+    def receive(self, channel: str, payload: bytes) -> None:
+        pass
+
+    def resume(self, channel: str) -> None:
+        pass
+
+    def control(self, command: dict[str, Any]) -> int:
+        return 0
+
+    def channels(self) -> dict[str, int]:
+        return {}
+
+    def count(self, channel: str) -> int:
+        return 0
+
+    def bus_error(self, stage: str, channel: str) -> None:
+        log.failure("a bus message of {channel} failed ({stage})", channel=channel, stage=stage)
+
+
+#: A listener that takes everything and has no clients.
+UNATTACHED: BusListener = _Unattached()
+
+
 class Broker(Service):
     """A twisted Service: started, it connects to its bus; stopped, it lets go."""
 
     name = "broker"
-    listener: Listener | None = None
-    #: Called with a channel subscribed again after the bus connection was lost.
-    resumed: Callable[[str], None] | None = None
-    #: Carries out an application's command on this node; answers how many clients it touched.
-    on_control: Callable[[dict[str, Any]], int] | None = None
-    local_counts: LocalCounts | None = None
-    local_count: LocalCount | None = None
-    #: Called, while the exception is handled, with (stage, channel) when a bus
-    #: message raised on its way in: logs and counts it (the hub's `bus_error`).
-    bus_error: Callable[[str, str], None] | None = None
 
     def __init__(self) -> None:
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
+        self._listener: BusListener = UNATTACHED
+
+    def attach(self, listener: BusListener) -> None:
+        """Have `listener` (the hub, once, as it is made) take what the bus
+        brings in. Until then the broker delivers to nobody (UNATTACHED)."""
+        self._listener = listener
 
     @property
     def connected(self) -> bool:
@@ -199,12 +247,12 @@ class Broker(Service):
         raise NotImplementedError
 
     def control(self, command: dict[str, Any]) -> Deferred[int]:
-        """Have every node carry out `command` (pushd.hub.Hub.control); fires with
+        """Have every node carry out `command` (BusListener.control); fires with
         the number of nodes that did. A `destroy` also drops the channel's history."""
         raise NotImplementedError
 
     def subscribe(self, channel: str) -> Deferred[None]:
-        """Start feeding `channel` to the listener; fires once messages will flow.
+        """Start feeding `channel` to the listener's `receive`; fires once messages will flow.
 
         Idempotent: the hub calls it when a channel's first local client arrives.
         """

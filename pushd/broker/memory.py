@@ -19,7 +19,6 @@ from pushd.broker import (
     Broker,
     History,
     IdempotencyKeyReused,
-    Listener,
     Published,
     fingerprint,
     meta_ttl,
@@ -51,7 +50,6 @@ class _History:
 class MemoryBroker(Broker):
     def __init__(self, clock: Any, history_size: int, history_ttl: float) -> None:
         super().__init__()
-        self.listener: Listener | None = None
         self._clock = clock
         self._history_size = history_size
         self._history_ttl = history_ttl
@@ -142,8 +140,8 @@ class MemoryBroker(Broker):
         entry = _Entry(key, data, prev)
         history.entries.append(entry)
         self._newest[channel] = (now + self._meta_ttl, entry.id)
-        if channel in self._subscribed and self.listener is not None:
-            self.listener(channel, bus_payload(envelope(channel, entry.id, data)))
+        if channel in self._subscribed:
+            self._listener.receive(channel, bus_payload(envelope(channel, entry.id, data)))
         return Published(entry.id)
 
     def publish_many(
@@ -191,7 +189,7 @@ class MemoryBroker(Broker):
         return succeed(h.entries[-1].id if h is not None and h.entries else None)
 
     def subscriber_count(self, channel: str) -> Deferred[int]:
-        return succeed(self.local_count(channel) if self.local_count is not None else 0)
+        return succeed(self._listener.count(channel))
 
     def control(self, command: dict[str, Any]) -> Deferred[int]:
         if command.get("cmd") == "destroy":
@@ -202,8 +200,7 @@ class MemoryBroker(Broker):
             if newest:
                 until = self._clock.seconds() + self._meta_ttl
                 self._newest[channel] = (until, "?" + newest.lstrip("?"))
-        if self.on_control is not None:
-            self.on_control(command)
+        self._listener.control(command)
         return succeed(1)
 
     def subscribe(self, channel: str) -> Deferred[None]:

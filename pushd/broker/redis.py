@@ -55,7 +55,6 @@ from pushd.broker import (
     BrokerUnavailable,
     History,
     IdempotencyKeyReused,
-    Listener,
     OutcomeUnknown,
     Published,
     fingerprint,
@@ -396,7 +395,6 @@ class RedisBroker(Broker):
         super().__init__()
         self._sentinel_config = sentinel
         self._sentinel: Any = None
-        self.listener: Listener | None = None
         self.node = uuid.uuid4().hex[:16]
         self._reactor = reactor
         self._address = address
@@ -749,7 +747,7 @@ class RedisBroker(Broker):
             return
         request = body.get("id")
         if name == self._control_channel[len(self._prefix) :]:
-            acted = self.on_control(body) if self.on_control is not None else 0
+            acted = self._listener.control(body)
             reply = body.get("reply")
             if (
                 isinstance(reply, str)
@@ -776,7 +774,7 @@ class RedisBroker(Broker):
             )
 
     async def _report_counts_async(self) -> None:
-        current = self.local_counts() if self.local_counts is not None else {}
+        current = self._listener.channels()
         self._report_ticks += 1
         if self._report_ticks % COUNTS_FULL_EVERY == 0:
             changes = dict(current)
@@ -830,8 +828,8 @@ class RedisBroker(Broker):
             if self._proto is proto and self._sent.get(channel) is token:
                 self._active.add(channel)
                 self._release(channel)
-                if again and self.resumed is not None:
-                    self.resumed(channel)
+                if again:
+                    self._listener.resume(channel)
 
         proto.subscribe(self._prefix + channel).addCallbacks(
             confirmed, _log_failure, errbackArgs=("SUBSCRIBE",)
@@ -863,7 +861,7 @@ class RedisBroker(Broker):
     def _bus_received(self, channel: bytes, payload: bytes) -> None:
         """A payload the subscriber connection received (txredisapi's
         `messageReceived`): a command on pushd's own channels, or a bus payload
-        for the listener (`Hub.receive`), whatever its bytes. This runs inside
+        for `BusListener.receive` (`Hub.receive`), whatever its bytes. This runs inside
         txredisapi's reply parser: nothing may raise out of it, or the
         connection, and every other message of the same read, would be lost."""
         name = ""
@@ -876,16 +874,10 @@ class RedisBroker(Broker):
             if name.startswith("!"):
                 self._command(name, payload)
             # A message published before our UNSUBSCRIBE reached Redis may still come.
-            elif name in self._wanted and self.listener is not None:
-                self.listener(name, payload)
+            elif name in self._wanted:
+                self._listener.receive(name, payload)
         except Exception:
-            stage = "control" if name.startswith("!") else "receive"
-            if self.bus_error is not None:
-                self.bus_error(stage, name)
-            else:
-                log.failure(
-                    "a bus message of {channel} failed ({stage})", channel=name, stage=stage
-                )
+            self._listener.bus_error("control" if name.startswith("!") else "receive", name)
 
 
 def _published(answer: list[Any]) -> Published:
