@@ -1634,7 +1634,11 @@ def run_to_end(child: Child, timeout: float) -> tuple[int, list[str]]:
 
 def publish_script(src: Path) -> str:
     """pushd's PUBLISH Lua script, from the source tree under test."""
-    code = "from pushd.broker.redis import PUBLISH; print(PUBLISH.source, end='')"
+    code = (  # pushd.broker.redis.scripts since the broker became a package
+        "try:\n from pushd.broker.redis.scripts import PUBLISH\n"
+        "except ImportError:\n from pushd.broker.redis import PUBLISH\n"
+        "print(PUBLISH.source, end='')"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=src, env=pushd_env(src),
         capture_output=True, text=True, timeout=60,

@@ -14,60 +14,14 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
+from pushd.broker.redis.address import RedisAddress, parse_redis_url
 from pushd.message import CHANNEL_RE
 
 
 class ConfigError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    """Where Redis is: a TCP host and port, or a unix socket path."""
-
-    host: str | None = None
-    port: int = 6379
-    path: str | None = None
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-    def endpoint(self) -> str:
-        """A Twisted client endpoint string."""
-        if self.path is not None:
-            return f"unix:{self.path}"
-        host = (self.host or "localhost").replace(":", "\\:")
-        return f"tcp:{host}:{self.port}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    try:
-        if parts.scheme in ("redis", ""):
-            if not parts.hostname:
-                raise ValueError("no host")
-            db = int(parts.path.lstrip("/") or query.get("db", ["0"])[0])
-            return RedisAddress(
-                host=parts.hostname,
-                port=parts.port or 6379,
-                db=db,
-                username=unquote(parts.username) if parts.username else None,
-                password=unquote(parts.password) if parts.password else None,
-            )
-        if parts.scheme == "unix":
-            if not parts.path:
-                raise ValueError("no socket path")
-            return RedisAddress(
-                path=parts.path,
-                db=int(query.get("db", ["0"])[0]),
-                password=unquote(parts.password) if parts.password else None,
-            )
-    except ValueError as e:
-        raise ValueError(f"not a Redis URL ({e})") from None
-    raise ValueError("expected redis://host[:port][/db] or unix:///path.sock[?db=N]")
 
 
 def _host_port(text: str) -> tuple[str, int]:

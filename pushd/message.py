@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from functools import lru_cache
 from json.encoder import (  # type: ignore[attr-defined]
     c_encode_basestring,
@@ -75,7 +76,21 @@ def _finite(text: str) -> float:
     return value
 
 
-_decoder = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite)
+# An integer is relayed exactly, however long, as long as it fits a double's
+# range: past it (a 309-digit integer) a browser's JSON.parse reads Infinity.
+_DOUBLE_MAX = int(sys.float_info.max)
+
+
+def _int_in_range(text: str) -> int:
+    value = int(text)
+    if -_DOUBLE_MAX <= value <= _DOUBLE_MAX:
+        return value
+    raise ValueError(f"{text[:20]}... does not fit a double")
+
+
+_decoder = json.JSONDecoder(
+    parse_constant=_refuse_constant, parse_float=_finite, parse_int=_int_in_range
+)
 # Where orjson may have read an integer as a float (past -2**63 or 2**64 - 1):
 # a run of 19 digits or more. Runs inside strings or fractions only send the
 # value through the exact scanner, which reads them the same. Found with one

@@ -25,8 +25,8 @@ from pushd.config import Config, RedisAddress
 from pushd.hub import Hub
 from pushd.limits import ConnectionCounter
 from pushd.metrics import Metrics
-from pushd.web import make_site
-from pushd.websocket import PushdServerFactory
+from pushd.transports.websocket import PushdServerFactory
+from pushd.web.site import make_site
 
 log = Logger()
 

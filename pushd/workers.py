@@ -206,6 +206,11 @@ class WorkerPool(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        # The parent's copies of the listening sockets go first: held open, they
+        # would let the kernel queue connections that no worker will accept
+        # once the workers stop listening (each closes its own at SIGTERM).
+        for sock in self._sockets:
+            sock.close()
         workers = list(self.workers.values())
         for worker in workers:
             worker.transport.signalProcess(signal.SIGTERM)
@@ -216,8 +221,6 @@ class WorkerPool(Service):
         def done(result: Any) -> Any:
             if kill.active():
                 kill.cancel()
-            for sock in self._sockets:
-                sock.close()
             return result
 
         return d.addBoth(done)

@@ -1,72 +1,39 @@
-"""Server-Sent Events read as a browser's EventSource reads them (HTML, 9.2.6)."""
+"""The tests' SSE client: pushd's own reader (`pushd.client.sse`) with a queue."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import treq
-from twisted.internet.defer import Deferred, DeferredQueue
-from twisted.web.client import ResponseFailed
+from twisted.internet.defer import DeferredQueue
 
+from pushd.client.sse import Event, EventStreamReceiver
 from tests.support import with_timeout
 
-
-@dataclass
-class Event:
-    type: str
-    data: str
-    last_event_id: str
+__all__ = ["Event", "EventStream", "open_sse"]
 
 
-class EventStream:
+class EventStream(EventStreamReceiver):
+    """A stream's events, queued; its comments; `ended` fires when it ends."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.events: DeferredQueue[Event] = DeferredQueue()
         self.comments: list[str] = []
-        self.last_event_id = ""
-        self._buffer = b""
-        self._type = ""
-        self._data: list[str] = []
         self.response: Any = None
-        self.ended: Deferred[Any] = Deferred()
 
-    def feed(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        while True:
-            for sep in (b"\r\n", b"\n", b"\r"):
-                if sep in self._buffer:
-                    break
-            else:
-                return
-            line, self._buffer = self._buffer.split(sep, 1)
-            self._line(line.decode("utf-8"))
+    def eventReceived(self, event: Event) -> None:
+        self.events.put(event)
 
-    def _line(self, line: str) -> None:
-        if not line:
-            if self._data:
-                data = "\n".join(self._data)
-                self.events.put(Event(self._type or "message", data, self.last_event_id))
-            self._type, self._data = "", []
-            return
-        if line.startswith(":"):
-            self.comments.append(line[1:].strip())
-            return
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "event":
-            self._type = value
-        elif field == "data":
-            self._data.append(value)
-        elif field == "id" and "\0" not in value:
-            self.last_event_id = value
+    def commentReceived(self, comment: str) -> None:
+        self.comments.append(comment.strip())
 
     async def next(self, timeout: float = 10) -> Event:
         return await with_timeout(self.events.get(), timeout)
 
     def close(self) -> None:
         """Hang up, as a browser closing the page."""
-        self.ended.addErrback(lambda f: f.trap(ResponseFailed))
-        self.response.original._transport.stopProducing()
+        self.hang_up()
 
 
 async def open_sse(url: str, headers: dict[str, str] | None = None) -> EventStream:
@@ -79,5 +46,5 @@ async def open_sse(url: str, headers: dict[str, str] | None = None) -> EventStre
     )
     stream.response = response
     if response.code == 200:
-        stream.ended = treq.collect(response, stream.feed)
+        response.deliverBody(stream)
     return stream

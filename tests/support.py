@@ -23,7 +23,8 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from pushd.config import Config, RedisAddress
+from pushd.broker.redis.address import RedisAddress
+from pushd.config import Config
 from pushd.service import PushdService
 from pushd.testing import start_service
 

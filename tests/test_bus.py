@@ -32,7 +32,7 @@ from tests.support import (
     with_timeout,
 )
 
-RECIPE = Path(__file__).parent.parent / "pushd" / "broker" / "publish_with_history.lua"
+RECIPE = Path(__file__).parent.parent / "pushd" / "broker" / "redis" / "publish_with_history.lua"
 MARKER = b"\x00pushd/1\n"
 
 
@@ -650,8 +650,8 @@ async def test_every_publish_path_speaks_the_bus_format(
 # -- the recipe's copy of pushd's publish
 
 PUBLISH_LUA = RECIPE.parent / "publish.lua"
-_COPY_START = "-- BEGIN pushd/broker/publish.lua\nlocal function publish(KEYS, ARGV)\n"
-_COPY_END = "-- END pushd/broker/publish.lua\nend\n"
+_COPY_START = "-- BEGIN pushd/broker/redis/publish.lua\nlocal function publish(KEYS, ARGV)\n"
+_COPY_END = "-- END pushd/broker/redis/publish.lua\nend\n"
 
 
 def recipe_copy(recipe: str) -> tuple[str, str, str]:

@@ -8,83 +8,88 @@ look at before lifting the pin in setup.cfg.
 
 Internal (library): pushd's use -> what it relies on
 
-- `HTTPChannel._HTTPChannel__first_line` (Twisted): web/__init__.py (PushdChannel.lineReceived,
+- `HTTPChannel._HTTPChannel__first_line` (Twisted): web/channel.py (PushdChannel.lineReceived,
     dataReceived)
     -> truthy while the next line is a request line (between requests), falsy once one was read
-- `LineReceiver._buffer`, `line_mode` (Twisted): web/__init__.py (PushdChannel.dataReceived)
+- `LineReceiver._buffer`, `line_mode` (Twisted): web/channel.py (PushdChannel.dataReceived)
     -> bytes of a partial line wait in `_buffer`; `line_mode` is true while lines are read
-- `HTTPChannel._handlingRequest` (Twisted): web/__init__.py (requestDone)
+- `HTTPChannel._handlingRequest` (Twisted): web/channel.py (requestDone)
     -> True from a request's headers to its `requestDone`, False between requests
-- `HTTPChannel._networkProducer` (Twisted): web/__init__.py (_close_gently, _network)
+- `HTTPChannel._networkProducer` (Twisted): web/channel.py (_close_gently, _network)
     -> the transport (an IPushProducer with unregisterProducer), set in connectionMade
-- `HTTPChannel._waitingForTransport` (Twisted): web/__init__.py (_fast_answer)
+- `HTTPChannel._waitingForTransport` (Twisted): web/channel.py (_fast_answer)
     -> bool, set by `pauseProducing` while the transport's buffer is full
-- `HTTPChannel._send100Continue` (Twisted): web/__init__.py (PushdChannel._send100Continue)
+- `HTTPChannel._send100Continue` (Twisted): web/channel.py (PushdChannel._send100Continue)
     -> called for `Expect: 100-continue` after `gotLength`, with the request last in `requests`
-- `HTTPChannel._respondToBadRequestAndDisconnect` (Twisted): web/__init__.py
+- `HTTPChannel._respondToBadRequestAndDisconnect` (Twisted): web/channel.py
     (PushdChannel._respondToBadRequestAndDisconnect)
     -> the one hook for every 400 twisted.web answers itself
-- `Request._disconnected` (Twisted): web/__init__.py, web/streams.py
+- `Request._disconnected` (Twisted): web/channel.py, transports/stream.py
     -> False while the connection is up, True once it was lost
-- `server.Request._handleStar` (Twisted): web/__init__.py (PushdRequest._handleStar)
+- `server.Request._handleStar` (Twisted): web/channel.py (PushdRequest._handleStar)
     -> called by `process()` for a request target of `*`
-- names pushd adds to Twisted's classes (Twisted): web/__init__.py (PushdChannel, PushdRequest)
+- names pushd adds to Twisted's classes (Twisted): web/channel.py (PushdChannel, PushdRequest)
     -> no pushd attribute shadows one Twisted adds in a release
 - `endpoints._parseServer` (Twisted): config.py (_endpoint), workers.py (open_socket)
     -> `(description, factory) -> (kind, args, kwargs)`; ValueError for a bad one
-- `tcp.Server`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted): sending.py
-    (write_now)
+- `tcp.Server`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted):
+    transports/sending.py (write_now)
     -> the accepted TCP transport's class; both buffers empty (falsy) when nothing waits
-- `WebSocketServerProtocol.CONFIG_ATTRS`, copy in `_connectionMade` (Autobahn): websocket.py
-    (PushdServerFactory)
+- `WebSocketServerProtocol.CONFIG_ATTRS`, copy in `_connectionMade` (Autobahn):
+    transports/autobahn_diet.py (options_on_class)
     -> options set on the protocol class are read from it: Autobahn copies only what a
        connection lacks
-- `WebSocketServerFactory.reactor` (Autobahn): websocket.py (_admitted: `factory.reactor`)
+- `WebSocketServerFactory.reactor` (Autobahn): transports/websocket.py
+    (_admitted: `factory.reactor`)
     -> the reactor given to the factory, kept as `.reactor`
-- `http_headers`, `http_request_*`, `websocket_*`, `_wskey` (Autobahn): websocket.py
-    (_HANDSHAKE_ONLY, _shrink)
+- `http_headers`, `http_request_*`, `websocket_*`, `_wskey` (Autobahn):
+    transports/autobahn_diet.py (_HANDSHAKE_ONLY, shrink)
     -> set on the connection by the handshake, never read once it is open
-- `__dict__` of an open connection, `state` (Autobahn): websocket.py (_shrink)
+- `__dict__` of an open connection, `state` (Autobahn):
+    transports/autobahn_diet.py (shrink)
     -> a plain instance dict that may be replaced, plain values read through the class
-- `send_queue` (Autobahn): websocket.py (_shrink)
+- `send_queue` (Autobahn): transports/autobahn_diet.py (shrink)
     -> appended to only for sync or chopsize writes: an empty tuple in its place is never
        touched
-- `is_closed`, `is_open` (Autobahn): websocket.py (connectionLost)
+- `is_closed`, `is_open` (Autobahn): transports/autobahn_diet.py (drop_cycles)
     -> instance attributes (futures) made per connection, `is_closed` resolved with the protocol
-- frames written straight to the transport (Autobahn): websocket.py (message, _reply,
-    text_frame)
+- frames written straight to the transport (Autobahn): transports/websocket.py
+    (message, _reply, text_frame)
     -> `sendMessage` writes exactly `text_frame(payload)` (no compression unless negotiated)
-- `sendCloseFrame(code, reasonUtf8)` (Autobahn): websocket.py (close_all)
+- `sendCloseFrame(code, reasonUtf8)` (Autobahn): transports/websocket.py (close_all)
     -> writes a close frame with a code `sendClose` refuses (1001)
-- names pushd adds to Autobahn's protocol (Autobahn): websocket.py (PushdServerProtocol)
+- names pushd adds to Autobahn's protocol (Autobahn):
+    transports/websocket.py (PushdServerProtocol)
     -> no pushd attribute shadows one Autobahn adds (`_paused`, `message`, ...)
-- `WebSocketResource.render` (Autobahn + Twisted): web/__init__.py (WebSocketEndpoint.render),
-    websocket.py (onOpen)
+- `WebSocketResource.render` (Autobahn + Twisted): transports/websocket.py
+    (WebSocketEndpoint.render, onOpen)
     -> detaches the channel (`channel.transport is None`), leaves it the transport's producer
-- `BaseRedisProtocol._build_command` (txredisapi): broker/redis.py (_FastCommands)
+- `BaseRedisProtocol._build_command` (txredisapi): broker/redis/publisher.py
+    (_FastCommands)
     -> `(*args, **kwargs) -> bytes` RESP, called by `execute_command` (so an override takes
        effect)
-- `BaseRedisProtocol.replyQueue` (`get`, `waiting`), `connected` (txredisapi): broker/redis.py
-    (_eval, _check_stuck)
+- `BaseRedisProtocol.replyQueue` (`get`, `waiting`), `connected` (txredisapi):
+    broker/redis/publisher.py (_eval, _check_stuck)
     -> one DeferredQueue per connection, oldest waiter first; error replies arrive as
        ResponseError values
 - `RedisFactory.connectionQueue.pending`, `pool`, `size`, `handler` (txredisapi):
-    broker/redis.py (_eval, connected)
+    broker/redis/publisher.py (_eval), broker/redis/broker.py (connected)
     -> free connections listed in `pending`; non-blocking commands leave them there
-- `ConnectionHandler._factory` (via `Sentinel.master_for`) (txredisapi): broker/redis.py
-    (startService, sentinel)
+- `ConnectionHandler._factory` (via `Sentinel.master_for`) (txredisapi):
+    broker/redis/broker.py (startService, sentinel)
     -> the handle's factory, whose `protocol` pushd replaces
-- `txredisapi._SentinelEndpoint` (txredisapi): broker/redis.py (startService, sentinel)
+- `txredisapi._SentinelEndpoint` (txredisapi): broker/redis/broker.py
+    (startService, sentinel)
     -> asks the factory's `is_master`, `sentinel_manager`, `service_name`, `maxDelay`
 - `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
-    broker/redis.py (_SubscriberFactory, _Subscriber)
+    broker/redis/subscriber.py (_SubscriberFactory, _Subscriber)
     -> read at buildProtocol; `messageReceived(pattern, channel, message)` per message
 - `json.encoder.c_make_encoder`, `c_encode_basestring(_ascii)` (CPython): message.py (_encoder)
     -> 9 positional arguments; `allow_nan=False` refuses NaN; yields str chunks
 - `JSONDecoder.scan_once` (CPython): message.py (_load_exact)
     -> `(text, idx) -> (value, end)`; StopIteration when no value starts there
 
-`RedisBroker._disconnected` (broker/redis.py) is pushd's own, not Twisted's.
+`RedisBroker._disconnected` (broker/redis/subscriber.py) is pushd's own, not Twisted's.
 txredisapi is imported inside the tests: importing it installs the default
 reactor (tests/conftest.py).
 """
@@ -268,7 +273,7 @@ def test_request_handle_star() -> None:
 
 
 def test_no_pushd_name_shadows_twisted() -> None:
-    from pushd.web import PushdChannel, PushdRequest
+    from pushd.web.channel import PushdChannel, PushdRequest
 
     channel, _ = _channel()
     channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
@@ -424,7 +429,7 @@ def test_autobahn_factory_reactor() -> None:
 
 
 def test_autobahn_handshake_only_attributes() -> None:
-    from pushd.websocket import _HANDSHAKE_ONLY
+    from pushd.transports.autobahn_diet import _HANDSHAKE_ONLY
 
     p, _ = _open_ws()
     # websocket_key is the client side's name; the server never sets it.
@@ -433,11 +438,11 @@ def test_autobahn_handshake_only_attributes() -> None:
 
 
 def test_autobahn_open_connection_survives_shrink() -> None:
-    """What PushdServerProtocol._shrink does to an open connection: no handshake
+    """What autobahn_diet.shrink does to an open connection: no handshake
     attributes, a fresh smaller dict, plain values read through the class."""
     from autobahn.twisted.websocket import WebSocketServerProtocol
 
-    from pushd.websocket import _HANDSHAKE_ONLY, _SHAREABLE
+    from pushd.transports.autobahn_diet import _HANDSHAKE_ONLY, _SHAREABLE
 
     got: list[bytes] = []
 
@@ -458,7 +463,7 @@ def test_autobahn_open_connection_survives_shrink() -> None:
             del own[name]
     p.__dict__ = dict(own)
     p.dataReceived(_client_frame(0x1, b"hello"))
-    assert got == [b"hello"], what + " reads what pushd drops (_shrink)"
+    assert got == [b"hello"], what + " reads what pushd drops (autobahn_diet.shrink)"
     p.sendMessage(b"back")
     assert transport.value() == b"\x81\x04back", what + " cannot send once shrunk"
     transport.clear()
@@ -467,7 +472,7 @@ def test_autobahn_open_connection_survives_shrink() -> None:
 
 
 def test_autobahn_send_queue() -> None:
-    from pushd.websocket import text_frame
+    from pushd.transports.websocket import text_frame
 
     p, transport = _open_ws()
     what = _changed(AUTOBAHN, "send_queue")
@@ -492,7 +497,7 @@ def test_autobahn_is_closed_is_open() -> None:
 
 
 def test_autobahn_frames_equal_text_frame() -> None:
-    from pushd.websocket import text_frame
+    from pushd.transports.websocket import text_frame
 
     p, transport = _open_ws()
     for size in (0, 125, 126, 65535, 65536):
@@ -513,7 +518,7 @@ def test_autobahn_send_close_frame() -> None:
 
 
 def test_no_pushd_name_shadows_autobahn() -> None:
-    from pushd.websocket import PushdServerProtocol
+    from pushd.transports.websocket import PushdServerProtocol
 
     p, _ = _open_ws()
     assert _overlap(PushdServerProtocol, set(dir(p))) == {
@@ -565,7 +570,7 @@ def _redis_conn(txredisapi: Any, protocol: type | None = None) -> tuple[Any, Str
 
 
 def test_txredisapi_build_command(txredisapi: Any) -> None:
-    from pushd.broker.redis import _fast_commands, _resp
+    from pushd.broker.redis.publisher import _fast_commands, _resp
 
     what = _changed(TXREDISAPI, "BaseRedisProtocol._build_command")
     conn, transport = _redis_conn(txredisapi)

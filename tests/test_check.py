@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 
-from pushd.check import run
+from pushd.client.check import run
 from tests.support import (
     SECRET,
     Node,
@@ -177,7 +177,7 @@ async def test_check_usage_errors(argv: list[str], capsys: pytest.CaptureFixture
     assert "usage: pushd-check" in capsys.readouterr().err
 
 
-# -- the command line, end to end: `python -m pushd.check` against `twistd -n pushd`
+# -- the command line, end to end: `python -m pushd.client.check` against `twistd -n pushd`
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 async def command(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     out, err, code = await with_timeout(
         getProcessOutputAndValue(
-            sys.executable, ["-m", "pushd.check", *argv], env={**os.environ, **(env or {})}
+            sys.executable, ["-m", "pushd.client.check", *argv], env={**os.environ, **(env or {})}
         ),
         60,
     )

@@ -401,7 +401,7 @@ async def test_tokens_refused_and_expiring() -> None:
         await pushd.stop()
 
 
-# -- the command line: `python -m pushd.cli` against `twistd -n pushd`
+# -- the command line: `python -m pushd.client.cli` against `twistd -n pushd`
 
 
 @pytest.fixture
@@ -414,7 +414,9 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 async def cli(*argv: str) -> tuple[int, str, str]:
     out, err, code = await with_timeout(
-        getProcessOutputAndValue(sys.executable, ["-m", "pushd.cli", *argv], env=dict(os.environ)),
+        getProcessOutputAndValue(
+            sys.executable, ["-m", "pushd.client.cli", *argv], env=dict(os.environ)
+        ),
         30,
     )
     return code, out.decode(), err.decode()

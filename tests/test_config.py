@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pushd.config import Config, ConfigError, RedisAddress, load, parse_redis_url
+from pushd.broker.redis.address import RedisAddress, parse_redis_url
+from pushd.config import Config, ConfigError, load
 from pushd.tap import Options
 
 TWISTD = str(Path(sys.executable).parent / "twistd")

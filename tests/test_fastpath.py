@@ -1,4 +1,4 @@
-"""The producers' hot path (pushd.web.fastpath): keep-alive `POST /channels/{c}`
+"""The producers' hot path (pushd.web.hotpath): keep-alive `POST /channels/{c}`
 over a raw socket, one request per read or many at once, answered like the
 full HTTP stack answers them, with nothing lost or reordered."""
 
@@ -12,7 +12,7 @@ import pytest_twisted
 import treq
 
 from pushd.message import parse_id
-from pushd.web.fastpath import FastPublish
+from pushd.web.hotpath import FastPublish
 from tests.support import PushdUnderTest, RedisServer, StartPushd, connect_raw, wait_for
 
 

@@ -22,8 +22,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from pushd.broker import Published
 from pushd.config import Config
 from pushd.service import make_service
-from pushd.web import PushdChannel, PushdSite
-from pushd.web.fastpath import MAX_HEADERS, bad_field_line
+from pushd.web.channel import PushdChannel
+from pushd.web.hotpath import MAX_HEADERS, bad_field_line
+from pushd.web.site import PushdSite
 
 MAX_MESSAGE_SIZE = 1000
 

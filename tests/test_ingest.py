@@ -13,7 +13,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 
 from tests.support import PushdUnderTest, RedisServer
 
-PUBLISH_LUA = Path(__file__).parent.parent / "pushd" / "broker" / "publish.lua"
+PUBLISH_LUA = Path(__file__).parent.parent / "pushd" / "broker" / "redis" / "publish.lua"
 
 
 async def run(*argv: str) -> tuple[str, int]:

@@ -13,7 +13,8 @@ from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
 from pushd.message import Message, envelope, parse_id
-from pushd.web.streams import _Stream, decode_cursor
+from pushd.transports.sse import SseStream
+from pushd.transports.stream import decode_cursor
 from tests.sse import open_sse
 from tests.support import PushdUnderTest, StartPushd, WSClient, connect_raw
 from tests.test_streams import until_live
@@ -141,10 +142,10 @@ def sse_events(request: DummyRequest) -> list[dict[str, str]]:
     return events
 
 
-def sse_stream(channels: list[str]) -> tuple[_Stream, DummyRequest]:
+def sse_stream(channels: list[str]) -> tuple[SseStream, DummyRequest]:
     request = DummyRequest([b"sse"])
     request._disconnected = False
-    return _Stream(request, True, 1 << 20, channels, lambda: None), request
+    return SseStream(request, 1 << 20, channels, lambda: None), request
 
 
 def test_sse_one_channel_id_lines() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from pushd import websocket
+from pushd.transports import websocket
 from tests.support import PushdUnderTest, StartPushd, channel_subscriptions, wait_for
 
 

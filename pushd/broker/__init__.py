@@ -18,8 +18,8 @@ channel whose history expired does not look new again, a broker remembers a
 channel's newest id well past its history (the Redis broker in
 `<prefix>{<channel>}:meta`, 10 times the history TTL and at least a day): the
 first message of its next history links to it, and its id stays above it.
-After the Redis broker saw Redis lose its data (`<prefix>!lost`, see EPOCH in
-redis.py), a first message with nothing remembered links to "?": something
+After the Redis broker saw Redis lose its data (`<prefix>!lost`, see
+redis/epoch.lua), a first message with nothing remembered links to "?": something
 may be missing before it. Reading after "0-0" ("from the beginning") is
 complete when the first retained entry links to "", or when the channel has no
 history and nothing was remembered or lost. A `destroy` drops the history and

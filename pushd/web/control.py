@@ -23,17 +23,12 @@ from twisted.web.server import Request
 from pushd.message import dump_json, is_channel, load_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
-from pushd.web.producer import Producing, ask, idempotency_key, message_data, read_body
+from pushd.web.producer import Producing, idempotency_key, message_data, read_body
 from pushd.web.resource import ApiResource, NotFound
 
 USER_RE = re.compile(r"[A-Za-z0-9_.@=+-]{1,64}")
 BAD_USER = (400, "bad_user", "user ids match [A-Za-z0-9_.@=+-]{1,64}")
 COMMANDS = (b"subscribe", b"unsubscribe", b"disconnect")
-
-
-async def command(producing: Producing, body: dict[str, Any]) -> bytes:
-    nodes = await ask(producing.broker.control(body))
-    return dump_json({"nodes": nodes})
 
 
 class UsersResource(Resource):
@@ -106,4 +101,4 @@ class UserCommand(_UserApi):
             if not isinstance(channel, str) or not is_channel(channel):
                 raise ApiError(*errors.BAD_CHANNEL)
             body["channel"] = channel
-        return command(self._p, body)
+        return self._p.command(body)

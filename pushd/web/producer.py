@@ -50,6 +50,12 @@ class Producing:
         self.metrics.publish_seconds.observe(time.monotonic() - start)
         return result
 
+    async def command(self, body: dict[str, Any]) -> bytes:
+        """A node command (pushd.web.control) carried out on every node:
+        `{"nodes": n}`, the nodes that did (errors: `ask`)."""
+        nodes = await ask(self.broker.control(body))
+        return dump_json({"nodes": nodes})
+
 
 class ChannelsResource(Resource):
     """`/channels/{channel}` and `/channels/{channel}/history`, made per request."""
@@ -145,10 +151,8 @@ class ChannelResource(_ChannelApi):
 
     def handle_DELETE(self, request: Request) -> Coroutine[Any, Any, bytes]:
         """Every subscriber on every node leaves the channel; its history goes."""
-        from pushd.web.control import command
-
         self._checked(request)
-        return command(self._p, {"cmd": "destroy", "channel": self._channel})
+        return self._p.command({"cmd": "destroy", "channel": self._channel})
 
 
 class HistoryResource(_ChannelApi):

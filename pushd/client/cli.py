@@ -3,7 +3,7 @@
     pushd-cli publish CHANNEL DATA [--json] [--url U] [--api-key K] [--retries N]
                       [--idempotency-key K]
     pushd-cli subscribe CHANNEL [CHANNEL...] [--url U] [--token T] [--since ID] [--count N]
-    python -m pushd.cli ...
+    python -m pushd.client.cli ...
 
 `publish` sends DATA (`-`: standard input) as text, or as JSON with `--json`,
 and prints the message id. `subscribe` prints every message envelope as one JSON
@@ -24,15 +24,16 @@ import sys
 from typing import Any, TextIO
 
 from pushd import __version__
-from pushd.check import (
-    Target,
-    _channel,
-    _connect_reason,
+from pushd.client.console import (
+    channel_arg,
+    connect_reason,
     parse_command,
     run_command,
+    target_arg,
     verbose_log,
 )
-from pushd.client import Publisher, PushdError, Subscriber
+from pushd.client.publisher import Publisher, PushdError
+from pushd.client.subscriber import Subscriber
 from pushd.message import load_json, parse_id
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -43,10 +44,7 @@ class CliError(Exception):
 
 
 def _url(text: str) -> str:
-    try:
-        Target.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    target_arg(text)  # argparse's error for a bad URL
     return text
 
 
@@ -82,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
         )
 
     pub = commands.add_parser("publish", help="publish one message and print its id")
-    pub.add_argument("channel", type=_channel, metavar="CHANNEL")
+    pub.add_argument("channel", type=channel_arg, metavar="CHANNEL")
     pub.add_argument("data", metavar="DATA", help="the message (-: read standard input)")
     pub.add_argument("--json", action="store_true", help="DATA is JSON (default: text)")
     pub.add_argument(
@@ -104,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
     common(pub)
 
     sub = commands.add_parser("subscribe", help="print message envelopes as JSON lines")
-    sub.add_argument("channels", type=_channel, nargs="+", metavar="CHANNEL")
+    sub.add_argument("channels", type=channel_arg, nargs="+", metavar="CHANNEL")
     sub.add_argument(
         "--token",
         default=os.environ.get("PUSHD_CLI_TOKEN") or None,
@@ -130,7 +128,7 @@ async def _publish(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
     except PushdError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:
-        reason = _connect_reason(exc, publisher.target)
+        reason = connect_reason(exc, publisher.target)
         if reason is None:
             raise
         raise CliError(reason) from None

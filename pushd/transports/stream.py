@@ -1,26 +1,10 @@
-"""Subscribers over plain HTTP: Server-Sent Events (`/sse`) and NDJSON (`/stream`).
+"""What the plain-HTTP subscriber streams share: SSE (pushd.transports.sse)
+and NDJSON (pushd.transports.ndjson).
 
 Both hold the response open and write server events as they come, through the
 same Session as a WebSocket (so recovery with `since` keeps the same promises).
-
-  GET /sse?channel=a&channel=b[&since=<id>][&token=...]   text/event-stream
-      id: <id>                 (several channels: an opaque cursor of every
-      data: <envelope JSON>     channel's last id, so Last-Event-ID resumes all)
-
-      event: subscribed        (one per channel, before its replay; EventSource
-      data: {"type":"subscribed","channel":"a","recovered":true,"position":"<id>"}
-                                hands these to listeners of "subscribed")
-      event: subscribed        (once every channel is live, its replay sent:
-      id: <cursor>              the resume point of every channel, quiet ones
-      data: {"type":"subscribed","channels":{"a":"<id>","b":"0-0"}}   included;
-                                a channel without history resumes from 0-0)
-      : keep-alive             (a comment every --keepalive seconds, 15)
-
-  GET /stream?channel=a                                     application/x-ndjson
-      {"type":"subscribed","channel":"a","recovered":false,"position":null}
-      {"type":"message","channel":"a","id":"...","data":...}
-      (an empty line every --keepalive seconds keeps proxies from timing out
-       the stream: readers skip empty lines)
+A stream's `since` (or SSE's Last-Event-ID) is one message id for every channel
+or a cursor of each channel's last id (`encode_cursor`).
 
 Refusals come before the stream starts, as the producer API's JSON errors:
 400 bad channel or since, 401 bad or missing token, 403 a channel not granted
@@ -47,7 +31,7 @@ from pushd.auth import AuthError, Gate, Grants, token_from
 from pushd.broker import Broker
 from pushd.hub import Hub
 from pushd.limits import SendBound
-from pushd.message import Burst, Delivery, dump_json, is_channel, parse_id
+from pushd.message import Delivery, is_channel, parse_id
 from pushd.session import Session
 from pushd.web import errors
 from pushd.web.errors import ApiError, write_error
@@ -88,88 +72,44 @@ def decode_cursor(value: str, channels: list[str]) -> dict[str, str]:
 
 
 @implementer(IPushProducer)
-class _Stream(SendBound):
-    """One open stream: the Session's outlet, the transport's producer."""
+class Stream(SendBound):
+    """One open stream: the Session's outlet, the transport's producer. Its
+    format is a subclass's (SseStream, NdjsonStream)."""
 
-    __slots__ = ("_channels", "_last", "_limit", "_on_slow", "_request", "_sse", "session")
+    __slots__ = ("_channels", "_limit", "_on_slow", "_request", "session")
 
-    def __init__(
-        self, request: Request, sse: bool, limit: int, channels: list[str], on_slow: Any
-    ) -> None:
+    def __init__(self, request: Request, limit: int, channels: list[str], on_slow: Any) -> None:
         self._request = request
         self._on_slow = on_slow
         self.replaying = False
-        self._sse = sse
         self._limit = limit
         self._paused = False
         self._backlog = 0
         # The channels asked for; on SSE the `id:` resumes them.
         self._channels = channels
-        # SSE: each channel's resume point (its position, then its last id), for
-        # `id:`: that id itself with one channel, the cursor of all with several.
-        self._last: dict[str, str] | None = {} if sse else None
         self.session: Session | None = None
 
-    # -- the session's outlet
+    # -- the session's outlet, in the stream's format
 
     def subscribed(self, channel: str, recovered: bool, position: str | None) -> None:
-        event = dump_json(
-            {"type": "subscribed", "channel": channel, "recovered": recovered, "position": position}
-        )
-        if not self._sse:
-            self._write(event + b"\n")
-            return
-        # Not in an `id:` yet: a replay may follow, and a browser cut off before
-        # it must resume from where it was. `live` sends the cursor once replayed.
-        assert self._last is not None
-        self._last[channel] = position or "0-0"
-        self._write(b"event: subscribed\ndata: " + event + b"\n\n")
+        raise NotImplementedError
 
     def live(self) -> None:
-        """Every channel asked for is live, its replay sent: one `subscribed`
-        event whose `id:` resumes every channel, quiet ones included (a channel
-        without history from `0-0`, its beginning)."""
-        if self._last is None:
-            return
-        resume = {c: self._last[c] for c in self._channels if c in self._last}
-        if not resume:
-            return  # no subscription went through: nothing to resume from
-        one = len(self._channels) == 1
-        event_id = resume[self._channels[0]] if one else encode_cursor(resume)
-        data = dump_json({"type": "subscribed", "channels": resume})
-        self._write(b"event: subscribed\nid: " + event_id.encode() + b"\ndata: " + data + b"\n\n")
+        """Every channel asked for is live, its replay sent."""
 
     def message(self, message: Delivery) -> None:
-        if isinstance(message, Burst):
-            for one in message.messages:
-                self.message(one)
-            return
-        if not self._sse:
-            self._write(message.payload + b"\n")
-        elif message.id is None:
-            self._write(b"data: " + message.payload + b"\n\n")
-        else:
-            last = self._last
-            assert last is not None
-            last[message.channel] = message.id
-            if len(self._channels) > 1:
-                cursor = encode_cursor(last).encode()
-                self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
-            elif message.channel == self._channels[0]:
-                self._write(b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n")
-            else:
-                # The user's personal channel beside one channel: its id would
-                # be taken for the channel's own on a reconnect.
-                self._write(b"data: " + message.payload + b"\n\n")
+        raise NotImplementedError
+
+    def keepalive(self) -> None:
+        raise NotImplementedError
+
+    # -- the same for every stream
 
     def unsubscribed(self, channel: str) -> None:
         self.end()
 
     def disconnect(self) -> None:
         self.end()
-
-    def keepalive(self) -> None:
-        self._write(b": keep-alive\n\n" if self._sse else b"\n")
 
     def _write(self, data: bytes) -> None:
         if self._request.finished or self._request._disconnected:
@@ -198,9 +138,15 @@ class _Stream(SendBound):
 
 
 class StreamResource(Resource):
-    """`/sse` (sse=True) or `/stream`."""
+    """A stream's resource: `/sse` (pushd.transports.sse) or `/stream`
+    (pushd.transports.ndjson), which say the format."""
 
     isLeaf = True
+    #: The transport's name, in logs, metrics and the gate's connection counts.
+    transport: str
+    content_type: bytes
+    #: Written as the stream opens.
+    preamble = b""
 
     def __init__(
         self,
@@ -210,12 +156,10 @@ class StreamResource(Resource):
         config: Any,
         clock: Any,
         metrics: Any,
-        sse: bool,
     ) -> None:
         super().__init__()
         self._metrics = metrics
         self._config = config
-        self._transport = "sse" if sse else "stream"
         self._trusted_proxies = config.trusted_proxies
         self._hub = hub
         self._broker = broker
@@ -224,10 +168,13 @@ class StreamResource(Resource):
         self._max_send_buffer = config.max_send_buffer
         self._keepalive_every = config.keepalive
         self._clock = clock
-        self._sse = sse
-        self._streams: set[_Stream] = set()
+        self._streams: set[Stream] = set()
         self._keepalive = LoopingCall(self._beat)
         self._keepalive.clock = clock
+
+    def _stream(self, request: Request, channels: list[str], cursor: dict[str, str]) -> Stream:
+        """A new stream of this resource's format, resuming from `cursor`."""
+        raise NotImplementedError
 
     def _beat(self) -> None:
         for stream in tuple(self._streams):
@@ -265,7 +212,7 @@ class StreamResource(Resource):
             address=address,
             token=token,
             headers=headers,
-            transport=self._transport,
+            transport=self.transport,
             channels=channels,
         )
         d.addCallback(self._start, request, channels, cursor, address)
@@ -307,33 +254,29 @@ class StreamResource(Resource):
     ) -> None:
         refused = [c for c in channels if not grants.may_subscribe(c)]
         if refused or request._disconnected:
-            self._gate.release(address, self._transport)
+            self._gate.release(address, self.transport)
             if refused:
                 self._metrics.refused.labels("forbidden").inc()
                 write_error(request, 403, "forbidden", f"not allowed to subscribe to {refused[0]}")
             return
-        request.setHeader(
-            b"content-type", b"text/event-stream" if self._sse else b"application/x-ndjson"
-        )
+        request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
-        stream = _Stream(request, self._sse, self._max_send_buffer, channels, self._slow_consumer)
-        if stream._last is not None:
-            stream._last.update(cursor)
+        stream = self._stream(request, channels, cursor)
         stream.session = Session(self._hub, self._broker, stream)
         request.registerProducer(stream, True)
         self._streams.add(stream)
         if not self._keepalive.running:
             self._keepalive.start(self._keepalive_every, now=False)
-        request.write(b": ok\n\n" if self._sse else b"")
+        request.write(self.preamble)
 
-        log.info("{transport} client {peer} admitted", transport=self._transport, peer=address)
+        log.info("{transport} client {peer} admitted", transport=self.transport, peer=address)
 
         def gone(_: object) -> None:
-            log.info("{transport} client {peer} gone", transport=self._transport, peer=address)
+            log.info("{transport} client {peer} gone", transport=self.transport, peer=address)
             stream.close()
             self._streams.discard(stream)
-            self._gate.release(address, self._transport)
+            self._gate.release(address, self.transport)
             if not self._streams and self._keepalive.running:
                 self._keepalive.stop()
 
@@ -349,7 +292,7 @@ class StreamResource(Resource):
             request.notifyFinish().addBoth(lambda _: ending.active() and ending.cancel())
 
     def _slow_consumer(self) -> None:
-        self._metrics.slow_consumers.labels(self._transport).inc()
+        self._metrics.slow_consumers.labels(self.transport).inc()
 
     def end_all(self) -> None:
         """End every stream (the service is stopping)."""

@@ -251,8 +251,8 @@ end
 -- Then pushd's own publish, stores and sends the message as pushd does: the
 -- entry linked to the channel's newest id, the bus payload in pushd's format
 -- (the marker "\0pushd/1\n", then the envelope). A verbatim copy of
--- pushd/broker/publish.lua; tests/test_bus.py checks that it is one.
--- BEGIN pushd/broker/publish.lua
+-- pushd/broker/redis/publish.lua; tests/test_bus.py checks that it is one.
+-- BEGIN pushd/broker/redis/publish.lua
 local function publish(KEYS, ARGV)
 -- pushd's publish: store a message in its channel's history and send it live,
 -- atomically. Backends in any language may run it too (see README, "Redis layout"):
@@ -312,7 +312,7 @@ redis.call('SET', meta, id, 'EX', ARGV[8] or math.max(ARGV[5] * 10, 86400))
 redis.call('PUBLISH', ARGV[1], '\0pushd/1\n' .. ARGV[2] .. '"' .. id .. '","data":' .. ARGV[3] .. '}')
 if KEYS[2] then redis.call('SET', KEYS[2], fp .. '|' .. id, 'EX', ARGV[6]) end
 return {0, id}
--- END pushd/broker/publish.lua
+-- END pushd/broker/redis/publish.lua
 end
 
 local head = '{"type":"message","channel":"' .. channel .. '","id":'

@@ -1,7 +1,7 @@
 """`pushd-check`: a post-install self-check of a running pushd.
 
     pushd-check URL [--api-key K] [--token T] [--channel C] [--timeout S]
-    python -m pushd.check URL ...
+    python -m pushd.client.check URL ...
 
 URL is pushd's base URL as clients reach it (`http://127.0.0.1:8080`, or
 `https://push.example.com/prefix` behind a proxy). The check subscribes to one
@@ -30,31 +30,30 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TextIO, TypeVar, cast
-from urllib.parse import quote, urlencode, urlsplit
+from collections.abc import Coroutine
+from typing import Any, TextIO, TypeVar
+from urllib.parse import urlencode
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.task import react
-from twisted.logger import (
-    ILogObserver,
-    globalLogBeginner,
-    globalLogPublisher,
-    textFileLogObserver,
-)
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from pushd import __version__
-from pushd.message import is_channel
+from pushd.client.console import (
+    Target,
+    channel_arg,
+    connect_reason,
+    parse_command,
+    run_command,
+    target_arg,
+    verbose_log,
+)
+from pushd.client.sse import Event, EventStreamReceiver
 
 T = TypeVar("T")
 
@@ -83,47 +82,6 @@ class CheckFailed(Exception):
 
 class StepTimeout(CheckFailed):
     """A step took longer than it may."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """pushd's base URL, and the URLs of the three endpoints the check uses."""
-
-    base: str  # scheme://host[:port][/prefix], no trailing slash
-    host: str
-    port: int
-    secure: bool
-
-    @classmethod
-    def parse(cls, url: str) -> Target:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r}: expected http://host[:port][/prefix] or https://...")
-        if ":" in parts.hostname:
-            # treq (hyperlink) cannot encode an IPv6 literal: name the host instead.
-            raise ValueError(f"{url!r}: IPv6 literals are not supported, use a host name")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{url!r}: pushd's base URL takes no query or fragment")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise ValueError(f"{url!r}: bad port") from None
-        base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-        return cls(base, parts.hostname, port, parts.scheme == "https")
-
-    def publish_url(self, channel: str) -> str:
-        return f"{self.base}/channels/{quote(channel, safe='')}"
-
-    def ws_url(self, query: str) -> str:
-        scheme, rest = self.base.split(":", 1)
-        return f"{'wss' if scheme == 'https' else 'ws'}:{rest}/ws?{query}"
-
-    def sse_url(self, query: str) -> str:
-        return f"{self.base}/sse?{query}"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 class Arrival:
@@ -224,70 +182,31 @@ class _WSFactory(WebSocketClientFactory):
         self.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=CLOSE_TIMEOUT)
 
 
-class _SSEReader(Protocol):
-    """Reads a text/event-stream body as EventSource does (enough of it for the check)."""
+class _SSEReader(EventStreamReceiver):
+    """The SSE side of the check: `subscribed`, then the message, timed on arrival."""
 
     def __init__(self, arrival: Arrival) -> None:
+        super().__init__()
         self.arrival = arrival
-        self.ended: Deferred[None] = Deferred()
-        self._buffer = b""
-        self._event = ""
-        self._data: list[str] = []
+        self._now = 0.0  # time.perf_counter() of the data being read
 
     def dataReceived(self, data: bytes) -> None:
-        now = time.perf_counter()
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for raw in lines:
-            line = raw.removesuffix(b"\r").decode("utf-8", "replace")
-            if line:
-                field, _, value = line.partition(":")
-                if field == "event":
-                    self._event = value.removeprefix(" ")
-                elif field == "data":
-                    self._data.append(value.removeprefix(" "))
-                continue
-            if self._data:
-                self._dispatch(self._event or "message", "\n".join(self._data), now)
-            self._event, self._data = "", []
+        self._now = time.perf_counter()
+        super().dataReceived(data)
 
-    def _dispatch(self, event: str, data: str, now: float) -> None:
+    def eventReceived(self, event: Event) -> None:
         try:
-            body = json.loads(data)
+            body = json.loads(event.data)
         except ValueError:
             return
-        if event == "subscribed" and isinstance(body, dict):
+        if event.type == "subscribed" and isinstance(body, dict):
             self.arrival.on_subscribed(body.get("channel"))
-        elif event == "message":
-            self.arrival.on_envelope(body, now)
+        elif event.type == "message":
+            self.arrival.on_envelope(body, self._now)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.arrival.fail("the stream ended before the message arrived")
-        if not self.ended.called:
-            self.ended.callback(None)
-
-    def hang_up(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-
-def _connect_reason(exc: BaseException, target: Target) -> str | None:
-    """A connection failure (maybe wrapped by the HTTP client) in a few words."""
-    if isinstance(exc, ResponseNeverReceived | ResponseFailed) and exc.reasons:
-        exc = exc.reasons[0].value
-    if isinstance(exc, error.ConnectionRefusedError):
-        return f"connection refused by {target.address} (is pushd running and listening there?)"
-    if isinstance(exc, error.DNSLookupError):
-        return f"cannot resolve {target.host}"
-    if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
-        return f"connecting to {target.address} timed out"
-    if isinstance(exc, error.ConnectionLost | error.ConnectionDone):
-        return f"{target.address} closed the connection"
-    if isinstance(exc, error.ConnectError):
-        return f"cannot connect to {target.address}: {exc}"
-    if type(exc).__module__.startswith("OpenSSL"):
-        return f"TLS with {target.address} failed: {exc}"
-    return None
+        super().connectionLost(reason)
 
 
 async def _within(
@@ -373,7 +292,7 @@ class Check:
         except CheckFailed:
             raise
         except Exception as exc:
-            reason = _connect_reason(exc, self.target)
+            reason = connect_reason(exc, self.target)
             if reason is None:
                 raise CheckFailed(f"{step}: {type(exc).__name__}: {exc}") from exc
             raise CheckFailed(f"{step}: {reason}") from None
@@ -496,21 +415,6 @@ class Check:
         return True
 
 
-def _target(text: str) -> Target:
-    try:
-        return Target.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _channel(text: str) -> str:
-    if not is_channel(text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: channel names match [A-Za-z0-9_.:@=+-]{{1,128}}, optionally #ids"
-        )
-    return text
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -527,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
         description="Publish one message through a running pushd and confirm it arrives "
         "over WebSocket and Server-Sent Events.",
     )
-    p.add_argument("url", type=_target, metavar="URL", help="pushd's base URL, http(s)://...")
+    p.add_argument("url", type=target_arg, metavar="URL", help="pushd's base URL, http(s)://...")
     p.add_argument(
         "--api-key",
         default=os.environ.get("PUSHD_CHECK_API_KEY") or None,
@@ -539,7 +443,7 @@ def parser() -> argparse.ArgumentParser:
         help="subscriber token granting the channel (default: $PUSHD_CHECK_TOKEN)",
     )
     p.add_argument(
-        "--channel", type=_channel, help="channel to use (default: pushd-check.<random>)"
+        "--channel", type=channel_arg, help="channel to use (default: pushd-check.<random>)"
     )
     p.add_argument(
         "--timeout",
@@ -584,43 +488,6 @@ async def _check(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextI
         await check.close()
     print(f"pushd-check: OK (websocket {_ms(ws_rtt)}, sse {_ms(sse_rtt)})", file=out, flush=True)
     return 0
-
-
-def parse_command(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
-    """The parsed command line, or the status argparse exits with (2, or 0 for --help)."""
-    try:
-        return p.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-
-
-@contextmanager
-def verbose_log(enabled: bool, err: TextIO) -> Iterator[None]:
-    """With -v: Twisted's and Autobahn's log on `err` for the command's run."""
-    observer = cast(ILogObserver, textFileLogObserver(err)) if enabled else None
-    if observer is not None:
-        globalLogPublisher.addObserver(observer)
-    try:
-        yield
-    finally:
-        if observer is not None:
-            globalLogPublisher.removeObserver(observer)
-
-
-def run_command(
-    run: Callable[[Any, list[str]], Awaitable[int]], argv: list[str] | None = None
-) -> None:
-    """A console script on Twisted: runs `run(reactor, argv)`, exits with its status."""
-    # Until logging begins, Twisted prints critical events (a TLS verification
-    # failure's traceback) to stderr: the one-line reason says it all (-v shows them).
-    globalLogBeginner.beginLoggingTo([], redirectStandardIO=False)
-
-    async def react_main(reactor: Any, args: list[str]) -> None:
-        code = await run(reactor, args)
-        if code:
-            raise SystemExit(code)
-
-    react(react_main, (sys.argv[1:] if argv is None else argv,))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ Strict: each request is checked by llhttp (httptools), which refuses what RFC
 9110 and 9112 refuse (NUL, CR or LF alone, other control bytes, a bad name
 character, obs-fold, a malformed Content-Length). What it refuses, and every
 request this module does not take whole, goes to twisted.web, where
-pushd.web.PushdChannel applies the same grammar (`bad_field_line`), so one
+pushd.web.channel.PushdChannel applies the same grammar (`bad_field_line`), so one
 request never gets one answer in one read and another in two.
 """
 
@@ -128,7 +128,7 @@ class FastPublish:
             return None
         head_end += 4
         if head_end - start > self._max_head:
-            return None  # 414 or 431 (pushd.web.PushdChannel)
+            return None  # 414 or 431 (pushd.web.channel)
         line_end = data.find(b"\r\n", start)
         if not data.startswith(b" HTTP/1.1", line_end - 9):
             return None

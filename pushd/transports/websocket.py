@@ -33,10 +33,12 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.web.server import Request
 
 from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, client_host, token_from
 from pushd.broker import Broker, BrokerUnavailable, OutcomeUnknown
@@ -52,8 +54,9 @@ from pushd.message import (
     load_json,
     parse_id,
 )
-from pushd.sending import write_now
 from pushd.session import AlreadySubscribed, Session
+from pushd.transports import autobahn_diet
+from pushd.transports.sending import write_now
 
 log = Logger()
 
@@ -126,25 +129,7 @@ def _since_of(msg: dict[str, Any], channel: str) -> str | None:
     return since
 
 
-# What Autobahn keeps of the opening handshake and never reads once the connection is open.
-_HANDSHAKE_ONLY = (
-    "http_headers",
-    "http_status_line",
-    "http_request_data",
-    "http_response_data",
-    "http_request_uri",
-    "http_request_path",
-    "http_request_params",
-    "http_request_host",
-    "websocket_origin",
-    "websocket_protocols",
-    "websocket_extensions",
-    "websocket_key",
-    "_wskey",
-)
-_SHAREABLE = (type(None), bool, int, float, str)
 _OPEN = WebSocketServerProtocol.STATE_OPEN
-_UNSET = object()
 
 
 class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[misc]
@@ -218,37 +203,13 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         transport.registerProducer(self, True)
         self.factory.clients.add(self)
         initial = self._initial
-        self._shrink()
+        # Idle connections are most of a node's memory (pushd.transports.autobahn_diet).
+        autobahn_diet.shrink(self, also=("_initial",))
         for msg in initial:
             self._handle(self.handle_subscribe, msg)
         # After the URL's channels: a `since` there for the personal channel counts.
         if self.grants.sub is not None:
             self.session.identify(self.grants.sub, self.factory.config.personal(self.grants.sub))
-
-    def _shrink(self) -> None:
-        """Make an idle connection small: it keeps nothing of the handshake, and
-        no copy of a plain value its class already holds (Autobahn sets some
-        hundred attributes per connection, most of them the same for all)."""
-        own = self.__dict__
-        for name in (*_HANDSHAKE_ONLY, "_initial"):
-            own.pop(name, None)
-        # Autobahn never appends to its send queue unless asked to (sync or
-        # chopsize writes, which pushd does not use): an immutable empty one
-        # would fail loudly if it ever did.
-        own["send_queue"] = ()
-        cls = type(self)
-        for name, value in list(own.items()):
-            if type(value) not in _SHAREABLE or name == "state":  # read per delivery
-                continue
-            shared = getattr(cls, name, _UNSET)
-            if shared is _UNSET:
-                # This factory's own class (see PushdServerFactory): no other sees it.
-                setattr(cls, name, value)
-                shared = value
-            if type(shared) is type(value) and shared == value:
-                del own[name]
-        # A dict does not shrink when keys go: a copy is sized to what is left.
-        self.__dict__ = dict(own)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
@@ -289,11 +250,8 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
-        # Autobahn resolves is_closed with the protocol itself, and the session
-        # points back at it: cycles that would leave every closed connection to
-        # the cycle collector. Nothing reads them once the connection is gone.
-        for name in ("session", "is_closed", "is_open"):
-            self.__dict__.pop(name, None)
+        # The session points back at the connection, as does Autobahn's is_closed.
+        autobahn_diet.drop_cycles(self, also=("session",))
 
     # -- client frames
 
@@ -437,9 +395,8 @@ class PushdServerFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=reactor)
         # A class of this factory's own: connections read the factory's options
-        # from it (Autobahn copies only what a connection lacks) and share their
-        # plain defaults through it (PushdServerProtocol._shrink).
-        self.protocol = type(PushdServerProtocol.__name__, (PushdServerProtocol,), {})  # type: ignore[assignment]
+        # from it and share their plain defaults through it (autobahn_diet).
+        self.protocol = autobahn_diet.protocol_class(PushdServerProtocol)
         self.hub = hub
         self.broker = broker
         self.gate = gate
@@ -467,10 +424,7 @@ class PushdServerFactory(WebSocketServerFactory):
             closeHandshakeTimeout=1,
             failByDrop=False,
         )
-        for name in self.protocol.CONFIG_ATTRS:
-            value = getattr(self, name)
-            # A function read from a class would become a method: keep it plain.
-            setattr(self.protocol, name, staticmethod(value) if callable(value) else value)
+        autobahn_diet.options_on_class(self)
 
     def gone(self, client: PushdServerProtocol) -> None:
         self.clients.discard(client)
@@ -491,3 +445,29 @@ class PushdServerFactory(WebSocketServerFactory):
             # but "going away" is exactly what a stopping server says.
             client.sendCloseFrame(1001, b"server shutting down")
         return d
+
+
+class WebSocketEndpoint(WebSocketResource):
+    """`/ws`: a request that does not ask to upgrade gets the contract's JSON
+    error (426) instead of Autobahn's HTML status page."""
+
+    def render(self, request: Request) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            request.setResponseCode(426)
+            request.setHeader(b"upgrade", b"websocket")
+            request.setHeader(b"connection", b"close")
+            request.channel.persistent = False
+            request.setHeader(b"content-type", b"application/json")
+            return dump_json({"error": "upgrade_required", "message": "this is a WebSocket"})
+        result = super().render(request)
+        channel = request.channel
+        if channel.transport is None:
+            # Upgraded: Twisted Web's channel and request are done with, but hold
+            # each other; let go of one side, so both go now, not at a full GC.
+            channel.requests.clear()
+            # The WebSocket factory closes it on a stop, not the site.
+            gone = getattr(channel.site, "channel_gone", None)  # type: ignore[attr-defined]
+            if gone is not None:
+                gone(channel)
+        return result

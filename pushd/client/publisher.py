@@ -1,0 +1,203 @@
+"""Publishing through pushd's producer API, with retries that never publish twice.
+
+`Publisher` retries a publish that got 503 (Redis unavailable), 504 (outcome
+unknown) or lost its connection, with exponential backoff and jitter, always
+under one `Idempotency-Key` (made up when the caller gives none), so a retry
+never publishes twice. Other refusals raise
+`PushdError(status, code, message)` with the server's JSON error.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import Iterable
+from typing import Any, cast
+
+from treq.client import HTTPClient
+from twisted.internet import defer, error
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IAgent
+
+from pushd import __version__
+from pushd.client.console import Target
+
+__all__ = ["Publisher", "PushdError"]
+
+log = Logger()
+
+USER_AGENT = f"pushd-client/{__version__}"
+
+#: Failures of the connection (not answers of the server): a publish retries them.
+_CONNECTION_ERRORS = (
+    error.ConnectError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    error.TimeoutError,
+    defer.TimeoutError,
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+)
+
+#: Answers a publish retries, under the same Idempotency-Key: 503 (nothing was
+#: stored) and 504 (it may have been: the retry answers the stored id, if any).
+_RETRIED = frozenset((503, 504))
+
+Headers = dict[bytes | str, list[bytes | str]]
+
+
+class PushdError(Exception):
+    """pushd refused a request: the HTTP status and the JSON error's code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: between half and all of min(cap, base * 2**attempt)."""
+    delay = min(cap, base * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+async def _error_of(response: Any) -> PushdError:
+    text = (await response.content()).decode("utf-8", "replace").strip()
+    try:
+        body = json.loads(text)
+        return PushdError(response.code, str(body["error"]), str(body["message"]))
+    except (ValueError, TypeError, KeyError):
+        phrase = response.phrase.decode("latin-1", "replace")
+        return PushdError(response.code, "http_error", " ".join(text.split())[:200] or phrase)
+
+
+class Publisher:
+    """Publishes through pushd's producer API (`POST /channels/{channel}`, `POST /publish`).
+
+    Every publish carries an `Idempotency-Key` (the caller's, or a random one):
+    `retries` is how many times it is tried again, under that key, after a 503,
+    a 504 or a lost connection, waiting `backoff` seconds (doubling each time,
+    with jitter) between tries; `timeout` bounds each try. A 422 (the key was
+    first used with another request) is raised, never retried.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        reactor: Any = None,
+        retries: int = 5,
+        backoff: float = 0.2,
+        max_backoff: float = 10.0,
+        timeout: float = 30.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.target = Target.parse(url)
+        self.api_key = api_key
+        self.reactor = reactor
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._http = HTTPClient(cast(IAgent, Agent(reactor, pool=self._pool)))
+
+    async def publish(self, channel: str, data: Any, *, idempotency_key: str | None = None) -> str:
+        """Publish one message; its id. A `str` is sent as text, anything else as JSON."""
+        if isinstance(data, str):
+            body, ctype = data.encode("utf-8"), "text/plain; charset=utf-8"
+        else:
+            # Strict JSON (pushd refuses NaN and Infinity): ValueError here, not a 400.
+            text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+            body, ctype = text.encode(), "application/json"
+        answer = await self._post(
+            self.target.publish_url(channel), body, ctype, idempotency_key or uuid.uuid4().hex
+        )
+        try:
+            return str(answer["id"])
+        except (TypeError, KeyError):
+            raise PushdError(200, "bad_answer", f"no message id in {answer!r:.200}") from None
+
+    async def publish_batch(
+        self, items: Iterable[tuple[str, Any]], *, idempotency_key: str | None = None
+    ) -> list[str]:
+        """Publish many `(channel, data)` messages in one request (`POST /publish`,
+        NDJSON), in order; their ids. Data is sent as JSON (a `str` stays a string)."""
+        lines = [
+            json.dumps({"channel": channel, "data": data}, separators=(",", ":"), allow_nan=False)
+            for channel, data in items
+        ]
+        if not lines:
+            return []
+        body = ("\n".join(lines) + "\n").encode()
+        answer = await self._post(
+            f"{self.target.base}/publish",
+            body,
+            "application/x-ndjson",
+            idempotency_key or uuid.uuid4().hex,
+        )
+        try:
+            ids = [str(result["id"]) for result in answer["results"]]
+        except (TypeError, KeyError):
+            raise PushdError(200, "bad_answer", f"no results in {answer!r:.200}") from None
+        if len(ids) != len(lines):
+            raise PushdError(200, "bad_answer", f"{len(ids)} ids for {len(lines)} messages")
+        return ids
+
+    async def _post(self, url: str, body: bytes, ctype: str, key: str) -> Any:
+        headers: Headers = {
+            "Content-Type": [ctype],
+            "Idempotency-Key": [key],
+            "User-Agent": [USER_AGENT],
+        }
+        if self.api_key:
+            headers["Authorization"] = [f"Bearer {self.api_key}"]
+        attempt = 0
+        while True:
+            try:
+                d = Deferred.fromCoroutine(self._attempt(url, body, headers))
+                return await d.addTimeout(self.timeout, self.reactor)
+            except PushdError as exc:
+                if exc.status not in _RETRIED or attempt >= self.retries:
+                    raise
+                log.info(
+                    "publish: {status} {message}, retrying", status=exc.status, message=exc.message
+                )
+            except _CONNECTION_ERRORS as exc:
+                if attempt >= self.retries:
+                    raise
+                log.info("publish: {error!r}, retrying", error=exc)
+            await deferLater(
+                self.reactor, _backoff(attempt, self.backoff, self.max_backoff), lambda: None
+            )
+            attempt += 1
+
+    async def _attempt(self, url: str, body: bytes, headers: Headers) -> Any:
+        response = await self._http.post(url, data=body, headers=headers)
+        if response.code != 200:
+            raise await _error_of(response)
+        return await response.json()
+
+    def close(self) -> Deferred[None]:
+        """Close the pooled connections (fires when they are closed)."""
+        return self._pool.closeCachedConnections()
+
+    async def __aenter__(self) -> Publisher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

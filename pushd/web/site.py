@@ -1,0 +1,131 @@
+"""pushd's Site: the resources of one process put together (`make_site`), and
+the Site that knows its connections, so that a stop can be graceful."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.web.server import Site
+
+from pushd.auth import Gate
+from pushd.broker import Broker
+from pushd.config import Config
+from pushd.hub import Hub
+from pushd.metrics import Metrics
+from pushd.transports.ndjson import NdjsonResource
+from pushd.transports.sse import SseResource
+from pushd.transports.websocket import WebSocketEndpoint
+from pushd.web.batch import PublishResource, PushResource
+from pushd.web.channel import PushdChannel, PushdRequest
+from pushd.web.control import UsersResource
+from pushd.web.hotpath import FastPublish
+from pushd.web.ops import HealthResource, MetricsResource
+from pushd.web.producer import ChannelsResource, Producing
+from pushd.web.resource import ProducerAuth
+from pushd.web.static import Root, StaticFile
+
+
+class PushdSite(Site):
+    """The Site of one pushd process; it knows its connections, so that a stop
+    can be graceful (`begin_stop`, `channels_gone`)."""
+
+    #: From `begin_stop` on: no request reaches a resource, every answer closes.
+    stopping = False
+    stop_grace = 1.0
+    fast: FastPublish | None = None
+    ws_factory: Any = None
+    streams: list[Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels: set[PushdChannel] = set()
+        self._gone: list[Deferred[None]] = []
+
+    def begin_stop(self, grace: float) -> None:
+        """From now on every answer carries `Connection: close` and requests get
+        503 `shutting_down`; idle connections close after `grace` seconds."""
+        self.stopping = True
+        self.stop_grace = grace
+        if self.fast is not None:
+            self.fast.closing = True
+        for channel in tuple(self.channels):
+            channel.stop(grace)
+
+    def channel_gone(self, channel: Any) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._gone:
+            waiting, self._gone = self._gone, []
+            for d in waiting:
+                d.callback(None)
+
+    def channels_gone(self) -> Deferred[None]:
+        """Fires once no HTTP connection is open (upgraded WebSockets aside)."""
+        if not self.channels:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._gone.append(d)
+        return d
+
+
+class QuietSite(PushdSite):
+    """A Site without an access log: at push rates a line per request costs more than the push."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def make_site(
+    *,
+    hub: Hub,
+    broker: Broker,
+    gate: Gate,
+    ws_factory: Any,
+    config: Config,
+    metrics: Metrics,
+    reactor: Any,
+) -> PushdSite:
+    root = Root(config.demo if config.demo is not None else not config.uses_redis)
+    producing = Producing(
+        broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config
+    )
+    children: dict[bytes, Any] = {
+        b"ws": WebSocketEndpoint(ws_factory),
+        b"sse": SseResource(hub, broker, gate, config, reactor, metrics),
+        b"stream": NdjsonResource(hub, broker, gate, config, reactor, metrics),
+        b"channels": ChannelsResource(producing),
+        b"publish": PublishResource(producing),
+        b"users": UsersResource(producing),
+        b"push": PushResource(producing),
+        b"health": HealthResource(broker, "redis" if config.uses_redis else "memory"),
+        b"metrics": MetricsResource(metrics, producing.auth),
+        b"pushd.js": StaticFile("pushd.js", b"text/javascript; charset=utf-8"),
+    }
+    for name, child in children.items():
+        root.putChild(name, child)
+
+    # Idle keep-alive connections go after a minute (the headers' own deadline is shorter).
+    # No form parsing: the contract has no form bodies, and /push's `c` is the query's.
+    site_type = PushdSite if config.access_log else QuietSite
+    site = site_type(
+        root,
+        timeout=max(60.0, config.handshake_timeout),
+        reactor=reactor,
+        parsePOSTFormSubmission=False,
+    )
+    largest = max(config.max_message_size, config.max_batch_size)
+    request_type = type("PushdRequest", (PushdRequest,), {"max_body": largest})
+    site.requestFactory = request_type  # type: ignore[assignment]
+    site.fast = FastPublish(producing, reactor)
+    site.protocol = type(  # type: ignore[method-assign]
+        "PushdChannel",
+        (PushdChannel,),
+        {
+            "handshake_timeout": config.handshake_timeout,
+            "max_header_size": config.max_header_size,
+            "fast": site.fast,
+        },
+    )
+    site.ws_factory = ws_factory
+    site.streams = [children[b"sse"], children[b"stream"]]
+    return site

@@ -1,0 +1,57 @@
+"""`/` and the files shipped in pushd/static (the demo page, pushd.js)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib.resources import files
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from pushd import __version__
+from pushd.message import dump_json
+from pushd.web.resource import NotFound
+
+
+class Root(Resource):
+    """`/`: the demo page when it is on, else what this server is, as JSON."""
+
+    def __init__(self, demo: bool) -> None:
+        super().__init__()
+        self._demo = demo
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"" and not request.postpath:
+            return self
+        return NotFound()
+
+    def render_GET(self, request: Request) -> bytes:
+        if self._demo:
+            return static_file(request, "index.html", b"text/html; charset=utf-8")
+        request.setHeader(b"content-type", b"application/json")
+        return dump_json({"service": "pushd", "version": __version__})
+
+
+class StaticFile(Resource):
+    """A file shipped in pushd/static, read once."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes) -> None:
+        super().__init__()
+        self._name = name
+        self._content_type = content_type
+
+    def render_GET(self, request: Request) -> bytes:
+        return static_file(request, self._name, self._content_type)
+
+
+def static_file(request: Request, name: str, content_type: bytes) -> bytes:
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-cache")
+    return _static(name)
+
+
+@lru_cache(maxsize=8)
+def _static(name: str) -> bytes:
+    return (files("pushd") / "static" / name).read_bytes()
