@@ -9,7 +9,6 @@ from twisted.internet import endpoints
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
-    TimeoutError,
     gatherResults,
     maybeDeferred,
 )
@@ -77,6 +76,8 @@ class PushdService(MultiService):
 
     #: Seconds an idle keep-alive connection is kept open once stopping.
     idle_grace = 1.0
+    #: Seconds for the 504s of abandoned publishes to be written, past the timeout.
+    answer_grace = 1.0
 
     def __init__(
         self, config: Config, broker: Broker, hub: Hub, metrics: Metrics, reactor: Any
@@ -101,16 +102,35 @@ class PushdService(MultiService):
             streams.end_all()
         # The broker stays until every publish sent to it is answered, and every
         # HTTP connection has written its last answer and closed.
-        leaving = gatherResults(
-            [self.site.ws_factory.close_all(), self.broker.drain(), self.site.channels_gone()]
-        )
-        leaving.addTimeout(self.config.shutdown_timeout, self.reactor)
-        try:
-            await leaving
-        except TimeoutError:
+        leaving = [self.site.ws_factory.close_all(), self.broker.drain()]
+        if not await self._within(
+            self.config.shutdown_timeout, *leaving, self.site.channels_gone()
+        ):
             log.warn("shutdown timeout: closing what is left")
+            # Publishes Redis has not answered get 504 outcome_unknown, written
+            # before their connections close (a moment for that, no more).
+            self.broker.abandon()
+            await self._within(self.answer_grace, self.broker.drain(), self.site.channels_gone())
         # Let the last answers and close frames reach the sockets.
         await deferLater(self.reactor, 0.05, lambda: None)
+
+    async def _within(self, seconds: float, *waits: Deferred[Any]) -> bool:
+        """True once every one of `waits` fired, False when `seconds` passed
+        first. The waits are left alone either way: cancelling them (as
+        `addTimeout` on their `gatherResults` would) fails them, and a
+        gatherResults cancelled so answers FirstError, not TimeoutError."""
+        result: Deferred[bool] = Deferred()
+
+        def settle(value: bool) -> None:
+            if not result.called:
+                result.callback(value)
+
+        gatherResults(list(waits), consumeErrors=True).addBoth(lambda _: settle(True))
+        timer = self.reactor.callLater(seconds, settle, False)
+        done = await result
+        if timer.active():
+            timer.cancel()
+        return done
 
     def stopService(self) -> Deferred[None]:
         async def stop() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,13 @@ async def test_the_recipe_publishes_with_history_from_redis_cli(
     ("data", "more", "why"),
     [
         ('{"x": 1e400}', (), "a number that does not fit a double"),
+        ("1.8e308", (), "a number that does not fit a double"),
+        (str(2**1024), (), "a number that does not fit a double"),  # 309 digits
+        # DBL_MAX + 1: a double reads it as DBL_MAX, pushd refuses it (exact integers)
+        (f"[-{int(sys.float_info.max) + 1}]", (), "a number that does not fit a double"),
+        ('"\\ud800"', (), "a lone surrogate escape"),
+        ('"\\udc00"', (), "a lone surrogate escape"),
+        ('"\\ud800\\u0041"', (), "a lone surrogate escape"),
         ("NaN", (), "not JSON"),
         ("Infinity", (), "not JSON"),
         ("0x10", (), "more than one JSON value"),

@@ -5,16 +5,20 @@ nothing published while the client was away."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
+import re
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.web.test.requesthelper import DummyRequest
 
 from pushd.message import Message, envelope, parse_id
 from pushd.transports.sse import SseStream
-from pushd.transports.stream import decode_cursor
+from pushd.transports.stream import decode_cursor, encode_cursor
+from pushd.web.errors import ApiError
 from tests.sse import open_sse
 from tests.support import PushdUnderTest, StartPushd, WSClient, connect_raw
 from tests.test_streams import until_live
@@ -185,6 +189,44 @@ def test_sse_cursor_of_several_channels() -> None:
     assert json.loads(events[-1]["data"]) == {"type": "subscribed", "channels": resume}
     stream.message(Message("b", "8-0", envelope("b", "8-0", b"2")))
     assert decode_cursor(sse_events(request)[-1]["id"], ["a", "b", "c"]) == {**resume, "b": "8-0"}
+
+
+def test_sse_cursor_is_the_ids_alone_in_the_urls_order() -> None:
+    """EventSource resends the cursor to the same URL: only the ids travel (a
+    seq of 0 left out, a channel without a resume point empty), after a check
+    of the channel list, so 100 channels of long names stay far under the
+    header limit; a cursor of another channel list resumes none of them."""
+    channels = ["a", "b", "c"]
+    cursor = encode_cursor({"a": "1732900000000-0", "c": "5-3"}, channels)
+    version, _, *ids = cursor.split(".")
+    assert (version, ids) == ("1", ["1732900000000", "", "5-3"])
+    assert re.fullmatch(r"[A-Za-z0-9_.~-]+", cursor)  # URL-safe
+    assert decode_cursor(cursor, channels) == {"a": "1732900000000-0", "c": "5-3"}
+    for other in (["a", "c", "b"], ["a", "b"], ["a", "b", "c", "d"], ["a", "b", "x"]):
+        assert decode_cursor(cursor, other) == {}  # never one channel from another's id
+    long = [f"c{i:03d}" + "x" * 96 for i in range(100)]
+    big = encode_cursor(dict.fromkeys(long, "1732900000000-17"), long)
+    assert len(big) < 2000 and decode_cursor(big, long) == dict.fromkeys(long, "1732900000000-17")
+
+
+def test_sse_cursor_garbage_is_bad_since_and_the_former_cursor_still_resumes() -> None:
+    channels = ["a", "b"]
+    check = encode_cursor({}, channels).split(".")[1]
+    for garbage in (
+        "1.",
+        "1.x",
+        f"1.{check}.x.5",
+        f"1.{check}.5-.5",
+        f"2.{check}.5.5",
+        "@@",
+        "WzFd",  # JSON, not an object
+    ):
+        with pytest.raises(ApiError) as refused:
+            decode_cursor(garbage, channels)
+        assert refused.value.code == "bad_since"
+    # What browsers and pushd.js (its `?since=`) hold: base64url of {channel: id}.
+    former = base64.urlsafe_b64encode(b'{"a":"4-0","x":"5-0"}').rstrip(b"=").decode()
+    assert decode_cursor(former, channels) == {"a": "4-0"}
 
 
 @pytest_twisted.ensureDeferred

@@ -202,6 +202,12 @@ class Broker(Service):
         self._drained.append(d)
         return d
 
+    def abandon(self) -> None:
+        """The wait for publishes in flight is over (the shutdown timeout ran
+        out): each still unanswered fails now with OutcomeUnknown, so its
+        producer gets a 504 before its connection closes, not silence. Nothing
+        to do where every publish is answered at once (memory)."""
+
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None
     ) -> Deferred[Published]:

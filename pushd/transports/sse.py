@@ -3,7 +3,9 @@ pushd.transports.stream).
 
   GET /sse?channel=a&channel=b[&since=<id>][&token=...]   text/event-stream
       id: <id>                 (several channels: an opaque cursor of every
-      data: <envelope JSON>     channel's last id, so Last-Event-ID resumes all)
+      data: <envelope JSON>     channel's last id, so Last-Event-ID resumes all;
+                                the ids alone in the URL's channel order, see
+                                pushd.transports.stream.encode_cursor)
 
       event: subscribed        (one per channel, before its replay; EventSource
       data: {"type":"subscribed","channel":"a","recovered":true,"position":"<id>"}
@@ -53,7 +55,7 @@ class SseStream(Stream):
         if not resume:
             return  # no subscription went through: nothing to resume from
         one = len(self._channels) == 1
-        event_id = resume[self._channels[0]] if one else encode_cursor(resume)
+        event_id = resume[self._channels[0]] if one else encode_cursor(resume, self._channels)
         data = dump_json({"type": "subscribed", "channels": resume})
         self._write(b"event: subscribed\nid: " + event_id.encode() + b"\ndata: " + data + b"\n\n")
 
@@ -68,7 +70,7 @@ class SseStream(Stream):
             last = self._last
             last[message.channel] = message.id
             if len(self._channels) > 1:
-                cursor = encode_cursor(last).encode()
+                cursor = encode_cursor(last, self._channels).encode()
                 self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
             elif message.channel == self._channels[0]:
                 self._write(b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n")

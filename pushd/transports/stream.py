@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from typing import Any
 
@@ -40,19 +41,68 @@ from pushd.web.resource import request_host
 log = Logger()
 
 
-def encode_cursor(last: dict[str, str]) -> str:
-    """Every channel's last id as one URL-safe Last-Event-ID."""
-    raw = json.dumps(last, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+#: The cursor's version, its first field: `1.<check>.<id>.<id>...`.
+_CURSOR_V1 = "1"
+
+
+def encode_cursor(last: dict[str, str], channels: list[str]) -> str:
+    """Every channel's last id as one URL-safe Last-Event-ID, compact enough for
+    --max-subscriptions channels of long names: the ids alone, in the order of
+    `channels` (the request's: EventSource reconnects to the same URL), after a
+    check of that channel list. An id is written `<ms>` when its seq is 0, a
+    channel without a resume point as nothing."""
+    ids = (_compact_id(last.get(channel)) for channel in channels)
+    return ".".join((_CURSOR_V1, _channels_check(channels), *ids))
 
 
 def decode_cursor(value: str, channels: list[str]) -> dict[str, str]:
-    """A Last-Event-ID (or since) as channel -> id; a plain id applies to every channel."""
+    """A Last-Event-ID (or since) as channel -> id; a plain id applies to every
+    channel. A cursor of other channels (another URL's) resumes none of them;
+    a malformed one is ApiError bad_since."""
     try:
         parse_id(value)
         return dict.fromkeys(channels, value)
     except ValueError:
         pass
+    if "." in value:  # never in the former cursor (base64url)
+        return _decode_v1(value, channels)
+    return _decode_json(value, channels)
+
+
+def _channels_check(channels: list[str]) -> str:
+    digest = hashlib.sha256("\n".join(channels).encode("utf-8", "surrogatepass")).digest()
+    return base64.urlsafe_b64encode(digest[:6]).decode()
+
+
+def _compact_id(msg_id: str | None) -> str:
+    if msg_id is None:
+        return ""
+    return msg_id[:-2] if msg_id.endswith("-0") else msg_id
+
+
+def _decode_v1(value: str, channels: list[str]) -> dict[str, str]:
+    version, check, *tokens = value.split(".")
+    if version != _CURSOR_V1 or not tokens:
+        raise ApiError(*errors.BAD_SINCE)
+    ids: list[str | None] = []
+    for token in tokens:
+        msg_id = None if not token else token if "-" in token else token + "-0"
+        if msg_id is not None:
+            try:
+                parse_id(msg_id)
+            except ValueError:
+                raise ApiError(*errors.BAD_SINCE) from None
+        ids.append(msg_id)
+    if len(ids) != len(channels) or check != _channels_check(channels):
+        return {}  # another URL's channels: none resumes, never from another's id
+    return {
+        channel: msg_id for channel, msg_id in zip(channels, ids, strict=True) if msg_id is not None
+    }
+
+
+def _decode_json(value: str, channels: list[str]) -> dict[str, str]:
+    """The cursor before 1 (base64url of {channel: id}): what browsers hold
+    across an upgrade, and what pushd.js sends as `?since=`."""
     try:
         padded = value + "=" * (-len(value) % 4)
         last = json.loads(base64.urlsafe_b64decode(padded.encode()))

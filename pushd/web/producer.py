@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -138,6 +139,8 @@ class ChannelResource(_ChannelApi):
         data = message_data(request, self._p.config.max_message_size)
         if browser is not None:
             self._p.browsers.take(*browser)
+            if key is not None:
+                key = self._p.browsers.scoped_key(key, *browser)
         return self._publish(data, key)
 
     async def _describe(self) -> bytes:
@@ -301,6 +304,16 @@ class BrowserPublish:
         origin = request.getHeader(b"origin")
         if not self.origins.admits(None if origin is None else origin.decode("latin-1")):
             raise ApiError(*ORIGIN_REFUSED)
+
+    @staticmethod
+    def scoped_key(key: str, token: str, grants: Grants) -> str:
+        """A browser's Idempotency-Key, in a space of its own: its user's (the
+        token's `sub`), or its token's. A page can neither take a key the backend
+        will use nor learn (from a 422) that the backend used one. The NUL cannot
+        be in a key sent over HTTP (printable only), so no scoped key is anyone's
+        plain key."""
+        who = grants.sub if grants.sub is not None else hashlib.sha256(token.encode()).hexdigest()
+        return f"{key}\x00browser:{who}"
 
     def take(self, token: str, grants: Grants) -> None:
         """One publish of the token's rate, or 429."""

@@ -10,7 +10,8 @@
 --   ARGV[2]  the channel (a name of the contract's form)
 --   ARGV[3]  the data
 --   ARGV[4]  optional: `json` (default): the data must be strict JSON (RFC 8259,
---            UTF-8, no NaN/Infinity, every number fits a double); it is stored
+--            UTF-8, no NaN/Infinity, every number fits a double, no lone
+--            surrogate escape such as "\ud800"); it is stored
 --            without the whitespace between tokens. `text`: any UTF-8 text,
 --            stored as a JSON string.
 --   ARGV[5]  optional: history size (MAXLEN ~), default 100 (--history-size)
@@ -24,6 +25,11 @@
 
 local find, sub, byte = string.find, string.sub, string.byte
 local MAX_DEPTH = 512
+-- int(sys.float_info.max): the largest integer pushd takes (309 digits).
+local DBL_MAX_DIGITS = '17976931348623157081452742373170435679807056752584499659891747680315'
+  .. '72607800285387605895586327668781715404589535143824642343213268894641827684675467035375'
+  .. '16986049910576551282076245490090389328944075868508455133942304583236903222948165808559'
+  .. '332123348274797826204144723168738177180919299881250404026184124858368'
 
 local function refuse(why)
   return redis.error_reply('ERR pushd: ' .. why)
@@ -99,8 +105,20 @@ local function compact_json(s)
       elseif c == 92 then
         local x = sub(s, pos + 1, pos + 1)
         if x == 'u' then
-          if not find(s, '^%x%x%x%x', pos + 2) then return 'a bad \\u escape' end
+          local u = find(s, '^%x%x%x%x', pos + 2) and tonumber(sub(s, pos + 2, pos + 5), 16)
+          if not u then return 'a bad \\u escape' end
           pos = pos + 6
+          -- A surrogate escape stands for text only as a high one then a low
+          -- one: pushd refuses a lone one as data (no UTF-8 holds it).
+          if u >= 0xDC00 and u <= 0xDFFF then return 'a lone surrogate escape' end
+          if u >= 0xD800 and u <= 0xDBFF then
+            local low = sub(s, pos, pos + 1) == '\\u' and find(s, '^%x%x%x%x', pos + 2)
+                        and tonumber(sub(s, pos + 2, pos + 5), 16)
+            if not low or low < 0xDC00 or low > 0xDFFF then
+              return 'a lone surrogate escape'
+            end
+            pos = pos + 6
+          end
         elseif x ~= '' and find('"\\/bfnrt', x, 1, true) then
           pos = pos + 2
         else
@@ -133,7 +151,25 @@ local function compact_json(s)
     local _, e = find(s, '^0', pos)
     if not e then _, e = find(s, '^[1-9]%d*', pos) end
     if not e then return 'a bad number' end
+    local int_start, int_end = pos, e
     pos = e + 1
+    if not find(s, '^[%.eE]', pos) then
+      -- An integer: pushd keeps it exact, and refuses it past DBL_MAX exactly
+      -- (Lua's doubles would round DBL_MAX + 1 down to DBL_MAX).
+      local digits = int_end - int_start + 1
+      if digits < #DBL_MAX_DIGITS then return nil end
+      if digits > #DBL_MAX_DIGITS then return 'a number that does not fit a double' end
+      -- As many digits: the first that differs decides (byte by byte, as Lua's
+      -- `<` on strings follows the locale's collation).
+      for k = 1, digits do
+        local a, b = byte(s, int_start + k - 1), byte(DBL_MAX_DIGITS, k)
+        if a ~= b then
+          if a > b then return 'a number that does not fit a double' end
+          return nil
+        end
+      end
+      return nil
+    end
     if sub(s, pos, pos) == '.' then
       _, e = find(s, '^%d+', pos + 1)
       if not e then return 'a bad number' end

@@ -225,6 +225,14 @@ class Publisher(Broker):
                 stuck[conn] = oldest
         self._stuck = stuck
 
+    def abandon(self) -> None:
+        """Cut every pool connection with a command unanswered: what waits on
+        it fails as after a watchdog cut (a publish: OutcomeUnknown, 504)."""
+        for conn in list(self._pool_factory.pool if self._pool_factory else ()):
+            if conn.replyQueue.waiting:
+                log.warn("stopping: Redis left commands unanswered; their outcome is unknown")
+                conn.transport.abortConnection()
+
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
     ) -> Deferred[list[Published]]:
