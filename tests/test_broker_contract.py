@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 
-from pushd.broker import Broker, BusListener, IdempotencyKeyReused
+from pushd.broker import Broker, IdempotencyKeyReused, NoClients
 from pushd.message import Message, dump_json, parse_id
 from pushd.service import make_broker
 from tests.support import PushdUnderTest, RedisServer, wait_for, with_timeout
@@ -31,7 +31,7 @@ async def broker(broker_kind: str, redis_server: RedisServer, prefix: str) -> As
     await maybeDeferred(broker.stopService)
 
 
-class Recorder(BusListener):
+class Recorder(NoClients):
     """A BusListener that records what the bus brings and has no clients."""
 
     def __init__(self, broker: Broker) -> None:
@@ -44,18 +44,6 @@ class Recorder(BusListener):
         for message in Message.from_bus(channel, payload):
             assert message.id is not None, payload
             self.got.append((channel, json.loads(message.payload)))
-
-    def resume(self, channel: str) -> None:
-        pass
-
-    def control(self, command: dict[str, Any]) -> int:
-        return 0
-
-    def channels(self) -> dict[str, int]:
-        return {}
-
-    def count(self, channel: str) -> int:
-        return 0
 
     def bus_error(self, stage: str, channel: str) -> None:
         self.errors.append((stage, channel))

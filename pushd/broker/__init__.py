@@ -135,8 +135,9 @@ class BusListener(Protocol):
         log and count it; the broker goes on with the next message."""
 
 
-class _Unattached:
-    """The BusListener of a broker nothing attached to: a node with no clients."""
+class NoClients:
+    """A BusListener with no clients: what a broker nothing attached to has;
+    tests subclass it to record what the bus brings."""
 
     def receive(self, channel: str, payload: bytes) -> None:
         pass
@@ -158,7 +159,7 @@ class _Unattached:
 
 
 #: A listener that takes everything and has no clients.
-UNATTACHED: BusListener = _Unattached()
+UNATTACHED: BusListener = NoClients()
 
 
 class Broker(Service):
