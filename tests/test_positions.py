@@ -224,9 +224,18 @@ def test_sse_cursor_garbage_is_bad_since_and_the_former_cursor_still_resumes() -
         with pytest.raises(ApiError) as refused:
             decode_cursor(garbage, channels)
         assert refused.value.code == "bad_since"
-    # What browsers and pushd.js (its `?since=`) hold: base64url of {channel: id}.
+    # What browsers and older pushd.js (its `?since=`) hold: base64url of {channel: id}.
     former = base64.urlsafe_b64encode(b'{"a":"4-0","x":"5-0"}').rstrip(b"=").decode()
     assert decode_cursor(former, channels) == {"a": "4-0"}
+
+
+def test_sse_cursor_made_by_pushd_js_for_its_url() -> None:
+    """pushd.js builds `1._.<ids>` with the URL it opens (no hash in a page
+    outside a secure context): the ids in the URL's order, unchecked; the count
+    must still match."""
+    assert decode_cursor("1._.4.", ["a", "b"]) == {"a": "4-0"}
+    assert decode_cursor("1._.4-2.7", ["a", "b"]) == {"a": "4-2", "b": "7-0"}
+    assert decode_cursor("1._.4.7", ["a"]) == {}
 
 
 @pytest_twisted.ensureDeferred

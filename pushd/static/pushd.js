@@ -127,13 +127,6 @@ const DEFAULTS = {
   autoConnect: true,
 };
 
-function base64url(text) {
-  const bytes = new TextEncoder().encode(text);
-  let binary = "";
-  for (const b of bytes) binary += String.fromCharCode(b);
-  return btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
-}
-
 function report(error) {
   // A listener's exception must not break the client: rethrow it where the console sees it.
   setTimeout(() => {
@@ -383,9 +376,11 @@ export class PushdClient {
       return;
     }
     const query = names.map((c) => ["channel", c]);
-    const cursor = {};
-    for (const [channel, ch] of this._channels) if (ch.lastId) cursor[channel] = ch.lastId;
-    if (Object.keys(cursor).length) query.push(["since", base64url(JSON.stringify(cursor))]);
+    // pushd's compact cursor: "1", a check, then each channel's id in this URL's
+    // order ("" for none). The check "_" says "made for this very URL": no hash
+    // here (crypto.subtle is missing outside secure contexts).
+    const ids = names.map((c) => this._channels.get(c).lastId || "");
+    if (ids.some((id) => id)) query.push(["since", ["1", "_", ...ids].join(".")]);
     const es = new EventSource(this._url("http", "/sse", [...query, ...params]), {
       withCredentials: this.options.withCredentials,
     });
