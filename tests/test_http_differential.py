@@ -29,6 +29,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import blockingCallFromThread, deferToThread
 
 from tests.support import PushdUnderTest, StartPushd
+from tests.test_http_strict import answers
 
 # More with PUSHD_DIFF_EXAMPLES=2000, for a longer search.
 EXAMPLES = int(os.environ.get("PUSHD_DIFF_EXAMPLES", "120"))
@@ -147,17 +148,7 @@ def exchange(port: int, pieces: list[bytes]) -> list[tuple[int, str, bool]]:
 
 def summary(data: bytes) -> list[tuple[int, str, bool]]:
     out = []
-    while data:
-        head, sep, rest = data.partition(b"\r\n\r\n")
-        assert sep, data
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        body, data = rest[:length], rest[length:]
-        status = int(status_line.split(" ")[1])
+    for status, headers, body in answers(data):
         if headers.get("content-type", "").startswith("application/json") and body:
             parsed = json.loads(body)
             what = parsed.get("error") or f"channel={parsed.get('channel')}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import secrets
 import sys
@@ -50,6 +49,7 @@ from pushd.client.console import (
     connect_reason,
     parse_command,
     run_command,
+    secret_option,
     target_arg,
     verbose_log,
 )
@@ -432,16 +432,8 @@ def parser() -> argparse.ArgumentParser:
         "over WebSocket and Server-Sent Events.",
     )
     p.add_argument("url", type=target_arg, metavar="URL", help="pushd's base URL, http(s)://...")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("PUSHD_CHECK_API_KEY") or None,
-        help="producer key (default: $PUSHD_CHECK_API_KEY)",
-    )
-    p.add_argument(
-        "--token",
-        default=os.environ.get("PUSHD_CHECK_TOKEN") or None,
-        help="subscriber token granting the channel (default: $PUSHD_CHECK_TOKEN)",
-    )
+    secret_option(p, "--api-key", "PUSHD_CHECK_API_KEY", "producer key")
+    secret_option(p, "--token", "PUSHD_CHECK_TOKEN", "subscriber token granting the channel")
     p.add_argument(
         "--channel", type=channel_arg, help="channel to use (default: pushd-check.<random>)"
     )

@@ -29,6 +29,7 @@ from pushd.client.console import (
     connect_reason,
     parse_command,
     run_command,
+    secret_option,
     target_arg,
     verbose_log,
 )
@@ -83,11 +84,7 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("channel", type=channel_arg, metavar="CHANNEL")
     pub.add_argument("data", metavar="DATA", help="the message (-: read standard input)")
     pub.add_argument("--json", action="store_true", help="DATA is JSON (default: text)")
-    pub.add_argument(
-        "--api-key",
-        default=os.environ.get("PUSHD_CLI_API_KEY") or None,
-        help="producer key (default: $PUSHD_CLI_API_KEY)",
-    )
+    secret_option(pub, "--api-key", "PUSHD_CLI_API_KEY", "producer key")
     pub.add_argument(
         "--retries",
         type=int,
@@ -103,11 +100,7 @@ def parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("subscribe", help="print message envelopes as JSON lines")
     sub.add_argument("channels", type=channel_arg, nargs="+", metavar="CHANNEL")
-    sub.add_argument(
-        "--token",
-        default=os.environ.get("PUSHD_CLI_TOKEN") or None,
-        help="subscriber token (default: $PUSHD_CLI_TOKEN)",
-    )
+    secret_option(sub, "--token", "PUSHD_CLI_TOKEN", "subscriber token")
     sub.add_argument("--since", type=_id, help="first the retained messages after this id")
     sub.add_argument("--count", type=_count, help="stop after this many messages")
     common(sub)

@@ -6,6 +6,7 @@ words, and running a command on the reactor (`run_command`, with `-v` through
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -101,6 +102,11 @@ def channel_arg(text: str) -> str:
             f"{text!r}: channel names match [A-Za-z0-9_.:@=+-]{{1,128}}, optionally #ids"
         )
     return text
+
+
+def secret_option(parser: argparse.ArgumentParser, flag: str, env: str, what: str) -> None:
+    """`flag` (an API key, a token) defaulting to $`env`, which keeps it out of `ps`."""
+    parser.add_argument(flag, default=os.environ.get(env) or None, help=f"{what} (default: ${env})")
 
 
 def parse_command(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace | int:
