@@ -23,15 +23,11 @@ from typing import Any
 import jwt
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
+from pushd.refused import Refused
 
-class AuthError(Exception):
+
+class AuthError(Refused):
     """A refused credential: HTTP `status` before upgrading, `code` in the body."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @lru_cache(maxsize=1024)

@@ -118,4 +118,5 @@ class ConnectAuthorizer:
         raise REFUSED
 
     def close(self) -> Deferred[None]:
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pushd.broker.redis.address import RedisAddress, parse_redis_url
@@ -26,13 +26,18 @@ class ConfigError(ValueError):
 
 def _host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError("expected HOST:PORT")
     return host.strip("[]"), int(port)
 
 
-def _at_least(convert: Callable[[str], Any], minimum: int, what: str) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
+_Number = TypeVar("_Number", int, float)
+
+
+def _at_least(
+    convert: Callable[[str], _Number], minimum: int, what: str
+) -> Callable[[str], _Number]:
+    def parse(text: str) -> _Number:
         try:
             value = convert(text)
         except ValueError:
@@ -144,8 +149,16 @@ OPTIONS: tuple[Option, ...] = (
         "redis-timeout",
         _non_negative_float,
         5.0,
-        "seconds Redis may leave a command unanswered: then what waits answers 503 "
-        "(checked every S seconds, so a publish fails within 2 S)",
+        "seconds Redis may leave a command unanswered: then a publish answers 504 "
+        "outcome_unknown, other commands 503 (checked every S seconds: within 2 S)",
+        metavar="S",
+    ),
+    Option(
+        "node-ttl",
+        _at_least(float, 1, "a number of seconds, at least 1"),
+        6.0,
+        "seconds a node's subscriber counts outlive it in Redis (each node refreshes "
+        "its own every second, or every S/3 when that is shorter)",
         metavar="S",
     ),
     Option(
@@ -322,6 +335,7 @@ class Config:
     redis_prefix: str = "pushd:"
     redis_pool_size: int = 10
     redis_timeout: float = 5.0
+    node_ttl: float = 6.0
     api_key: tuple[str, ...] = ()
     max_message_size: int = 65536
     max_batch_size: int = 1048576

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from functools import lru_cache
 from json.encoder import (  # type: ignore[attr-defined]
     c_encode_basestring,
@@ -24,7 +25,7 @@ import orjson
 CHANNEL_RE = re.compile(
     r"[A-Za-z0-9_.:@=+-]{1,128}(#[A-Za-z0-9_.@=+-]{1,64}(,[A-Za-z0-9_.@=+-]{1,64})*)?"
 )
-ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _ID_MAX = 2**64 - 1  # each part of a Redis stream id is 64 bits
 
 _ENVELOPE_HEAD = b'{"type":"message","channel":'
@@ -45,7 +46,7 @@ _ENVELOPE_HEAD = b'{"type":"message","channel":'
 #   levels on reading.
 
 
-def _encoder(ensure_ascii: bool) -> Any:
+def _encoder(ensure_ascii: bool) -> Callable[[Any], str]:
     """The stdlib's compact strict encoder (NaN refused), kept: json.JSONEncoder
     makes its C encoder anew on every call."""
     if c_make_encoder is None:
@@ -237,7 +238,7 @@ class Message:
         self.channel = channel
         self.id = msg_id
         self.payload = payload
-        self.frame: Any = None
+        self.frame: bytes | None = None
 
     @property
     def messages(self) -> tuple[Message]:
@@ -337,7 +338,7 @@ class Burst:
     def __init__(self, messages: list[Message]) -> None:
         self.channel = messages[0].channel
         self.messages = messages
-        self.frame: Any = None
+        self.frame: bytes | None = None
 
 
 #: What the hub hands a subscriber.

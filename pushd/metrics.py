@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -11,48 +12,36 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.connections = Gauge(
-            "pushd_connections", "Open subscriber connections", ["transport"], registry=r
-        )
-        self.subscriptions = Gauge("pushd_subscriptions", "Local subscriptions", registry=r)
-        self.published = Counter(
-            "pushd_messages_published", "Messages accepted, by API", ["api"], registry=r
-        )
-        self.deliveries = Counter(
-            "pushd_deliveries", "Messages handed to local subscribers", registry=r
-        )
-        self.bus_foreign = Counter(
-            "pushd_bus_foreign_messages",
+        # Every metric is pushd_<name>, in this service's registry.
+        gauge = partial(Gauge, namespace="pushd", registry=r)
+        counter = partial(Counter, namespace="pushd", registry=r)
+        self.connections = gauge("connections", "Open subscriber connections", ["transport"])
+        self.subscriptions = gauge("subscriptions", "Local subscriptions")
+        self.published = counter("messages_published", "Messages accepted, by API", ["api"])
+        self.deliveries = counter("deliveries", "Messages handed to local subscribers")
+        self.bus_foreign = counter(
+            "bus_foreign_messages",
             "Bus payloads another process PUBLISHed, delivered as data with no id",
-            registry=r,
         )
-        self.bus_errors = Counter(
-            "pushd_bus_errors",
+        self.bus_errors = counter(
+            "bus_errors",
             "Bus messages that raised on their way in (logged with their channel), by stage",
             ["stage"],
-            registry=r,
         )
-        self.delivery_errors = Counter(
-            "pushd_delivery_errors",
-            "Deliveries a local subscriber raised on (logged with the channel)",
-            registry=r,
+        self.delivery_errors = counter(
+            "delivery_errors", "Deliveries a local subscriber raised on (logged with the channel)"
         )
-        self.slow_consumers = Counter(
-            "pushd_slow_consumers_dropped",
-            "Clients dropped because they did not read",
-            ["transport"],
-            registry=r,
+        self.slow_consumers = counter(
+            "slow_consumers_dropped", "Clients dropped because they did not read", ["transport"]
         )
-        self.refused = Counter(
-            "pushd_auth_refused",
-            "Subscriber connections refused, by reason",
-            ["reason"],
-            registry=r,
+        self.refused = counter(
+            "auth_refused", "Subscriber connections refused, by reason", ["reason"]
         )
-        self.broker_up = Gauge("pushd_broker_up", "1 while the broker answers", registry=r)
+        self.broker_up = gauge("broker_up", "1 while the broker answers")
         self.publish_seconds = Histogram(
-            "pushd_publish_seconds",
+            "publish_seconds",
             "Time from a publish request to the broker's answer",
+            namespace="pushd",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
             registry=r,
         )

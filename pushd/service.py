@@ -13,14 +13,14 @@ from twisted.internet.defer import (
     maybeDeferred,
 )
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from pushd.auth import Authenticator, Gate, OriginPolicy, TokenVerifier
 from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
 from pushd.broker.memory import MemoryBroker
-from pushd.config import Config, RedisAddress
+from pushd.broker.redis.address import RedisAddress
+from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import ConnectionCounter
 from pushd.metrics import Metrics
@@ -45,7 +45,7 @@ class Listener(Service):
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self.listening = self.endpoint.listen(self.factory)
         self.listening.addCallback(self._listening)
         # twistd must fail at start-up, not log later, when a port is taken.
@@ -60,10 +60,11 @@ class Listener(Service):
         return port
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
+        Service.stopService(self)
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
+            stopped: Deferred[None] | None = port.stopListening()
+            return stopped
         return None
 
 
@@ -82,7 +83,7 @@ class PushdService(MultiService):
     def __init__(
         self, config: Config, broker: Broker, hub: Hub, metrics: Metrics, reactor: Any
     ) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.config = config
         self.broker = broker
         self.hub = hub
@@ -101,18 +102,27 @@ class PushdService(MultiService):
         for streams in self.site.streams:
             streams.end_all()
         # The broker stays until every publish sent to it is answered, and every
-        # HTTP connection has written its last answer and closed.
-        leaving = [self.site.ws_factory.close_all(), self.broker.drain()]
-        if not await self._within(
-            self.config.shutdown_timeout, *leaving, self.site.channels_gone()
+        # connection has written its last answer (or close frame) and is lost:
+        # `close_all` and `channels_gone` fire from the transports' connectionLost.
+        websockets = self.site.ws_factory.close_all()
+        if await self._within(
+            self.config.shutdown_timeout, websockets, self.broker.drain(), self.site.channels_gone()
         ):
-            log.warn("shutdown timeout: closing what is left")
-            # Publishes Redis has not answered get 504 outcome_unknown, written
-            # before their connections close (a moment for that, no more).
-            self.broker.abandon()
-            await self._within(self.answer_grace, self.broker.drain(), self.site.channels_gone())
-        # Let the last answers and close frames reach the sockets.
-        await deferLater(self.reactor, 0.05, lambda: None)
+            return
+        log.warn("shutdown timeout: closing what is left")
+        # Publishes Redis has not answered get 504 outcome_unknown, written
+        # before their connections close (a moment for that, no more).
+        self.broker.abandon()
+        if await self._within(
+            self.answer_grace, websockets, self.broker.drain(), self.site.channels_gone()
+        ):
+            return
+        # Connections that still have not gone (a client that reads nothing) are
+        # dropped, so that a stopped service holds no transport.
+        for connection in (*self.site.channels, *self.site.ws_factory.clients):
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+        await self._within(self.answer_grace, websockets, self.site.channels_gone())
 
     async def _within(self, seconds: float, *waits: Deferred[Any]) -> bool:
         """True once every one of `waits` fired, False when `seconds` passed
@@ -132,11 +142,14 @@ class PushdService(MultiService):
             timer.cancel()
         return done
 
+    def startService(self) -> None:
+        MultiService.startService(self)
+
     def stopService(self) -> Deferred[None]:
         async def stop() -> None:
             if self.site is not None:
                 await self._goodbye()
-            await maybeDeferred(super(PushdService, self).stopService)
+            await maybeDeferred(MultiService.stopService, self)
 
         return Deferred.fromCoroutine(stop())
 
@@ -152,7 +165,7 @@ class _Closing(Service):
         self._close = close
 
     def stopService(self) -> Any:
-        super().stopService()
+        Service.stopService(self)
         return self._close()
 
 
@@ -182,6 +195,7 @@ def make_broker(config: Config, reactor: Any) -> Broker:
         timeout=config.redis_timeout,
         history_size=config.history_size,
         history_ttl=config.history_ttl,
+        node_ttl=config.node_ttl,
     )
 
 
@@ -193,11 +207,11 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     hub = Hub(broker, metrics, clock=reactor)
     metrics.watch(hub, broker)
     service = PushdService(config, broker, hub, metrics, reactor)
-    broker.setServiceParent(service)
+    Service.setServiceParent(broker, service)
     application = None
     if config.auth_url is not None:
         application = ConnectAuthorizer(config.auth_url, config.auth_timeout, reactor)
-        service.addService(_Closing(application.close))
+        Service.setServiceParent(_Closing(application.close), service)
     verifier = None
     if config.token_secret is not None:
         verifier = TokenVerifier(config.token_secret, config.token_audience)
@@ -222,7 +236,7 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, with_backlog(description))
         listener = Listener(endpoint, site, description)
-        listener.setServiceParent(service)
+        Service.setServiceParent(listener, service)
         service.listeners.append(listener)
     if not config.api_key:
         log.warn("no --api-key: the producer API answers loopback clients only")

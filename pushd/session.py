@@ -33,7 +33,6 @@ recovered false and `position` the real newest id: live messages after it flow.
 
 from __future__ import annotations
 
-from contextlib import suppress
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -108,13 +107,18 @@ class Session:
         # Joined live: from here on `pending` holds what arrives. One read now.
         history = History()
         if self._subs.get(channel) is pending:
-            # Without Redis the subscription goes on live, with recovered false
-            # and no position.
-            with suppress(BrokerUnavailable):
+            # Without Redis, or when the read fails in any other way, the
+            # subscription goes on live, with recovered false and no position:
+            # never a buffer nobody acknowledges.
+            try:
                 if since is None:
                     history = History(last=await self._broker.last_id(channel))
                 else:
                     history = await self._broker.history(channel, since, None)
+            except BrokerUnavailable:
+                pass
+            except Exception:
+                log.failure("reading {channel} for a subscription failed", channel=channel)
         if self._subs.get(channel) is not pending:
             return  # unsubscribed or closed meanwhile
         out = self._out

@@ -30,7 +30,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        usage.Options.__init__(self)
         for o in _config.OPTIONS:
             if o.repeatable:
                 self[o.name] = []
@@ -60,12 +60,13 @@ for _o in _config.OPTIONS:
 def makeService(options: Options) -> Any:
     config = options.config
     if config.workers > 1:
-        from twisted.application.service import MultiService
+        from twisted.application.service import MultiService, Service
         from twisted.internet import reactor
 
         from pushd.workers import WorkerPool
 
         parent = MultiService()
-        WorkerPool(config, reactor).setServiceParent(parent)
+        pool: Service = WorkerPool(config, reactor)
+        pool.setServiceParent(parent)
         return parent
     return make_service(config)

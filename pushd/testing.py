@@ -398,7 +398,7 @@ class Subscriber(WebSocketClientProtocol):
 
     def send(self, frame: dict[str, Any]) -> None:
         """Send one client frame, e.g. `{"type": "subscribe", "channel": "a"}`."""
-        self.sendMessage(json.dumps(frame).encode())
+        WebSocketClientProtocol.sendMessage(self, json.dumps(frame).encode())
 
     async def close(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Close (1000) and wait until the connection is gone; safe to call twice."""

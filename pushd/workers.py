@@ -155,7 +155,7 @@ class WorkerPool(Service):
         self.workers: dict[int, _Worker] = {}
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         # The workers' command lines have none; the parent's own loses what it had.
         mask_command_line(secret_strings(self._config))
         for description in self._config.listen:
@@ -205,7 +205,7 @@ class WorkerPool(Service):
             self._spawn(number)
 
     def stopService(self) -> Deferred[Any]:
-        super().stopService()
+        Service.stopService(self)
         # The parent's copies of the listening sockets go first: held open, they
         # would let the kernel queue connections that no worker will accept
         # once the workers stop listening (each closes its own at SIGTERM).

@@ -166,14 +166,16 @@ class PushdUnderTest:
             body = body.encode()
         from urllib.parse import quote
 
-        return await treq.post(
-            f"{self.url}/channels/{quote(channel, safe='')}", body, persistent=False, **kwargs
-        )
+        if "pool" not in kwargs:  # a connection per request, unless a pool is given
+            kwargs["persistent"] = False
+        return await treq.post(f"{self.url}/channels/{quote(channel, safe='')}", body, **kwargs)
 
-    async def publish(self, channel: str, data: Any) -> str:
-        """POST `data` as JSON; return the id of the accepted message."""
+    async def publish(self, channel: str, data: Any, pool: Any = None) -> str:
+        """POST `data` as JSON (over `pool`'s connections, when given); return
+        the id of the accepted message."""
+        more = {"pool": pool} if pool is not None else {}
         response = await self.post(
-            channel, json.dumps(data), headers={"content-type": ["application/json"]}
+            channel, json.dumps(data), headers={"content-type": ["application/json"]}, **more
         )
         body = await response.json()
         assert response.code == 200, body
@@ -227,6 +229,7 @@ class WSClient(WebSocketClientProtocol):
         self.opened: Deferred[None] = Deferred()
         self.closed: Deferred[tuple[bool, int | None, str | None]] = Deferred()
         self.received = 0
+        self._wanted: tuple[int, Deferred[None]] | None = None
 
     def onOpen(self) -> None:
         self.opened.callback(None)
@@ -234,6 +237,9 @@ class WSClient(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.received += 1
         self.frames.put(json.loads(payload))
+        if self._wanted is not None and len(self.frames.pending) >= self._wanted[0]:
+            waiting, self._wanted = self._wanted[1], None
+            waiting.callback(None)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:
@@ -245,6 +251,21 @@ class WSClient(WebSocketClientProtocol):
 
     async def next(self, timeout: float = TIMEOUT) -> Any:
         return await with_timeout(self.frames.get(), timeout)
+
+    async def next_many(self, n: int, kind: str, timeout: float = TIMEOUT) -> list[Any]:
+        """The next `n` frames, each of type `kind`: one deadline for them all,
+        where thousands of `next_of` would pay a timer each."""
+        if len(self.frames.pending) < n:
+            assert self._wanted is None and not self.frames.waiting
+            self._wanted = (n, Deferred())
+            try:
+                await with_timeout(self._wanted[1], timeout)
+            finally:
+                self._wanted = None
+        frames = self.frames.pending[:n]
+        del self.frames.pending[:n]
+        assert all(frame["type"] == kind for frame in frames), frames
+        return frames
 
     async def next_of(self, kind: str, timeout: float = TIMEOUT) -> Any:
         """The next frame, which must be of type `kind`."""
@@ -333,6 +354,26 @@ class Node:
 
         await wait_for(up, timeout=30, what=f"pushd on port {self.port}")
 
+    async def workers_ready(self, workers: int = 2) -> None:
+        """With --workers: every worker listening (one still starting holds the
+        listening socket without accepting) and on its broker (ten health
+        checks in a row, on new connections the kernel spreads, answer 200)."""
+        await wait_for(
+            lambda: self.output().count("pushd listening on systemd:") >= workers,
+            timeout=30,
+            what="every worker to listen",
+        )
+
+        async def healthy() -> bool:
+            for _ in range(10):
+                response = await treq.get(f"{self.url}/health", persistent=False)
+                await response.content()
+                if response.code != 200:
+                    return False
+            return True
+
+        await wait_for(healthy, timeout=30, what="every worker to reach its broker")
+
     def kill(self, sig: int = signal.SIGKILL) -> int:
         """Send `sig`, wait for the exit; the exit status."""
         assert self.process is not None
@@ -344,6 +385,22 @@ class Node:
     def stop(self) -> None:
         if self.process is not None:
             self.kill(signal.SIGTERM)
+
+    async def terminate(self) -> int | None:
+        """SIGTERM and wait for the exit with the reactor running, so that the
+        test's own clients answer pushd's goodbye (close frames, TLS close_notify)
+        instead of leaving it to wait for them; the exit status."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        process.send_signal(signal.SIGTERM)
+        try:
+            await wait_for(lambda: process.poll() is not None, what="pushd to exit")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(TIMEOUT)
+        return process.returncode
 
     def output(self) -> str:
         return self.log.read_text()

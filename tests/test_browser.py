@@ -157,7 +157,7 @@ async def demo_pushd() -> Any:
 
 @pytest_twisted.ensureDeferred
 async def test_demo_page_joins_shows_and_publishes(
-    browser: Browser, page: Any, demo_pushd: PushdUnderTest
+    browser: Browser, demo_pushd: PushdUnderTest, page: Any
 ) -> None:
     server = demo_pushd
 
@@ -375,7 +375,7 @@ window.WebSocket = class extends WebSocket {
 @pytest.mark.parametrize("http_publish", [False, True])
 @pytest_twisted.ensureDeferred
 async def test_falls_back_to_sse_when_websockets_fail(
-    browser: Browser, page: Any, demo_pushd: PushdUnderTest, http_publish: bool
+    browser: Browser, demo_pushd: PushdUnderTest, page: Any, http_publish: bool
 ) -> None:
     server = demo_pushd
 
@@ -463,7 +463,7 @@ async def test_token_callback_refresh_and_publishing_over_the_websocket(
 
 @pytest_twisted.ensureDeferred
 async def test_no_reconnect_after_4003(
-    browser: Browser, page: Any, demo_pushd: PushdUnderTest
+    browser: Browser, demo_pushd: PushdUnderTest, page: Any
 ) -> None:
     # Playwright stands between the page and pushd, and plays the application that
     # disconnects the client (pushd's 4003).

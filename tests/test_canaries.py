@@ -42,6 +42,9 @@ Internal (library): pushd's use -> what it relies on
 - `WebSocketServerFactory.reactor` (Autobahn): transports/websocket.py
     (_admitted: `factory.reactor`)
     -> the reactor given to the factory, kept as `.reactor`
+- `WebSocketServerFactory._batched_timer`, txaio's `_BatchedTimer(bucket_ms, chunk,
+    seconds_provider=, delayed_call_creator=)` (Autobahn, txaio): transports/websocket.py
+    (PushdServerFactory) -> the protocol's timers go through the factory's `_batched_timer`
 - `http_headers`, `http_request_*`, `websocket_*`, `_wskey` (Autobahn):
     transports/autobahn_diet.py (_HANDSHAKE_ONLY, shrink)
     -> set on the connection by the handshake, never read once it is open
@@ -64,32 +67,22 @@ Internal (library): pushd's use -> what it relies on
 - `WebSocketResource.render` (Autobahn + Twisted): transports/websocket.py
     (WebSocketEndpoint.render, onOpen)
     -> detaches the channel (`channel.transport is None`), leaves it the transport's producer
-- `BaseRedisProtocol._build_command` (txredisapi): broker/redis/publisher.py
-    (_FastCommands)
-    -> `(*args, **kwargs) -> bytes` RESP, called by `execute_command` (so an override takes
-       effect)
-- `BaseRedisProtocol.replyQueue` (`get`, `waiting`), `connected` (txredisapi):
-    broker/redis/publisher.py (_eval, _check_stuck)
-    -> one DeferredQueue per connection, oldest waiter first; error replies arrive as
-       ResponseError values
-- `RedisFactory.connectionQueue.pending`, `pool`, `size`, `handler` (txredisapi):
-    broker/redis/publisher.py (_eval), broker/redis/broker.py (connected)
-    -> free connections listed in `pending`; non-blocking commands leave them there
-- `ConnectionHandler._factory` (via `Sentinel.master_for`) (txredisapi):
-    broker/redis/broker.py (startService, sentinel)
-    -> the handle's factory, whose `protocol` pushd replaces
-- `txredisapi._SentinelEndpoint` (txredisapi): broker/redis/broker.py
-    (startService, sentinel)
-    -> asks the factory's `is_master`, `sentinel_manager`, `service_name`, `maxDelay`
+- `RedisFactory.size`, `handler`, `deferred` (txredisapi): broker/redis/pool.py (CommandPool)
+    -> connections made count in `size`; `handler` runs commands on them; `deferred` fires
+       once all `poolsize` are made
+- `RedisFactory.initialDelay`, `factor`, `maxDelay` (txredisapi): broker/redis/pool.py
+    (retry_alike) -> what `retryDelay(attempt)`, the reconnect delay, is made of
+- `SentinelConnectionFactory(sentinel_manager, service_name, is_master, uuid, dbid,
+    poolsize, ...)` (txredisapi): broker/redis/broker.py (RedisBroker, with Sentinel)
+    -> a RedisFactory whose connections check the server's role
 - `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
-    broker/redis/subscriber.py (_SubscriberFactory, _Subscriber)
+    broker/redis/subscriber.py (_ConnectionFactory, _Connection)
     -> read at buildProtocol; `messageReceived(pattern, channel, message)` per message
 - `json.encoder.c_make_encoder`, `c_encode_basestring(_ascii)` (CPython): message.py (_encoder)
     -> 9 positional arguments; `allow_nan=False` refuses NaN; yields str chunks
 - `JSONDecoder.scan_once` (CPython): message.py (_load_exact)
     -> `(text, idx) -> (value, end)`; StopIteration when no value starts there
 
-`RedisBroker._disconnected` (broker/redis/subscriber.py) is pushd's own, not Twisted's.
 txredisapi is imported inside the tests: importing it installs the default
 reactor (tests/conftest.py).
 """
@@ -108,7 +101,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import endpoints, tcp
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -428,6 +421,34 @@ def test_autobahn_factory_reactor() -> None:
     assert factory.reactor is clock, _changed(AUTOBAHN, "WebSocketServerFactory(reactor=).reactor")
 
 
+def test_autobahn_batched_timer_on_the_factorys_reactor() -> None:
+    """PushdServerFactory puts Autobahn's timers on its own reactor: a ping
+    timeout then runs on a test's Clock."""
+    from autobahn.twisted.websocket import WebSocketServerFactory
+    from txaio._common import _BatchedTimer
+
+    what = _changed(AUTOBAHN, "WebSocketServerFactory._batched_timer / txaio _BatchedTimer")
+    factory = WebSocketServerFactory(reactor=MemoryReactorClock())
+    _present(AUTOBAHN, factory, "_batched_timer")
+    assert isinstance(factory._batched_timer, _BatchedTimer), what
+    clock = MemoryReactorClock()
+    timer = _BatchedTimer(
+        200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
+    )
+    fired: list[int] = []
+    timer.call_later(1.0, fired.append, 1)
+    clock.advance(0.9)
+    assert fired == [], what + ": fired early"
+    clock.advance(0.4)
+    assert fired == [1], what + ": not on the given clock"
+    import inspect
+
+    from autobahn.websocket import protocol
+
+    source = inspect.getsource(protocol)
+    assert source.count("self.factory._batched_timer.call_later(") >= 5, what + ": not used"
+
+
 def test_autobahn_handshake_only_attributes() -> None:
     from pushd.transports.autobahn_diet import _HANDSHAKE_ONLY
 
@@ -569,119 +590,50 @@ def _redis_conn(txredisapi: Any, protocol: type | None = None) -> tuple[Any, Str
     return conn, transport
 
 
-def test_txredisapi_build_command(txredisapi: Any) -> None:
-    from pushd.broker.redis.publisher import _fast_commands, _resp
-
-    what = _changed(TXREDISAPI, "BaseRedisProtocol._build_command")
-    conn, transport = _redis_conn(txredisapi)
-    _present(TXREDISAPI, conn, "_build_command")
-    args = ("EVALSHA", "f" * 40, 1, "k", b"\xff", -7)
-    assert conn._build_command(*args) == _resp(*args), what + " no longer builds the same RESP"
-    factory = txredisapi.RedisFactory(None, None, 1)
-    _fast_commands(factory)
-    calls: list[tuple[Any, ...]] = []
-
-    class Recording(factory.protocol):  # type: ignore[name-defined]
-        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-            calls.append(args)
-            return bytes(super()._build_command(*args, **kwargs))
-
-    conn, transport = _redis_conn(txredisapi, Recording)
-    conn.execute_command("PING")
-    assert calls == [("PING",)], what + " is not what execute_command calls"
-    assert transport.value() == b"*1\r\n$4\r\nPING\r\n", what
-
-
-def test_txredisapi_reply_queue(txredisapi: Any) -> None:
-    what = _changed(TXREDISAPI, "BaseRedisProtocol.replyQueue / connected")
-    conn, _ = _redis_conn(txredisapi)
-    _present(TXREDISAPI, conn, "replyQueue", "connected")
-    _present(TXREDISAPI, conn.replyQueue, "get", "waiting")
-    assert conn.connected, what + ": connected is not set"
-    queue = conn.replyQueue
-    first, second, third = queue.get(), queue.get(), queue.get()
-    assert queue.waiting == [first, second, third], what + ": waiting is not oldest first"
-    results: list[Any] = []
-    for d in (first, second, third):
-        d.addBoth(results.append)
-    conn.dataReceived(b":1\r\n-NOSCRIPT No matching script\r\n")
-    assert results[0] == 1, what + ": a reply does not fire the oldest waiter"
-    assert isinstance(results[1], txredisapi.ResponseError), what + ": error replies are not values"
-    assert str(results[1]).startswith("NOSCRIPT"), what + ": an error reply's text changed"
-    assert queue.waiting == [third], what
-    conn.connectionLost(Failure(ConnectionError("gone")))
-    assert isinstance(results[2], txredisapi.ConnectionError), what + ": a lost connection"
-    assert isinstance(results[2], txredisapi.RedisError), what
-    assert not conn.connected, what + ": connected is still set once lost"
-
-
-def test_txredisapi_connection_queue(txredisapi: Any) -> None:
-    what = _changed(TXREDISAPI, "RedisFactory.connectionQueue.pending / pool / size / handler")
+def test_txredisapi_factory(txredisapi: Any) -> None:
+    what = _changed(TXREDISAPI, "RedisFactory.size / handler / deferred")
     factory = txredisapi.RedisFactory(None, None, 1, isLazy=True, convertNumbers=False)
-    _present(TXREDISAPI, factory, "connectionQueue", "pool", "size", "handler", "deferred")
-    _present(TXREDISAPI, factory.connectionQueue, "pending")
-    assert factory.size == 0 and factory.pool == [], what + " on a fresh factory"
+    _present(TXREDISAPI, factory, "size", "handler", "deferred")
+    assert factory.size == 0, what + " on a fresh factory"
+    whole = factory.deferred
     conn, transport = _redis_conn(txredisapi)
     conn.factory = factory
     factory.addConnection(conn)
-    assert factory.connectionQueue.pending == [conn], what + ": a free connection is not pending"
-    assert factory.pool == [conn] and factory.size == 1, what
+    assert factory.size == 1, what + ": a connection made does not count"
+    assert whole.called, what + ": deferred does not fire once the pool is connected"
     replies: list[Any] = []
     factory.handler.ping().addCallback(replies.append)
     assert transport.value() == b"*1\r\n$4\r\nPING\r\n", what + ": the handle did not use it"
-    assert factory.connectionQueue.pending == [conn], what + ": a command took it out of pending"
     conn.dataReceived(b"+PONG\r\n")
     assert replies == ["PONG"], what
 
 
-def test_txredisapi_handler_factory(txredisapi: Any) -> None:
-    _present(TXREDISAPI, txredisapi, "Sentinel", "SentinelConnectionFactory", "_SentinelEndpoint")
-    started: list[Any] = []
+def test_txredisapi_retry_delay(txredisapi: Any) -> None:
+    from pushd.broker.redis.pool import retry_alike
 
-    class Factory(txredisapi.SentinelConnectionFactory):
-        def startConnecting(self, endpoint: Any) -> None:
-            started.append(endpoint)
-
-    sentinel = object.__new__(txredisapi.Sentinel)
-    sentinel.sentinels = []
-    handle = sentinel.master_for("mymaster", factory_class=Factory, dbid=None, poolsize=2)
-    _present(TXREDISAPI, handle, "_factory")
-    what = _changed(TXREDISAPI, "ConnectionHandler._factory (Sentinel.master_for)")
-    assert isinstance(handle._factory, Factory), what + " is not the handle's factory"
-    assert handle._factory.handler is handle and handle._factory.poolsize == 2, what
-    assert isinstance(handle._factory, txredisapi.RedisFactory), what + ": not a RedisFactory"
-    assert [type(e) for e in started] == [txredisapi._SentinelEndpoint], what
-
-
-def test_txredisapi_sentinel_endpoint(txredisapi: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[Any] = []
-
-    class Manager:
-        def discover_master(self, name: str) -> Deferred[tuple[str, int]]:
-            asked.append(name)
-            return succeed(("10.0.0.1", 6380))
-
-    class Endpoint:
-        def connect(self, factory: Any) -> Deferred[str]:
-            asked.append(factory)
-            return succeed("connected")
-
-    def make_endpoint(host: str, port: int, timeout: Any = None, tls: Any = None) -> Endpoint:
-        asked.append((host, port, timeout))
-        return Endpoint()
-
-    _present(TXREDISAPI, txredisapi, "_SentinelEndpoint", "_makeEndpoint")
-    monkeypatch.setattr(txredisapi, "_makeEndpoint", make_endpoint)
+    what = _changed(TXREDISAPI, "RedisFactory.initialDelay / factor / maxDelay, retryDelay")
     factory = txredisapi.SubscriberFactory(isLazy=True)
-    # What RedisBroker.startService gives its subscriber factory:
-    factory.sentinel_manager = Manager()
-    factory.service_name = "mymaster"
-    factory.is_master = True
-    result: list[Any] = []
-    txredisapi._SentinelEndpoint(factory).connect(factory).addBoth(result.append)
-    what = _changed(TXREDISAPI, "_SentinelEndpoint(factory)")
-    assert result == ["connected"], what + f" failed: {result}"
-    assert asked == ["mymaster", ("10.0.0.1", 6380, factory.maxDelay), factory], what
+    _present(TXREDISAPI, factory, "initialDelay", "factor", "maxDelay", "jitter", "retryDelay")
+    retry_alike(factory)
+    factory.jitter = 0  # normally the factory's own, for a spread of reconnects
+    delays = [factory.retryDelay(attempt) for attempt in range(1, 8)]
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]), what + f": {delays}"
+
+
+def test_txredisapi_sentinel_factory(txredisapi: Any) -> None:
+    """RedisBroker makes the pool's SentinelConnectionFactory itself (not
+    through `master_for`, which would connect at once through the private
+    `_SentinelEndpoint`) and connects it through SentinelMaster."""
+    _present(TXREDISAPI, txredisapi, "Sentinel", "SentinelConnectionFactory")
+    what = _changed(TXREDISAPI, "SentinelConnectionFactory(sentinel, name, is_master, uuid, ...)")
+    sentinel = object.__new__(txredisapi.Sentinel)
+    factory = txredisapi.SentinelConnectionFactory(
+        sentinel, "mymaster", True, None, 3, 2, isLazy=True, convertNumbers=False
+    )
+    assert isinstance(factory, txredisapi.RedisFactory), what + ": not a RedisFactory"
+    assert (factory.sentinel_manager, factory.service_name) == (sentinel, "mymaster"), what
+    assert factory.is_master and factory.dbid == 3 and factory.poolsize == 2, what
+    _present(TXREDISAPI, sentinel, "discover_master")
 
 
 def test_txredisapi_subscriber(txredisapi: Any) -> None:

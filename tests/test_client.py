@@ -143,7 +143,10 @@ async def test_publish_retries_while_redis_is_down(own_redis: RedisServer, prefi
         own_redis.start()
         msg_id = await with_timeout(single, 20)
         ids = await with_timeout(batch, 20)
-        # Published once each, whatever the retries.
+        # Published once each, whatever the retries. (Reads wait for the command
+        # pool, which reconnects on its own, as the publish connection does.)
+        assert pushd.service is not None
+        await with_timeout(pushd.service.broker.when_ready(), 20)
         messages = await history(pushd.url, "live")
         assert sorted(m["id"] for m in messages) == sorted([msg_id, *ids])
         assert sorted(map(json.dumps, (m["data"] for m in messages))) == ['"during"', "1", "2"]

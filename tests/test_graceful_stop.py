@@ -22,7 +22,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from tests.support import Node, RedisServer, wait_for, with_timeout
+from tests.support import Node, PushdUnderTest, RedisServer, connect_raw, wait_for, with_timeout
 
 RUNS = 20
 
@@ -182,3 +182,31 @@ async def test_idle_kept_alive_connections_at_sigterm(tmp_path: Path) -> None:
     assert code == 503 and json.loads(body)["error"] == "shutting_down"
     assert headers["connection"] == "close"
     assert [a[1] for a in silent.answers] == [200] and silent._buffer == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_drops_a_stream_that_reads_nothing() -> None:
+    """A stream whose reader stopped reading cannot take its last bytes: past the
+    shutdown timeout and the answers' grace, the stop drops it (a stopped
+    service holds no connection), and does not wait longer than that."""
+    pushd = PushdUnderTest.config(shutdown_timeout=0.2, max_send_buffer=1 << 30)
+    await pushd.start()
+    assert pushd.service is not None
+    site: Any = pushd.service.site
+    reader = await connect_raw(pushd.port)
+    assert reader.transport is not None
+    reader.transport.write(b"GET /sse?channel=big HTTP/1.1\r\nHost: pushd\r\n\r\n")
+    await reader.until(b"subscribed")
+    reader.transport.pauseProducing()  # reads no more: the kernel's buffers fill up
+    chunk = json.dumps("x" * 60_000).encode()
+    for _ in range(400):  # 24 MB: more than loopback's buffers hold
+        await pushd.service.broker.publish("big", chunk)
+    assert len(site.channels) == 1
+    started = time.monotonic()
+    await pushd.stop()
+    assert site.channels == set()
+    elapsed = time.monotonic() - started
+    grace = pushd.service.answer_grace
+    assert 0.2 + grace <= elapsed < 0.2 + 2 * grace + 1, elapsed
+    reader.transport.resumeProducing()
+    await with_timeout(reader.lost)

@@ -71,7 +71,9 @@ async def test_redis_restart(own_redis: RedisServer, prefix: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_one_pool_and_one_subscriber_connection(own_redis: RedisServer, prefix: str) -> None:
-    """However many clients and channels: pool-size + 1 connections, one SUBSCRIBE each."""
+    """However many clients and channels: the pool's connections, one publish
+    connection (named for the node) and one subscriber connection, with one
+    SUBSCRIBE a channel."""
     import txredisapi
 
     pushd = PushdUnderTest.config(redis=own_redis.address(), redis_prefix=prefix, redis_pool_size=3)
@@ -83,7 +85,10 @@ async def test_one_pool_and_one_subscriber_connection(own_redis: RedisServer, pr
             for _ in range(2):
                 await client.next_of("subscribed")
         listing = await conn.execute_command("CLIENT", "LIST")
-        assert len(listing.strip().splitlines()) == 3 + 1 + 1  # pool, subscriber, this test
+        lines = listing.strip().splitlines()
+        assert len(lines) == 3 + 1 + 1 + 1  # pool, publish, subscriber, this test
+        assert len([line for line in lines if " name=pushd-publish-" in line]) == 1
+        assert len([line for line in lines if " sub=0 " not in line]) == 1
         channels = [prefix + c for c in ("ch0", "ch1", "ch2", "ch3", "ch4", "all")]
         counts = await conn.execute_command("PUBSUB", "NUMSUB", *channels)
         assert counts[1::2] == [1] * 6

@@ -222,7 +222,7 @@ def backend() -> Any:
 @pytest_twisted.ensureDeferred
 async def test_auth_url_asks_the_application(start_pushd: StartPushd, backend: Any) -> None:
     resource, url = backend
-    pushd = await start_pushd(auth_url=url, auth_timeout=1)
+    pushd = await start_pushd(auth_url=url, auth_timeout=0.5)
 
     def cookie(value: str) -> str:
         return f"Cookie: session={value}; theme=dark\r\nUser-Agent: tests\r\n"

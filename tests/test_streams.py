@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest_twisted
 import treq
 from twisted.internet import reactor
-from twisted.internet.utils import getProcessOutputAndValue
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 
 from tests.sse import Event, EventStream, open_sse
 from tests.support import (
@@ -19,6 +21,7 @@ from tests.support import (
     next_turn,
     token,
     wait_for,
+    with_timeout,
 )
 
 
@@ -126,15 +129,36 @@ async def test_sse_refusals_and_cors(start_pushd: StartPushd) -> None:
     assert "Last-Event-ID" in preflight.headers.getRawHeaders("access-control-allow-headers")[0]
 
 
+class Curl(ProcessProtocol):
+    """curl's output, line by line, as it comes; `ended` fires when curl exits."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.ended: Deferred[None] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def lines(self) -> list[bytes]:
+        return [line for line in self.out.split(b"\n")[:-1] if line]
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+
+
 @pytest_twisted.ensureDeferred
 async def test_ndjson_stream_with_curl(pushd: PushdUnderTest) -> None:
-    curl = getProcessOutputAndValue(
-        "curl", ["-sN", "--max-time", "2", f"{pushd.url}/stream?channel=news"], reactor=reactor
+    curl = Curl()
+    process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        curl, "curl", ["curl", "-sN", "--max-time", "10", f"{pushd.url}/stream?channel=news"]
     )
     await wait_for(lambda: pushd.hub.count("news") == 1, what="curl to subscribe")
     ids = [await pushd.publish("news", {"n": n}) for n in range(3)]
-    out, _, _ = await curl
-    lines = [json.loads(line) for line in out.decode().splitlines() if line]
+    # The subscription and the three messages, then curl is done (as with ^C).
+    await wait_for(lambda: len(curl.lines()) == 4, what="curl to print them")
+    process.signalProcess("TERM")
+    await with_timeout(curl.ended)
+    lines = [json.loads(line) for line in curl.lines()]
     assert lines[0] == {
         "type": "subscribed",
         "channel": "news",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,14 +156,14 @@ async def test_plain_http_to_the_tls_port_gets_no_http_answer(tls_pushd: PushdUn
     assert not raw.data.startswith(b"HTTP/"), raw.data
 
 
-@pytest.fixture
-def tls_node(tmp_path: Path, self_signed: SelfSigned) -> Iterator[tuple[Node, int]]:
+@pytest_twisted.async_yield_fixture
+async def tls_node(tmp_path: Path, self_signed: SelfSigned) -> AsyncIterator[tuple[Node, int]]:
     """`twistd -n pushd` listening on a plain port (for `ready`) and on a TLS port."""
     tls_port = free_port()
     node = Node(tmp_path, "--listen", self_signed.listen(tls_port))
     node.start()
     yield node, tls_port
-    node.stop()
+    await node.terminate()
 
 
 @pytest_twisted.ensureDeferred

@@ -85,6 +85,9 @@ async def close_code(raw: RawClient) -> int:
         (frame(0x9, b"p" * 200), 1002),  # control frame over 125 bytes
         (frame(0x1, b"a", fin=False) + frame(0x1, b"b"), 1002),  # new message mid-fragments
     ],
+    # Named, not by their bytes: the masks are random, and pytest-xdist's workers
+    # must collect the same test ids.
+    ids=["bad-utf8", "unmasked", "reserved-opcode", "too-large", "long-control", "mid-fragments"],
 )
 @pytest_twisted.ensureDeferred
 async def test_protocol_violations_close_with_a_code(

@@ -148,6 +148,8 @@ async def test_workers_get_no_secret_on_their_command_line(
 
         await wait_for(up, timeout=30, what="the workers")
         await wait_for(lambda: len(children(parent)) == 2, what="two workers")
+        # One worker may answer before the other has its Redis connections.
+        await node.workers_ready()
 
         tree = process_tree(parent)
         assert children(parent) <= tree and len(tree) >= 3, tree

@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from pushd.waiting import Waiters
 
 log = Logger()
 
@@ -169,7 +171,7 @@ class Broker(Service):
 
     def __init__(self) -> None:
         self._in_flight = 0
-        self._drained: list[Deferred[None]] = []
+        self._drained = Waiters()
         self._listener: BusListener = UNATTACHED
 
     def attach(self, listener: BusListener) -> None:
@@ -189,19 +191,13 @@ class Broker(Service):
 
     def _landed(self, result: Any) -> Any:
         self._in_flight -= 1
-        if not self._in_flight and self._drained:
-            waiters, self._drained = self._drained, []
-            for waiter in waiters:
-                waiter.callback(None)
+        if not self._in_flight:
+            self._drained.fire()
         return result
 
     def drain(self) -> Deferred[None]:
         """Fires once no publish is in flight: a stopping service waits for this."""
-        if not self._in_flight:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drained.append(d)
-        return d
+        return self._drained.wait(not self._in_flight)
 
     def abandon(self) -> None:
         """The wait for publishes in flight is over (the shutdown timeout ran

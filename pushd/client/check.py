@@ -54,6 +54,7 @@ from pushd.client.console import (
     verbose_log,
 )
 from pushd.client.sse import Event, EventStreamReceiver
+from pushd.client.subscriber import hang_up
 
 T = TypeVar("T")
 
@@ -176,10 +177,12 @@ class _WSFactory(WebSocketClientFactory):
     protocol = _WSClient  # type: ignore[assignment]
 
     def __init__(self, arrival: Arrival, url: str, reactor: Any) -> None:
-        super().__init__(url, useragent=USER_AGENT, reactor=reactor)
+        WebSocketClientFactory.__init__(self, url, useragent=USER_AGENT, reactor=reactor)
         self.arrival = arrival
         # Autobahn's own handshake timer is coarse (batched); each step has --timeout.
-        self.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=CLOSE_TIMEOUT)
+        WebSocketClientFactory.setProtocolOptions(
+            self, openHandshakeTimeout=0, closeHandshakeTimeout=CLOSE_TIMEOUT
+        )
 
 
 class _SSEReader(EventStreamReceiver):
@@ -400,10 +403,7 @@ class Check:
             await self._bounded(self._sse_reader.ended)
         client = self._ws_client
         if client is not None:
-            if client.state == WebSocketClientProtocol.STATE_OPEN:
-                client.sendClose(1000)
-            elif client.state != WebSocketClientProtocol.STATE_CLOSED:
-                client.dropConnection(abort=True)
+            hang_up(client)
             if not await self._bounded(client.closed) and client.transport is not None:
                 client.transport.abortConnection()
 

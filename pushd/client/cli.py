@@ -24,15 +24,7 @@ import sys
 from typing import Any, TextIO
 
 from pushd import __version__
-from pushd.client.console import (
-    channel_arg,
-    connect_reason,
-    parse_command,
-    run_command,
-    secret_option,
-    target_arg,
-    verbose_log,
-)
+from pushd.client import console
 from pushd.client.publisher import Publisher, PushdError
 from pushd.client.subscriber import Subscriber
 from pushd.message import load_json, parse_id
@@ -45,7 +37,7 @@ class CliError(Exception):
 
 
 def _url(text: str) -> str:
-    target_arg(text)  # argparse's error for a bad URL
+    console.target_arg(text)  # argparse's error for a bad URL
     return text
 
 
@@ -58,7 +50,7 @@ def _id(text: str) -> str:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number above 0")
     return int(text)
 
@@ -81,10 +73,10 @@ def parser() -> argparse.ArgumentParser:
         )
 
     pub = commands.add_parser("publish", help="publish one message and print its id")
-    pub.add_argument("channel", type=channel_arg, metavar="CHANNEL")
+    pub.add_argument("channel", type=console.channel_arg, metavar="CHANNEL")
     pub.add_argument("data", metavar="DATA", help="the message (-: read standard input)")
     pub.add_argument("--json", action="store_true", help="DATA is JSON (default: text)")
-    secret_option(pub, "--api-key", "PUSHD_CLI_API_KEY", "producer key")
+    console.secret_option(pub, "--api-key", "PUSHD_CLI_API_KEY", "producer key")
     pub.add_argument(
         "--retries",
         type=int,
@@ -99,8 +91,8 @@ def parser() -> argparse.ArgumentParser:
     common(pub)
 
     sub = commands.add_parser("subscribe", help="print message envelopes as JSON lines")
-    sub.add_argument("channels", type=channel_arg, nargs="+", metavar="CHANNEL")
-    secret_option(sub, "--token", "PUSHD_CLI_TOKEN", "subscriber token")
+    sub.add_argument("channels", type=console.channel_arg, nargs="+", metavar="CHANNEL")
+    console.secret_option(sub, "--token", "PUSHD_CLI_TOKEN", "subscriber token")
     sub.add_argument("--since", type=_id, help="first the retained messages after this id")
     sub.add_argument("--count", type=_count, help="stop after this many messages")
     common(sub)
@@ -121,7 +113,7 @@ async def _publish(reactor: Any, args: argparse.Namespace, out: TextIO) -> None:
     except PushdError as exc:
         raise CliError(str(exc)) from None
     except Exception as exc:
-        reason = connect_reason(exc, publisher.target)
+        reason = console.connect_reason(exc, publisher.target)
         if reason is None:
             raise
         raise CliError(reason) from None
@@ -159,10 +151,10 @@ async def run(
     """The command as a function: its exit status."""
     out = out or sys.stdout
     err = err or sys.stderr
-    args = parse_command(parser(), argv)
+    args = console.parse_command(parser(), argv)
     if isinstance(args, int):
         return args
-    with verbose_log(args.verbose, err):
+    with console.verbose_log(args.verbose, err):
         try:
             if args.command == "publish":
                 await _publish(reactor, args, out)
@@ -176,7 +168,7 @@ async def run(
 
 def main(argv: list[str] | None = None) -> None:
     """The `pushd-cli` console script."""
-    run_command(run, argv)
+    console.run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class PushdError(Exception):
 
 def _backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2**attempt)."""
-    delay = min(cap, base * 2**attempt)
+    delay: float = min(cap, base * 2**attempt)
     return delay / 2 + random.uniform(0, delay / 2)
 
 
@@ -83,7 +83,26 @@ async def _error_of(response: Any) -> PushdError:
         return PushdError(response.code, "http_error", " ".join(text.split())[:200] or phrase)
 
 
-class Publisher:
+class _Client:
+    """What the Publisher and the Subscriber share: pushd's URL, a reactor (the
+    global one when none is given) and the wait before another try, from
+    `backoff` seconds, doubling each time up to `max_backoff`, with jitter."""
+
+    def __init__(self, url: str, reactor: Any, backoff: float, max_backoff: float) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.target = Target.parse(url)
+        self.reactor = reactor
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _pause(self, attempt: int) -> Deferred[None]:
+        """The wait after try number `attempt` (from 0)."""
+        delay = _backoff(attempt, self.backoff, self.max_backoff)
+        return deferLater(self.reactor, delay, lambda: None)
+
+
+class Publisher(_Client):
     """Publishes through pushd's producer API (`POST /channels/{channel}`, `POST /publish`).
 
     Every publish carries an `Idempotency-Key` (the caller's, or a random one):
@@ -104,17 +123,12 @@ class Publisher:
         max_backoff: float = 10.0,
         timeout: float = 30.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.target = Target.parse(url)
+        super().__init__(url, reactor, backoff, max_backoff)
         self.api_key = api_key
-        self.reactor = reactor
         self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
         self.timeout = timeout
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._http = HTTPClient(cast(IAgent, Agent(reactor, pool=self._pool)))
+        self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+        self._http = HTTPClient(cast(IAgent, Agent(self.reactor, pool=self._pool)))
 
     async def publish(self, channel: str, data: Any, *, idempotency_key: str | None = None) -> str:
         """Publish one message; its id. A `str` is sent as text, anything else as JSON."""
@@ -181,9 +195,7 @@ class Publisher:
                 if attempt >= self.retries:
                     raise
                 log.info("publish: {error!r}, retrying", error=exc)
-            await deferLater(
-                self.reactor, _backoff(attempt, self.backoff, self.max_backoff), lambda: None
-            )
+            await self._pause(attempt)
             attempt += 1
 
     async def _attempt(self, url: str, body: bytes, headers: Headers) -> Any:
@@ -194,7 +206,8 @@ class Publisher:
 
     def close(self) -> Deferred[None]:
         """Close the pooled connections (fires when they are closed)."""
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
 
     async def __aenter__(self) -> Publisher:
         return self

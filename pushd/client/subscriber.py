@@ -25,11 +25,14 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from pushd.client.console import Target
-from pushd.client.publisher import _CONNECTION_ERRORS, USER_AGENT, PushdError, _backoff
+from pushd.client.publisher import (
+    _CONNECTION_ERRORS,
+    USER_AGENT,
+    PushdError,
+    _Client,
+)
 from pushd.message import is_channel, parse_id
 
 __all__ = ["BEGINNING", "Subscriber"]
@@ -51,7 +54,7 @@ class _Protocol(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.opened.callback(None)
         for frame in self.factory.frames:
-            self.sendMessage(json.dumps(frame, allow_nan=False).encode())
+            WebSocketClientProtocol.sendMessage(self, json.dumps(frame, allow_nan=False).encode())
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -78,10 +81,21 @@ class _Factory(WebSocketClientFactory):
     def __init__(
         self, subscriber: Subscriber, url: str, frames: list[dict[str, Any]], reactor: Any
     ) -> None:
-        super().__init__(url, useragent=USER_AGENT, reactor=reactor)
+        WebSocketClientFactory.__init__(self, url, useragent=USER_AGENT, reactor=reactor)
         self.subscriber = subscriber
         self.frames = frames
-        self.setProtocolOptions(openHandshakeTimeout=10, closeHandshakeTimeout=2)
+        WebSocketClientFactory.setProtocolOptions(
+            self, openHandshakeTimeout=10, closeHandshakeTimeout=2
+        )
+
+
+def hang_up(protocol: WebSocketClientProtocol) -> None:
+    """Close a client connection: with a close frame (1000) once it is open,
+    else by dropping it (an opening handshake in progress)."""
+    if protocol.state == WebSocketClientProtocol.STATE_OPEN:
+        protocol.sendClose(1000)
+    elif protocol.state != WebSocketClientProtocol.STATE_CLOSED:
+        protocol.dropConnection(abort=True)
 
 
 class _HandshakeFailed(Exception):
@@ -93,7 +107,7 @@ _END = object()
 BEGINNING = "0-0"
 
 
-class Subscriber:
+class Subscriber(_Client):
     """Subscribes to `channels` over pushd's WebSocket and keeps them subscribed.
 
     Iterate it (`async for envelope in subscriber`) for every message envelope
@@ -118,9 +132,7 @@ class Subscriber:
         max_backoff: float = 10.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.target = Target.parse(url)
+        super().__init__(url, reactor, backoff, max_backoff)
         self.channels = [channels] if isinstance(channels, str) else list(dict.fromkeys(channels))
         if not self.channels:
             raise ValueError("no channels to subscribe to")
@@ -128,10 +140,7 @@ class Subscriber:
             if not is_channel(channel):
                 raise ValueError(f"{channel!r} is not a channel name")
         self.token = token
-        self.reactor = reactor
         self.on_message = on_message
-        self.backoff = backoff
-        self.max_backoff = max_backoff
         self.connect_timeout = connect_timeout
         #: Where a reconnect resumes, per channel: the id of the last message
         #: delivered, else the `position` pushd gave on subscribing ("0-0": the
@@ -198,12 +207,8 @@ class Subscriber:
         self._closing = True
         if self._waiting is not None and not self._waiting.called:
             self._waiting.cancel()
-        protocol = self._protocol
-        if protocol is not None:
-            if protocol.state == WebSocketClientProtocol.STATE_OPEN:
-                protocol.sendClose(1000)
-            elif protocol.state != WebSocketClientProtocol.STATE_CLOSED:
-                protocol.dropConnection(abort=True)
+        if self._protocol is not None:
+            hang_up(self._protocol)
         if self._running is None:
             self._finish(None)
         closed: Deferred[None] = Deferred()
@@ -270,9 +275,7 @@ class Subscriber:
                     code=code,
                     reason=reason,
                 )
-            self._waiting = deferLater(
-                self.reactor, _backoff(attempt, self.backoff, self.max_backoff), lambda: None
-            )
+            self._waiting = self._pause(attempt)
             try:
                 await self._waiting
             except defer.CancelledError:

@@ -45,4 +45,4 @@ class NdjsonResource(StreamResource):
     content_type = b"application/x-ndjson"
 
     def _stream(self, request: Request, channels: list[str], cursor: dict[str, str]) -> Stream:
-        return NdjsonStream(request, self._max_send_buffer, channels, self._slow_consumer)
+        return NdjsonStream(request, self._config.max_send_buffer, channels, self._slow_consumer)

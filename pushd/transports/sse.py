@@ -91,6 +91,6 @@ class SseResource(StreamResource):
     preamble = b": ok\n\n"
 
     def _stream(self, request: Request, channels: list[str], cursor: dict[str, str]) -> Stream:
-        stream = SseStream(request, self._max_send_buffer, channels, self._slow_consumer)
+        stream = SseStream(request, self._config.max_send_buffer, channels, self._slow_consumer)
         stream._last.update(cursor)
         return stream

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from pushd.auth import AuthError, Gate, Grants, token_from
 from pushd.broker import Broker
+from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import SendBound
 from pushd.message import Delivery, is_channel, parse_id
@@ -206,21 +207,17 @@ class StreamResource(Resource):
         hub: Hub,
         broker: Broker,
         gate: Gate,
-        config: Any,
+        config: Config,
         clock: Any,
         metrics: Any,
     ) -> None:
-        super().__init__()
-        self._metrics = metrics
-        self._config = config
-        self._trusted_proxies = config.trusted_proxies
+        Resource.__init__(self)
         self._hub = hub
         self._broker = broker
         self._gate = gate
-        self._max_subscriptions = config.max_subscriptions
-        self._max_send_buffer = config.max_send_buffer
-        self._keepalive_every = config.keepalive
+        self._config = config
         self._clock = clock
+        self._metrics = metrics
         self._streams: set[Stream] = set()
         self._keepalive = LoopingCall(self._beat)
         self._keepalive.clock = clock
@@ -260,7 +257,7 @@ class StreamResource(Resource):
             k.decode("latin-1").lower(): b",".join(v).decode("latin-1")
             for k, v in request.requestHeaders.getAllRawHeaders()
         }
-        address = request_host(request, self._trusted_proxies)
+        address = request_host(request, self._config.trusted_proxies)
         d = self._gate.admit(
             address=address,
             token=token,
@@ -279,7 +276,7 @@ class StreamResource(Resource):
         )
         if not channels or not all(is_channel(c) for c in channels):
             raise ApiError(*errors.BAD_CHANNEL)
-        if len(channels) > self._max_subscriptions:
+        if len(channels) > self._config.max_subscriptions:
             raise ApiError(400, "too_many_subscriptions", "too many channels")
         since = (
             _header(request, b"last-event-id")
@@ -320,7 +317,7 @@ class StreamResource(Resource):
         request.registerProducer(stream, True)
         self._streams.add(stream)
         if not self._keepalive.running:
-            self._keepalive.start(self._keepalive_every, now=False)
+            self._keepalive.start(self._config.keepalive, now=False)
         request.write(self.preamble)
 
         log.info("{transport} client {peer} admitted", transport=self.transport, peer=address)

@@ -36,9 +36,10 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
+from txaio._common import _BatchedTimer
 
 from pushd.auth import ANONYMOUS, AuthError, Gate, Grants, client_host, token_from
 from pushd.broker import Broker, BrokerUnavailable, OutcomeUnknown
@@ -57,6 +58,7 @@ from pushd.message import (
 from pushd.session import AlreadySubscribed, Session
 from pushd.transports import autobahn_diet
 from pushd.transports.sending import write_now
+from pushd.waiting import OpenConnections
 
 log = Logger()
 
@@ -78,8 +80,8 @@ def _frames(delivery: Delivery) -> bytes:
     """The frames of a message or a Burst, made once per fan-out."""
     if isinstance(delivery, Burst):
         return b"".join(m.frame or _frames(m) for m in delivery.messages)
-    delivery.frame = text_frame(delivery.payload)
-    return delivery.frame
+    delivery.frame = frame = text_frame(delivery.payload)
+    return frame
 
 
 class FrameError(Exception):
@@ -393,7 +395,16 @@ class PushdServerFactory(WebSocketServerFactory):
         gate: Gate,
         metrics: Any,
     ) -> None:
-        super().__init__(reactor=reactor)
+        WebSocketServerFactory.__init__(self, reactor=reactor)
+        # Autobahn runs its timers (auto-ping, open and close handshake
+        # timeouts) on txaio's global reactor; on this factory's instead, a
+        # test's Clock drives them too (tests/test_canaries.py).
+        self._batched_timer = _BatchedTimer(
+            200.0,
+            1000,
+            seconds_provider=reactor.seconds,
+            delayed_call_creator=reactor.callLater,
+        )
         # A class of this factory's own: connections read the factory's options
         # from it and share their plain defaults through it (autobahn_diet).
         self.protocol = autobahn_diet.protocol_class(PushdServerProtocol)
@@ -409,13 +420,13 @@ class PushdServerFactory(WebSocketServerFactory):
         self.publish_burst = config.publish_burst
         self.metrics = metrics
         # Open connections, to say goodbye (1001) when the service stops.
-        self.clients: set[PushdServerProtocol] = set()
-        self._all_gone: list[Deferred[None]] = []
+        self.clients: OpenConnections[PushdServerProtocol] = OpenConnections()
         # A publish frame carries up to --max-message-size of data plus its own fields:
         # such a frame is answered `too_large`; a frame larger still is closed with 1009.
         frame_limit = config.max_message_size + FRAME_OVERHEAD
         # Autobahn's defaults are unsafe for a public server (library findings, 3).
-        self.setProtocolOptions(
+        WebSocketServerFactory.setProtocolOptions(
+            self,
             maxMessagePayloadSize=frame_limit,
             maxFramePayloadSize=frame_limit,
             autoPingInterval=config.ping_interval,
@@ -428,17 +439,10 @@ class PushdServerFactory(WebSocketServerFactory):
 
     def gone(self, client: PushdServerProtocol) -> None:
         self.clients.discard(client)
-        if not self.clients:
-            waiters, self._all_gone = self._all_gone, []
-            for d in waiters:
-                d.callback(None)
 
     def close_all(self) -> Deferred[None]:
         """Close every connection with 1001 (going away); fires once all are gone."""
-        if not self.clients:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._all_gone.append(d)
+        d = self.clients.all_gone()
         for client in tuple(self.clients):
             client.session.close()
             # sendClose() refuses 1001 (applications may only send 1000 and 4xxx),
@@ -451,6 +455,9 @@ class WebSocketEndpoint(WebSocketResource):
     """`/ws`: a request that does not ask to upgrade gets the contract's JSON
     error (426) instead of Autobahn's HTML status page."""
 
+    def __init__(self, factory: PushdServerFactory) -> None:
+        WebSocketResource.__init__(self, factory)
+
     def render(self, request: Request) -> Any:
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade != b"websocket":
@@ -460,7 +467,7 @@ class WebSocketEndpoint(WebSocketResource):
             request.channel.persistent = False
             request.setHeader(b"content-type", b"application/json")
             return dump_json({"error": "upgrade_required", "message": "this is a WebSocket"})
-        result = super().render(request)
+        result = WebSocketResource.render(self, request)
         channel = request.channel
         if channel.transport is None:
             # Upgraded: Twisted Web's channel and request are done with, but hold

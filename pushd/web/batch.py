@@ -155,7 +155,7 @@ class PushResource(ApiResource):
         try:
             kept, _ = await self._p.publish("push", d)
         except ApiError as e:
-            if e.status == errors.OUTCOME_UNKNOWN[0]:
+            if e.status == errors.OUTCOME_UNKNOWN.status:
                 raise ApiError(
                     504, "outcome_unknown", "redis did not answer: outcome unknown"
                 ) from None

@@ -6,7 +6,8 @@ hot path (pushd.web.hotpath) between requests, and a graceful stop."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,15 +22,59 @@ from pushd.web.hotpath import MAX_HEADERS, FastPublish, bad_field_line
 
 log = Logger()
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+    from twisted.web.http_headers import Headers
+    from twisted.web.resource import IResource
 
-class PushdRequest(Request):
+    # twisted.web's Request and HTTPChannel are unannotated: the methods pushd
+    # calls on them (through super() or self), with their types.
+
+    class _Request(Request):
+        def gotLength(self, length: int | None) -> None: ...
+        def handleContentChunk(self, data: bytes) -> None: ...
+        def process(self) -> None: ...
+        def render(self, resrc: IResource) -> None: ...
+        def setHeader(self, name: bytes, value: bytes) -> None: ...
+        def write(self, data: bytes) -> None: ...
+        def finish(self) -> None: ...
+
+    class _HTTPChannel(HTTPChannel):
+        def connectionMade(self) -> None: ...
+        def lineReceived(self, line: bytes) -> None: ...
+        def allHeadersReceived(self) -> None: ...
+        def checkPersistence(self, request: Request, version: bytes) -> bool: ...
+        def _send100Continue(self) -> None: ...
+        def allContentReceived(self) -> None: ...
+        def writeHeaders(
+            self, version: bytes, code: bytes, reason: bytes, headers: Headers
+        ) -> None: ...
+        def requestDone(self, request: Request) -> None: ...
+        def connectionLost(self, reason: Failure | None = None) -> None: ...
+        def dataReceived(self, data: bytes) -> None: ...
+        def clearLineBuffer(self) -> bytes: ...
+        def setTimeout(self, period: float | None) -> float | None: ...
+        def resetTimeout(self) -> None: ...
+        def callLater(self, delay: float, f: Callable[[], object]) -> IDelayedCall: ...
+
+else:
+    _Request = Request
+    _HTTPChannel = HTTPChannel
+
+
+class PushdRequest(_Request):
     """A request whose body is capped: past the limit the rest is discarded
-    and the resource answers 413, so a large body never sits in memory."""
+    and the resource answers 413, so a large body never sits in memory. The
+    limit is the path's (`max_bodies`: `POST /publish` takes a batch), else
+    `max_body` (a message)."""
 
     max_body = 65536
+    max_bodies: dict[bytes, int] = {}
     body_too_large = False
 
     def gotLength(self, length: int | None) -> None:
+        path = getattr(self.channel, "request_path", b"")
+        self.max_body = self.max_bodies.get(path, self.max_body)
         if length is not None and length > self.max_body:
             self.body_too_large = True
             length = 0
@@ -105,7 +150,7 @@ class PushdRequest(Request):
 _NO_REST = (b"", 0)
 
 
-class PushdChannel(HTTPChannel):
+class PushdChannel(_HTTPChannel):
     """Twisted Web's connection with pushd's bounds and manners.
 
     Bounds on what a stranger sends before a request is complete:
@@ -153,6 +198,10 @@ class PushdChannel(HTTPChannel):
     # True while a hot-path publish is being sent: its answer may come at once.
     _fast_sending = False
     _peer: Any = None
+    #: The path of the request being read (its head), without the query.
+    request_path = b""
+    # Between requests, no byte of the next one yet (_await_head).
+    _idle = False
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.totalHeadersSize = self.max_header_size
@@ -192,6 +241,9 @@ class PushdChannel(HTTPChannel):
             if line and _bad_request_line(line):
                 self._bad_request()
                 return
+            if line:
+                # The body's limit depends on the path (PushdRequest.gotLength).
+                self.request_path = line.split(b" ", 2)[1].partition(b"?")[0]
         elif line:
             if line[0] in b" \t":
                 self._refuse(
@@ -239,7 +291,7 @@ class PushdChannel(HTTPChannel):
         if getattr(self.requests[-1], "body_too_large", False):
             # The client waits for a word before it sends the body: the last one.
             error = errors.TOO_LARGE
-            self._refuse(b"413 Content Too Large", error[1], error[2])
+            self._refuse(b"413 Content Too Large", error.code, error.message)
             return
         super()._send100Continue()
 
@@ -265,7 +317,14 @@ class PushdChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
         if self.transport is not None and not self._handlingRequest:
-            self._start_deadline()
+            self._await_head()
+
+    def _await_head(self) -> None:
+        """Between requests: the next head's deadline starts with its first
+        byte; an idle kept-alive connection is the site's timeout's (closed
+        without a word, never a 408 that could cross the client's next request)."""
+        self._stop_deadline()
+        self._idle = True
 
     def connectionLost(self, reason: Any = None) -> None:
         self._gone = True
@@ -357,6 +416,9 @@ class PushdChannel(HTTPChannel):
             return
         if self._refused:
             return
+        if self._idle and start < len(data):
+            self._idle = False
+            self._start_deadline()
         fast = self.fast
         while (
             fast is not None
@@ -406,11 +468,13 @@ class PushdChannel(HTTPChannel):
             # The answer said `Connection: close`: it is the last.
             self._close_gently()
             return
-        # The next request's headers have their deadline from now.
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.reset(self.handshake_timeout)
-        else:
+        data, start = self._fast_rest
+        if waiting or start < len(data):
+            # The next request's headers, already begun, have their deadline from now.
+            self._stop_deadline()
             self._start_deadline()
+        else:
+            self._await_head()
         if self._fast_paused:
             self._fast_paused = False
             if not self._waitingForTransport:

@@ -23,32 +23,26 @@ from twisted.web.server import Request
 from pushd.message import dump_json, is_channel, load_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
-from pushd.web.producer import Producing, idempotency_key, message_data, read_body
-from pushd.web.resource import ApiResource, NotFound
+from pushd.web.producer import Collection, Producing, idempotency_key, message_data, read_body
+from pushd.web.resource import ApiResource
 
 USER_RE = re.compile(r"[A-Za-z0-9_.@=+-]{1,64}")
 BAD_USER = (400, "bad_user", "user ids match [A-Za-z0-9_.@=+-]{1,64}")
 COMMANDS = (b"subscribe", b"unsubscribe", b"disconnect")
 
 
-class UsersResource(Resource):
-    def __init__(self, producing: Producing) -> None:
-        super().__init__()
-        self._p = producing
+class UsersResource(Collection):
+    """`/users/{user}` and `/users/{user}/{command}`, made per request."""
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        user = path.decode("utf-8", "replace")
+    def child(self, name: str, request: Request) -> Resource | None:
         if not request.postpath:
-            return UserResource(user, self._p)
+            return UserResource(name, self._p)
         if len(request.postpath) == 1 and request.postpath[0] in COMMANDS:
             assert request.prepath is not None
-            name = request.postpath.pop()
-            request.prepath.append(name)
-            return UserCommand(user, name.decode(), self._p)
-        return NotFound()
-
-    def render(self, request: Request) -> bytes:
-        return NotFound().render(request)
+            command = request.postpath.pop()
+            request.prepath.append(command)
+            return UserCommand(name, command.decode(), self._p)
+        return None
 
 
 class _UserApi(ApiResource):

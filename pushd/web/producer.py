@@ -35,13 +35,13 @@ class Producing:
     auth: ProducerAuth
     metrics: Metrics
     config: Config
+    #: Its clock: the browsers' publish rates (IReactorTime).
+    reactor: Any
 
     @cached_property
     def browsers(self) -> BrowserPublish:
         """Publishing from browser pages with subscriber tokens (made when first needed)."""
-        from twisted.internet import reactor
-
-        return BrowserPublish(self.config, reactor)
+        return BrowserPublish(self.config, self.reactor)
 
     async def publish(self, api: str, d: Deferred[Any], count: int = 1) -> Any:
         """Wait for a publish (errors: `ask`); counted and timed."""
@@ -58,25 +58,36 @@ class Producing:
         return dump_json({"nodes": nodes})
 
 
-class ChannelsResource(Resource):
-    """`/channels/{channel}` and `/channels/{channel}/history`, made per request."""
+class Collection(Resource):
+    """`/<collection>/{name}...`: `child` makes the resource that a name (and the
+    path after it) asks for, per request; the collection itself, and a path
+    `child` does not know (None), are 404."""
 
     def __init__(self, producing: Producing) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._p = producing
 
     def getChild(self, path: bytes, request: Request) -> Resource:
-        channel = path.decode("utf-8", "replace")
-        if not request.postpath:
-            return ChannelResource(channel, self._p)
-        if request.postpath == [b"history"]:
-            assert request.prepath is not None
-            request.prepath.append(request.postpath.pop())
-            return HistoryResource(channel, self._p)
-        return NotFound()
+        return self.child(path.decode("utf-8", "replace"), request) or NotFound()
+
+    def child(self, name: str, request: Request) -> Resource | None:
+        raise NotImplementedError
 
     def render(self, request: Request) -> bytes:
         return NotFound().render(request)
+
+
+class ChannelsResource(Collection):
+    """`/channels/{channel}` and `/channels/{channel}/history`, made per request."""
+
+    def child(self, name: str, request: Request) -> Resource | None:
+        if not request.postpath:
+            return ChannelResource(name, self._p)
+        if request.postpath == [b"history"]:
+            assert request.prepath is not None
+            request.prepath.append(request.postpath.pop())
+            return HistoryResource(name, self._p)
+        return None
 
 
 async def ask(d: Any) -> Any:
@@ -178,7 +189,10 @@ class HistoryResource(_ChannelApi):
         limit_text = query_value(request, b"limit")
         limit = self._p.config.history_size
         if limit_text is not None:
-            if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:
+            if (
+                not (limit_text.isascii() and limit_text.isdigit())
+                or not 1 <= int(limit_text) <= MAX_LIMIT
+            ):
                 raise ApiError(*errors.BAD_LIMIT)
             limit = int(limit_text)
         return self._read(since, limit)
@@ -197,7 +211,7 @@ def message_data(request: Request, max_size: int) -> bytes:
 def read_body(request: Request, max_size: int) -> bytes:
     """The body, or 413 when it is over `max_size` (or was cut off at the site's cap)."""
     assert request.content is not None
-    body = request.content.read(max_size + 1)
+    body: bytes = request.content.read(max_size + 1)
     if getattr(request, "body_too_large", False) or len(body) > max_size:
         raise ApiError(*errors.TOO_LARGE)
     return body

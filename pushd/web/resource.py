@@ -70,6 +70,9 @@ class ApiResource(Resource):
     isLeaf = True
     content_type = b"application/json"
 
+    def __init__(self) -> None:
+        Resource.__init__(self)
+
     def render(self, request: Request) -> Any:
         method = request.method.decode("ascii", "replace")
         handler = getattr(self, f"handle_{method}", None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.web.server import Site
 
 from pushd.auth import Gate
@@ -16,6 +16,7 @@ from pushd.metrics import Metrics
 from pushd.transports.ndjson import NdjsonResource
 from pushd.transports.sse import SseResource
 from pushd.transports.websocket import WebSocketEndpoint
+from pushd.waiting import OpenConnections
 from pushd.web.batch import PublishResource, PushResource
 from pushd.web.channel import PushdChannel, PushdRequest
 from pushd.web.control import UsersResource
@@ -38,9 +39,8 @@ class PushdSite(Site):
     streams: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.channels: set[PushdChannel] = set()
-        self._gone: list[Deferred[None]] = []
+        Site.__init__(self, *args, **kwargs)
+        self.channels: OpenConnections[PushdChannel] = OpenConnections()
 
     def begin_stop(self, grace: float) -> None:
         """From now on every answer carries `Connection: close` and requests get
@@ -54,18 +54,10 @@ class PushdSite(Site):
 
     def channel_gone(self, channel: Any) -> None:
         self.channels.discard(channel)
-        if not self.channels and self._gone:
-            waiting, self._gone = self._gone, []
-            for d in waiting:
-                d.callback(None)
 
     def channels_gone(self) -> Deferred[None]:
         """Fires once no HTTP connection is open (upgraded WebSockets aside)."""
-        if not self.channels:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._gone.append(d)
-        return d
+        return self.channels.all_gone()
 
 
 class QuietSite(PushdSite):
@@ -87,7 +79,7 @@ def make_site(
 ) -> PushdSite:
     root = Root(config.demo if config.demo is not None else not config.uses_redis)
     producing = Producing(
-        broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config
+        broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config, reactor
     )
     children: dict[bytes, Any] = {
         b"ws": WebSocketEndpoint(ws_factory),
@@ -113,8 +105,11 @@ def make_site(
         reactor=reactor,
         parsePOSTFormSubmission=False,
     )
-    largest = max(config.max_message_size, config.max_batch_size)
-    request_type = type("PushdRequest", (PushdRequest,), {"max_body": largest})
+    limits = {
+        "max_body": config.max_message_size,
+        "max_bodies": {b"/publish": config.max_batch_size},
+    }
+    request_type = type("PushdRequest", (PushdRequest,), limits)
     site.requestFactory = request_type  # type: ignore[assignment]
     site.fast = FastPublish(producing, reactor)
     site.protocol = type(  # type: ignore[method-assign]

@@ -17,7 +17,7 @@ class Root(Resource):
     """`/`: the demo page when it is on, else what this server is, as JSON."""
 
     def __init__(self, demo: bool) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._demo = demo
 
     def getChild(self, path: bytes, request: Request) -> Resource:
@@ -38,7 +38,7 @@ class StaticFile(Resource):
     isLeaf = True
 
     def __init__(self, name: str, content_type: bytes) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._name = name
         self._content_type = content_type
 

@@ -1,18 +1,23 @@
-"""The Redis broker: one command pool and one subscriber connection per process.
+"""The Redis broker: per process, three kinds of connection to Redis.
 
-`RedisBroker` is the face; each of its jobs is a module of this package:
+- the publish connection (connection.py): pushd's own, on hiredis, one
+  connection with commands pipelined; publishing runs there (publisher.py);
+- the command pool (pool.py): `--redis-pool-size` txredisapi connections
+  for history reads, subscriber counts, the application's commands;
+- the subscriber connection (subscriber.py): ONE, for every channel this
+  process's clients want, re-subscribed after a reconnect.
 
-- scripts.py and the `.lua` files: the Lua scripts (publish.lua is also the
-  backends' to run; publish_with_history.lua their checked recipe);
-- publisher.py: the pool, and publishing on it (the hot path);
-- subscriber.py: the subscriber connection and its re-subscribe;
+`RedisBroker` (broker.py) is the face: it makes the connections and the
+parts that use them, and a reader follows a message from there:
+
+- publisher.py: publishing (the hot path), its failures as 503/504/422;
+- subscriber.py: the bus in, to `RedisBroker.bus_message`, then the hub;
 - counts.py: subscriber counts of all nodes;
 - commands.py: the application's commands to every node (`control`);
-- address.py: where Redis is (`--redis`).
-
-- broker.py: `RedisBroker` itself: life cycle (connecting, readiness,
-  stopping), the keys of a channel, history reads, and noticing that Redis
-  lost its data (epoch.lua).
+- keys.py: the Redis keys and pub/sub channels;
+- address.py: where Redis is (`--redis`, Sentinel);
+- scripts.py and the `.lua` files: the Lua scripts (publish.lua is also the
+  backends' to run; publish_with_history.lua their checked recipe).
 
 `from pushd.broker.redis import RedisBroker` loads it on first use: importing
 txredisapi installs Twisted's default reactor (library findings, 6), and

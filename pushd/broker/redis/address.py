@@ -1,9 +1,16 @@
-"""Where Redis is: `RedisAddress`, and `parse_redis_url` for `--redis`."""
+"""Where Redis is: `RedisAddress`, `parse_redis_url` for `--redis`, and
+`SentinelMaster`, the endpoint of a master the Sentinels name."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from zope.interface import implementer
 
 
 @dataclass(frozen=True)
@@ -51,3 +58,23 @@ def parse_redis_url(url: str) -> RedisAddress:
     except ValueError as e:
         raise ValueError(f"not a Redis URL ({e})") from None
     raise ValueError("expected redis://host[:port][/db] or unix:///path.sock[?db=N]")
+
+
+@implementer(IStreamClientEndpoint)
+class SentinelMaster:
+    """A client endpoint that asks the Sentinels (`txredisapi.Sentinel`) where
+    the master `name` is before every connection attempt, so a reconnect after
+    a failover reaches the new master."""
+
+    def __init__(self, reactor: Any, sentinel: Any, name: str) -> None:
+        self._reactor = reactor
+        self._sentinel = sentinel
+        self._name = name
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        async def run() -> IProtocol:
+            host, port = await self._sentinel.discover_master(self._name)
+            endpoint = HostnameEndpoint(self._reactor, host, int(port))
+            return await endpoint.connect(factory)
+
+        return Deferred.fromCoroutine(run())

@@ -9,19 +9,22 @@ many answers as PUBLISH said nodes got the command.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pushd.broker import Broker
-from pushd.broker.redis.publisher import _log_failure
-from pushd.broker.redis.scripts import DESTROY, Script
+from pushd.broker.redis.keys import Keys
+from pushd.broker.redis.pool import CommandPool
+from pushd.broker.redis.scripts import DESTROY
+from pushd.broker.redis.subscriber import log_failure
 from pushd.message import dump_json, load_json
 
 log = Logger()
 
+#: Seconds a command waits for the nodes' answers.
 CONTROL_TIMEOUT = 2.0
 
 
@@ -46,63 +49,68 @@ class _Replies:
             self.all.callback(None)
 
 
-class NodeCommands(Broker):
-    """Sending the application's commands, and acting on the other nodes'."""
+class NodeCommands:
+    """Sending the application's commands, and acting on the other nodes'
+    (`act`: the hub's BusListener.control, answering how many clients it acted on)."""
 
-    # What it uses of RedisBroker (pushd.broker.redis.broker), which sets it up:
-    _reactor: Any
-    _prefix: str
-    _pool: Any
-    _meta_ttl: str
-    _control_channel: str
-    _reply_channel: str
-    _replies: dict[str, _Replies]
-    _stream: Callable[[str], str]
-    _subscribers: Callable[[str], str]
-    _meta: Callable[[str], str]
-    _call: Callable[..., Any]
-    _run: Callable[[Script, Sequence[str], Sequence[Any]], Any]
+    def __init__(
+        self,
+        pool: CommandPool,
+        keys: Keys,
+        node: str,
+        act: Callable[[dict[str, Any]], int],
+        *,
+        reactor: IReactorTime,
+        meta_ttl: int,
+    ) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._keys = keys
+        self._meta_ttl = meta_ttl
+        self._act = act
+        self.channels = (keys.control, keys.reply(node))
+        self._replies: dict[str, _Replies] = {}
 
-    def control(self, command: dict[str, Any]) -> Deferred[int]:
-        async def run() -> int:
-            if command.get("cmd") == "destroy":
-                channel = command["channel"]
-                keys = [self._stream(channel), self._subscribers(channel), self._meta(channel)]
-                await self._run(DESTROY, keys, [self._meta_ttl])
-            request = uuid.uuid4().hex
-            waiting = self._replies[request] = _Replies()
-            body = dump_json({**command, "id": request, "reply": self._reply_channel})
-            try:
-                # PUBLISH answers how many nodes got the command: wait for that many replies.
-                waiting.expect(int(await self._call("publish", self._control_channel, body)))
-                await waiting.all.addTimeout(CONTROL_TIMEOUT, self._reactor)
-            except TimeoutError:
-                log.warn("{n} nodes answered a command in time", n=waiting.count)
-            finally:
-                del self._replies[request]
-            return waiting.count
+    async def control(self, command: dict[str, Any]) -> int:
+        keys = self._keys
+        if command.get("cmd") == "destroy":
+            channel = command["channel"]
+            streams = [keys.history(channel), keys.subscribers(channel), keys.meta(channel)]
+            await self._pool.run(DESTROY, streams, [self._meta_ttl])
+        request = uuid.uuid4().hex
+        waiting = self._replies[request] = _Replies()
+        control, reply = self.channels
+        body = dump_json({**command, "id": request, "reply": reply})
+        try:
+            # PUBLISH answers how many nodes got the command: wait for that many replies.
+            waiting.expect(int(await self._pool.call("publish", control, body)))
+            await waiting.all.addTimeout(CONTROL_TIMEOUT, self._reactor)
+        except TimeoutError:
+            log.warn("{n} nodes answered a command in time", n=waiting.count)
+        finally:
+            del self._replies[request]
+        return waiting.count
 
-        return self.track(Deferred.fromCoroutine(run()))
-
-    def _command(self, name: str, raw: bytes) -> None:
-        """A payload on one of pushd's own channels (`!control`, this node's
-        `!reply:`): any process may PUBLISH there too, so anything that is not
-        a command object is ignored."""
+    def received(self, channel: str, raw: bytes) -> None:
+        """A payload on one of pushd's own channels (`channels`): any process
+        may PUBLISH there too, so anything that is not a command object is
+        ignored."""
         body = _loads(raw)
         if not isinstance(body, dict):
             return
         request = body.get("id")
-        if name == self._control_channel[len(self._prefix) :]:
-            acted = self._listener.control(body)
+        control, own_reply = self.channels
+        if channel == control:
+            acted = self._act(body)
             reply = body.get("reply")
             if (
                 isinstance(reply, str)
-                and reply.startswith(self._prefix + "!reply:")
+                and reply.startswith(self._keys.prefix + "!reply:")
                 and isinstance(request, str)
             ):
                 answer = dump_json({"id": request, "acted": acted})
-                self._pool.publish(reply, answer).addErrback(_log_failure, "PUBLISH")
-        elif name == self._reply_channel[len(self._prefix) :] and isinstance(request, str):
+                self._pool.redis.publish(reply, answer).addErrback(log_failure, "PUBLISH")
+        elif channel == own_reply and isinstance(request, str):
             waiting = self._replies.get(request)
             if waiting is not None:
                 waiting.add()

@@ -2,43 +2,78 @@
 
 Every node writes its own count into a hash per channel,
 `<prefix>{<channel>}:subscribers` (field: node id, value
-`<count>:<expiry ms>`), refreshing it every few seconds (report_counts.lua);
-readers add up the fields that have not expired (count.lua), so a dead node
-stops counting within seconds.
+`<count>:<expiry ms>`), refreshing it every `refresh` seconds
+(report_counts.lua); readers add up the fields that have not expired
+(count.lua), so a dead node stops counting within `ttl` seconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from contextlib import suppress
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pushd.broker import Broker, BrokerUnavailable
-from pushd.broker.redis.scripts import COUNT, REPORT_COUNTS, Script
+from pushd.broker import BrokerUnavailable
+from pushd.broker.redis.keys import Keys
+from pushd.broker.redis.pool import CommandPool
+from pushd.broker.redis.scripts import COUNT, REPORT_COUNTS
 
 log = Logger()
 
+#: Seconds between reports; every COUNTS_FULL_EVERY-th report writes every
+#: channel's count, the others only the changed ones.
 COUNTS_REFRESH = 1.0
 COUNTS_FULL_EVERY = 2
-COUNTS_TTL_MS = 6_000
+#: Seconds a node's count lasts unless reported again: a dead node's
+#: subscribers stop counting within this (`--node-ttl`).
+NODE_TTL = 6.0
+#: Channels a script call reports at most.
 COUNTS_BATCH = 500
 
 
-class NodeCounts(Broker):
-    """This node's counts, reported every COUNTS_REFRESH s; all nodes' counts, read."""
+class NodeCounts:
+    """This node's counts (`local`: the hub's, per channel), reported every
+    `refresh` seconds; all nodes' counts, read."""
 
-    # What it uses of RedisBroker (pushd.broker.redis.broker), which sets it up:
-    node: str
-    _reported: dict[str, int]
-    _report_ticks: int
-    _subscribers: Callable[[str], str]
-    _run: Callable[[Script, Sequence[str], Sequence[Any]], Any]
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        pool: CommandPool,
+        keys: Keys,
+        node: str,
+        local: Callable[[], dict[str, int]],
+        ttl: float = NODE_TTL,
+        refresh: float = COUNTS_REFRESH,
+    ) -> None:
+        self._pool = pool
+        self._keys = keys
+        self._node = node
+        self._local = local
+        self._ttl_ms = int(ttl * 1000)
+        self._refresh = min(refresh, ttl / 3)
+        self._reported: dict[str, int] = {}
+        self._ticks = 0
+        self._reporter = LoopingCall(self._tick)
+        self._reporter.clock = reactor
+
+    def start(self) -> None:
+        self._reporter.start(self._refresh, now=False)
+
+    async def stop(self) -> None:
+        """Stop reporting, and leave the counts at once rather than when they expire."""
+        if self._reporter.running:
+            self._reporter.stop()
+        if self._reported and self._pool.connected:
+            with suppress(BrokerUnavailable):
+                await self._report(dict.fromkeys(self._reported, 0))
 
     def subscriber_count(self, channel: str) -> Deferred[int]:
         async def run() -> int:
-            return int(await self._run(COUNT, [self._subscribers(channel)], []))
+            return int(await self._pool.run(COUNT, [self._keys.subscribers(channel)], []))
 
         return Deferred.fromCoroutine(run())
 
@@ -46,16 +81,18 @@ class NodeCounts(Broker):
         items = list(counts.items())
         for start in range(0, len(items), COUNTS_BATCH):
             batch = items[start : start + COUNTS_BATCH]
-            await self._run(
+            await self._pool.run(
                 REPORT_COUNTS,
-                [self._subscribers(channel) for channel, _ in batch],
-                [self.node, COUNTS_TTL_MS, *(n for _, n in batch)],
+                [self._keys.subscribers(channel) for channel, _ in batch],
+                [self._node, self._ttl_ms, *(n for _, n in batch)],
             )
 
-    async def _report_counts_async(self) -> None:
-        current = self._listener.channels()
-        self._report_ticks += 1
-        if self._report_ticks % COUNTS_FULL_EVERY == 0:
+    async def report(self) -> None:
+        """Write what changed since the last report (every count, every
+        COUNTS_FULL_EVERY-th time); after a failure, everything next time."""
+        current = self._local()
+        self._ticks += 1
+        if self._ticks % COUNTS_FULL_EVERY == 0:
             changes = dict(current)
         else:
             changes = {c: n for c, n in current.items() if self._reported.get(c) != n}
@@ -69,7 +106,7 @@ class NodeCounts(Broker):
             return
         self._reported = current
 
-    def _report_counts(self) -> Deferred[None]:
-        d = Deferred.fromCoroutine(self._report_counts_async())
+    def _tick(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self.report())
         d.addErrback(lambda f: log.failure("reporting subscriber counts failed", f))
         return d

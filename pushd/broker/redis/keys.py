@@ -1,0 +1,54 @@
+"""The Redis keys and pub/sub channels of the Redis broker, in one place.
+
+A channel's keys share the hash tag `{<channel>}`, so Redis Cluster would
+keep them on one slot; `!` is in no channel name, so pushd's own names
+(`!control`, `!reply:<node>`, `!epoch`, `!lost`) never meet a channel's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The names under `prefix` (`--redis-prefix`, default "pushd:")."""
+
+    prefix: str = "pushd:"
+
+    def bus(self, channel: str) -> str:
+        """The pub/sub channel a channel's messages are PUBLISHed on."""
+        return self.prefix + channel
+
+    def history(self, channel: str) -> str:
+        """The channel's history: a stream, entries linked (publish.lua)."""
+        return f"{self.prefix}{{{channel}}}:history"
+
+    def subscribers(self, channel: str) -> str:
+        """Every node's subscriber count of the channel (counts.py)."""
+        return f"{self.prefix}{{{channel}}}:subscribers"
+
+    def meta(self, channel: str) -> str:
+        """The channel's newest id, kept past its history (publish.lua derives it)."""
+        return f"{self.prefix}{{{channel}}}:meta"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}idempotency:{key}"
+
+    @property
+    def control(self) -> str:
+        """The pub/sub channel of the application's commands to every node."""
+        return f"{self.prefix}!control"
+
+    def reply(self, node: str) -> str:
+        """The pub/sub channel a node takes the answers to its commands on."""
+        return f"{self.prefix}!reply:{node}"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}!epoch"
+
+    @property
+    def lost(self) -> str:
+        """Set once Redis was seen to have lost its data (epoch.lua)."""
+        return f"{self.prefix}!lost"

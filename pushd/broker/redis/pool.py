@@ -1,0 +1,97 @@
+"""The command pool: txredisapi connections for every command but publishing.
+
+History reads, subscriber counts, the application's commands and the epoch
+check run here (`call`, `run`); publishing has a connection of its own
+(connection.py). `--redis-pool-size` is this pool's size: commands wait for
+a free connection, so it bounds how many of these commands Redis runs for
+this process at once, not the publish rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import txredisapi
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+
+from pushd.broker import BrokerUnavailable
+from pushd.broker.redis.address import RedisAddress
+from pushd.broker.redis.connection import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX
+from pushd.broker.redis.scripts import Script
+
+
+def retry_alike(factory: txredisapi.RedisFactory) -> None:
+    """Have a txredisapi factory reconnect as the publish connection does
+    (its delays, 1 s up to 10 s by default, are its class's attributes), so
+    that reads come back with publishing after an outage."""
+    factory.initialDelay = RETRY_INITIAL
+    factory.factor = RETRY_FACTOR
+    factory.maxDelay = RETRY_MAX
+
+
+class CommandPool:
+    """The txredisapi connections of `factory` (a RedisFactory, a
+    SentinelConnectionFactory with Sentinel), made through `endpoint` and
+    remade on their own. Every command fails fast with BrokerUnavailable while
+    none is connected, and within `timeout` seconds (0: none) when Redis does
+    not answer."""
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        factory: txredisapi.RedisFactory,
+        endpoint: IStreamClientEndpoint,
+        timeout: float,
+    ) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+        self._factory = factory
+        retry_alike(factory)
+        self._endpoint = endpoint
+        self.redis: Any = factory.handler
+
+    @classmethod
+    def options(cls, address: RedisAddress, timeout: float) -> dict[str, Any]:
+        """txredisapi's connection options for `address`."""
+        return {
+            "isLazy": True,
+            "password": address.password,
+            "username": address.username,
+            "replyTimeout": timeout or None,
+            "convertNumbers": False,
+        }
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._factory.size)
+
+    def start(self) -> Deferred[Any]:
+        """Connect; fires once the first connection is made."""
+        self._factory.startConnecting(self._endpoint)
+        return self._factory.deferred  # type: ignore[no-any-return]
+
+    def stop(self) -> Deferred[Any]:
+        return self._factory.disconnect()  # type: ignore[no-any-return]
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """txredisapi's `method` on a free connection (e.g. "publish", "execute_command")."""
+        if not self.connected:
+            raise BrokerUnavailable("Redis is not connected")
+        d: Deferred[Any] = getattr(self.redis, method)(*args, **kwargs)
+        d.addTimeout(self._timeout or 3600, self._reactor)
+        try:
+            return await d
+        except txredisapi.ScriptDoesNotExist:
+            raise
+        except (txredisapi.RedisError, TimeoutError, CancelledError) as e:
+            raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA of `script`, loaded first when Redis does not have it."""
+        try:
+            return await self.call("evalsha", script.sha, keys=keys, args=args)
+        except txredisapi.ScriptDoesNotExist:
+            await self.call("script_load", script.source)
+            return await self.call("evalsha", script.sha, keys=keys, args=args)
