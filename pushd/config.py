@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pushd.broker.redis.address import RedisAddress, parse_redis_url
+from pushd.broker.redis.address import RedisAddress, ShardAddress, parse_redis_url
 from pushd.message import CHANNEL_RE
 
 
@@ -129,9 +129,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "redis",
         parse_redis_url,
-        None,
-        "redis://[:password@]host[:port][/db] or unix:///path.sock[?db=N]; "
+        (),
+        "redis://[:password@]host[:port][/db] or unix:///path.sock[?db=N]; repeatable: "
+        "each is a shard (every node given the same list, in the same order); "
         "absent: the in-process memory broker",
+        repeatable=True,
         metavar="URL",
     ),
     Option(
@@ -142,7 +144,14 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
         metavar="HOST:PORT",
     ),
-    Option("redis-master", _non_empty, None, "the master's name at the Sentinels", metavar="NAME"),
+    Option(
+        "redis-master",
+        _non_empty,
+        (),
+        "the master's name at the Sentinels; repeatable: each master is a shard",
+        repeatable=True,
+        metavar="NAME",
+    ),
     Option("redis-prefix", _non_empty, "pushd:", "prefix of every Redis key and pub/sub channel"),
     Option("redis-pool-size", _positive_int, 10, "command connections to Redis", metavar="N"),
     Option(
@@ -329,9 +338,9 @@ BY_KEY = {o.key: o for o in OPTIONS}
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...] = BY_KEY["listen"].default
-    redis: RedisAddress | None = None
+    redis: tuple[RedisAddress, ...] = ()
     redis_sentinel: tuple[tuple[str, int], ...] = ()
-    redis_master: str | None = None
+    redis_master: tuple[str, ...] = ()
     redis_prefix: str = "pushd:"
     redis_pool_size: int = 10
     redis_timeout: float = 5.0
@@ -371,13 +380,23 @@ class Config:
 
     @property
     def uses_redis(self) -> bool:
-        return self.redis is not None or bool(self.redis_sentinel)
+        return bool(self.redis) or bool(self.redis_sentinel)
+
+    @property
+    def shards(self) -> tuple[ShardAddress, ...]:
+        """The Redis shards, in the order given: each `--redis`, or with
+        Sentinel each `--redis-master` (db and credentials from `--redis`)."""
+        if self.redis_sentinel:
+            base = self.redis[0] if self.redis else RedisAddress()
+            return tuple(ShardAddress(base, master) for master in self.redis_master)
+        return tuple(ShardAddress(address) for address in self.redis)
 
     def redis_description(self) -> str:
+        shards = ", ".join(where.describe() for where in self.shards) or "none"
         if self.redis_sentinel:
             sentinels = ",".join(f"{h}:{p}" for h, p in self.redis_sentinel)
-            return f"the master {self.redis_master!r} of the Sentinels {sentinels}"
-        return self.redis.endpoint() if self.redis is not None else "none"
+            return f"{shards} of the Sentinels {sentinels}"
+        return shards
 
     #: The values as they were given, per option: what a worker process is handed.
     given: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
@@ -467,7 +486,8 @@ def load(
     for option in OPTIONS:
         cli = command_line.get(option.name)
         if cli not in (None, [], ()):
-            raw, where = (list(cli) if option.repeatable else [cli]), "command line"
+            many = option.repeatable and not isinstance(cli, str)
+            raw, where = (list(cli) if many else [cli]), "command line"
         elif option.env in environ:
             raw, where = _split_env(option, environ[option.env]), option.env
         elif option.key in from_file:
@@ -485,8 +505,15 @@ def load(
         values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
         given[option.key] = tuple(raw)
     config = Config(**values, given=given)
-    if bool(config.redis_sentinel) != (config.redis_master is not None):
+    if bool(config.redis_sentinel) != bool(config.redis_master):
         raise ConfigError("--redis-sentinel and --redis-master go together")
+    if config.redis_sentinel and len(config.redis) > 1:
+        raise ConfigError(
+            "with --redis-sentinel, one --redis gives db and password for every master"
+        )
+    described = [where.describe() for where in config.shards]
+    if len(set(described)) < len(described):
+        raise ConfigError("a Redis shard is given twice")
     if config.workers > 1 and not config.uses_redis:
         raise ConfigError("--workers: more than one worker needs --redis to coordinate through")
     return config

@@ -37,7 +37,10 @@ class Metrics:
         self.refused = counter(
             "auth_refused", "Subscriber connections refused, by reason", ["reason"]
         )
-        self.broker_up = gauge("broker_up", "1 while the broker answers")
+        self.broker_up = gauge("broker_up", "1 while the broker answers (every Redis shard)")
+        self.redis_up = gauge(
+            "redis_up", "1 while this node is connected to the Redis shard", ["shard", "redis"]
+        )
         self.publish_seconds = Histogram(
             "publish_seconds",
             "Time from a publish request to the broker's answer",
@@ -50,3 +53,11 @@ class Metrics:
         """Gauges read when scraped, not kept up to date on the hot path."""
         self.subscriptions.set_function(lambda: sum(hub.channels().values()))
         self.broker_up.set_function(lambda: 1 if broker.connected else 0)
+        for index, shard in enumerate(broker.shards()):
+            self.redis_up.labels(shard=str(index), redis=shard.name).set_function(
+                partial(_shard_up, broker, index)
+            )
+
+
+def _shard_up(broker: Any, index: int) -> int:
+    return 1 if broker.shards()[index].up else 0

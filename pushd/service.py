@@ -19,7 +19,6 @@ from pushd.auth import Authenticator, Gate, OriginPolicy, TokenVerifier
 from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
 from pushd.broker.memory import MemoryBroker
-from pushd.broker.redis.address import RedisAddress
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import ConnectionCounter
@@ -188,8 +187,8 @@ def make_broker(config: Config, reactor: Any) -> Broker:
 
     return RedisBroker(
         reactor,
-        config.redis or RedisAddress(),
-        sentinel=(config.redis_sentinel, config.redis_master) if config.redis_sentinel else None,
+        config.shards,
+        sentinels=config.redis_sentinel,
         prefix=config.redis_prefix,
         pool_size=config.redis_pool_size,
         timeout=config.redis_timeout,

@@ -143,7 +143,7 @@ class PushdServer:
     """
 
     def __init__(self, endpoint: str | None = None, *, reactor: Any = None, **options: Any) -> None:
-        if options.get("redis") is not None or options.get("redis_sentinel"):
+        if options.get("redis") or options.get("redis_sentinel"):
             raise TypeError("pushd.testing runs on the memory broker: no redis options")
         self.config = make_config(endpoint, **options)
         self.reactor = _reactor(reactor)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from pushd.broker.redis.address import RedisAddress
 from tests.support import PushdUnderTest, RedisServer, free_port
 
 _prefixes = itertools.count()
@@ -32,6 +33,27 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def more_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, ...]]:
+    """Two more session redis-servers: with `redis_server`, the 3 shards of "shards"."""
+    servers = tuple(RedisServer(free_port(), tmp_path_factory.mktemp("redis")) for _ in range(2))
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def shard_servers(
+    redis_server: RedisServer, more_redis: tuple[RedisServer, ...]
+) -> tuple[RedisServer, ...]:
+    """The session's 3 redis-servers, in --redis order (`redis_server` first)."""
+    return (redis_server, *more_redis)
 
 
 @pytest.fixture
@@ -58,27 +80,53 @@ def prefix() -> str:
     return f"t{os.getpid()}-{next(_prefixes)}:"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "shards"])
 def broker_kind(request: pytest.FixtureRequest) -> str:
+    """memory, one Redis, or Redis with 3 shards (`shard_servers`)."""
     return request.param
+
+
+@pytest.fixture
+def broker_redis(
+    broker_kind: str, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> tuple[RedisAddress, ...]:
+    """The `redis=` of the test's broker: none (memory), the session Redis, or 3 shards."""
+    if broker_kind == "memory":
+        return ()
+    if broker_kind == "redis":
+        return (redis_server.address(),)
+    servers: tuple[RedisServer, ...] = request.getfixturevalue("shard_servers")
+    return tuple(server.address() for server in servers)
+
+
+@pytest.fixture
+def broker_servers(
+    broker_kind: str, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> tuple[RedisServer, ...]:
+    """The redis-servers of the test's broker, in --redis order (none on memory)."""
+    if broker_kind == "memory":
+        return ()
+    if broker_kind == "redis":
+        return (redis_server,)
+    return request.getfixturevalue("shard_servers")
 
 
 @pytest_twisted.async_fixture
 async def pushd(start_pushd: Callable[..., Awaitable[PushdUnderTest]]) -> PushdUnderTest:
-    """pushd on a free loopback port, on the memory broker and on the session Redis."""
+    """pushd on a free loopback port, on each broker (memory, one Redis, 3 shards)."""
     return await start_pushd()
 
 
 @pytest_twisted.async_yield_fixture
 async def start_pushd(
-    broker_kind: str, redis_server: RedisServer, prefix: str
+    broker_redis: tuple[RedisAddress, ...], prefix: str
 ) -> AsyncIterator[Callable[..., Awaitable[PushdUnderTest]]]:
     """Start pushd with options of the test's own, on each broker; stopped after."""
     started: list[PushdUnderTest] = []
 
     async def start(**overrides: Any) -> PushdUnderTest:
         server = PushdUnderTest.config(
-            redis=redis_server.address() if broker_kind == "redis" else None,
+            redis=broker_redis,
             redis_prefix=prefix,
             **overrides,
         )

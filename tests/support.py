@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
 from pushd.broker.redis.address import RedisAddress
+from pushd.broker.redis.sharding import shard_of
 from pushd.config import Config
 from pushd.service import PushdService
 from pushd.testing import start_service
@@ -101,6 +102,24 @@ class RedisServer:
             self.process = None
 
 
+def server_of(channel: str, servers: Sequence[RedisServer]) -> RedisServer:
+    """The redis-server a channel lives on, of pushd's shards `servers` (in --redis order)."""
+    return servers[shard_of(channel, len(servers))]
+
+
+def channels_by_shard(stem: str, shards: int, per_shard: int = 1) -> list[list[str]]:
+    """`per_shard` channel names `<stem>-<n>` living on each of `shards` shards."""
+    found: list[list[str]] = [[] for _ in range(shards)]
+    n = 0
+    while any(len(names) < per_shard for names in found):
+        name = f"{stem}-{n}"
+        names = found[shard_of(name, shards)]
+        if len(names) < per_shard:
+            names.append(name)
+        n += 1
+    return found
+
+
 async def next_turn() -> None:
     """Let the reactor finish its turn (not a wait for anything in particular)."""
     await deferLater(reactor, 0, lambda: None)
@@ -136,6 +155,12 @@ class PushdUnderTest:
 
     @classmethod
     def config(cls, **overrides: Any) -> PushdUnderTest:
+        # One Redis, or one Sentinel master, may be given alone: the first shard.
+        for key, one in (("redis", RedisAddress), ("redis_master", str)):
+            if isinstance(overrides.get(key), one):
+                overrides[key] = (overrides[key],)
+            elif key in overrides and overrides[key] is None:
+                overrides[key] = ()
         base = Config(listen=("tcp:0:interface=127.0.0.1",), ping_interval=0)
         return cls(Config(**{**base.__dict__, **overrides, "given": {}}))
 

@@ -1,4 +1,5 @@
-"""One contract, two brokers: what the hub and the producer API rely on."""
+"""One contract, three brokers (memory, Redis, 3 Redis shards): what the hub
+and the producer API rely on."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 
 from pushd.broker import Broker, IdempotencyKeyReused, NoClients
+from pushd.broker.redis.address import RedisAddress
 from pushd.message import Message, dump_json, parse_id
 from pushd.service import make_broker
-from tests.support import PushdUnderTest, RedisServer, wait_for, with_timeout
+from tests.support import PushdUnderTest, wait_for, with_timeout
 
 
 @pytest_twisted.async_yield_fixture
-async def broker(broker_kind: str, redis_server: RedisServer, prefix: str) -> AsyncIterator[Broker]:
+async def broker(broker_redis: tuple[RedisAddress, ...], prefix: str) -> AsyncIterator[Broker]:
     config = PushdUnderTest.config(
-        redis=redis_server.address() if broker_kind == "redis" else None,
+        redis=broker_redis,
         redis_prefix=prefix,
         history_size=10,
     ).cfg
@@ -95,9 +97,9 @@ async def test_messages_keep_publish_order(broker: Broker) -> None:
 # -- history: `last`, reading from the beginning, `since` ahead, idempotency
 
 
-async def _started(broker_kind: str, redis_server: RedisServer, prefix: str, **cfg: Any) -> Broker:
+async def _started(redis: tuple[RedisAddress, ...], prefix: str, **cfg: Any) -> Broker:
     config = PushdUnderTest.config(
-        redis=redis_server.address() if broker_kind == "redis" else None,
+        redis=redis,
         redis_prefix=prefix,
         **cfg,
     ).cfg
@@ -155,9 +157,9 @@ async def test_from_the_beginning(broker: Broker) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_from_the_beginning_after_the_history_expired(
-    broker_kind: str, redis_server: RedisServer, prefix: str
+    broker_redis: tuple[RedisAddress, ...], prefix: str
 ) -> None:
-    broker = await _started(broker_kind, redis_server, prefix, history_ttl=1)
+    broker = await _started(broker_redis, prefix, history_ttl=1)
     try:
         first = (await broker.publish("exp", b"1")).id
         await broker.publish_many([("exp-batch", b"1")])
@@ -210,7 +212,6 @@ async def test_an_idempotency_key_is_bound_to_its_request(broker: Broker) -> Non
     again = await broker.publish("idem", b'{"n":1}', "k1")
     assert (again.id, first.repeated, again.repeated) == (first.id, False, True)
     for other in (
-        broker.publish("idem2", b'{"n":1}', "k1"),  # another channel
         broker.publish("idem", b'{"n":2}', "k1"),  # another body
         broker.publish_many([("idem", b'{"n":1}')], "k1"),  # a batch
     ):
@@ -218,7 +219,6 @@ async def test_an_idempotency_key_is_bound_to_its_request(broker: Broker) -> Non
             await other
     history = await broker.history("idem", "0-0", None)
     assert history.messages == [(first.id, b'{"n":1}')]
-    assert (await broker.history("idem2", None, None)).messages == []
 
     # A batch's key covers the batch as a whole, and never meets a single
     # publish's key: "K" for a batch and "K#1" for a single publish are two keys.
@@ -235,3 +235,17 @@ async def test_an_idempotency_key_is_bound_to_its_request(broker: Broker) -> Non
         await broker.publish("idem-b", b"1", "K")
     assert len((await broker.history("idem-b", None, None)).messages) == 2
     assert len((await broker.history("idem-c", None, None)).messages) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idempotency_key_is_bound_to_its_channel(broker: Broker) -> None:
+    """On shards too: "idem" and "idem2" live on two shards, and the key is
+    bound to its first request on the key's own shard."""
+    await broker.publish("idem", b'{"n":1}', "k1")
+    with pytest.raises(IdempotencyKeyReused):
+        await broker.publish("idem2", b'{"n":1}', "k1")
+    assert (await broker.history("idem2", None, None)).messages == []
+    with pytest.raises(IdempotencyKeyReused):
+        await broker.publish_many([("idem2", b"1"), ("idem3", b"2")], "k1")
+    assert (await broker.history("idem2", None, None)).messages == []
+    assert (await broker.history("idem3", None, None)).messages == []

@@ -29,7 +29,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     config = parse().config
     assert config == Config()
     assert config.listen == ("tcp:8080:interface=127.0.0.1",)
-    assert config.redis is None
+    assert config.redis == ()
     assert (config.history_size, config.history_ttl, config.max_message_size) == (100, 3600, 65536)
 
 
@@ -54,7 +54,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
     ini = tmp_path / "p.ini"
     ini.write_text("[pushd]\nredis = redis://:secret@127.0.0.1:7000/3\n")
     config = load({}, {"PUSHD_CONFIG": str(ini)})
-    assert config.redis == RedisAddress(host="127.0.0.1", port=7000, db=3, password="secret")
+    assert config.redis == (RedisAddress(host="127.0.0.1", port=7000, db=3, password="secret"),)
 
 
 def test_shipped_example_is_valid() -> None:

@@ -103,7 +103,7 @@ async def test_the_demo_page_and_the_client_are_served(start_pushd: Any) -> None
     assert client.code == 200
     assert client.headers.getRawHeaders("content-type")[0].startswith("text/javascript")
     assert b"export" in await client.content()
-    if pushd.cfg.redis is None:  # on by default with the memory broker only
+    if not pushd.cfg.redis:  # on by default with the memory broker only
         assert page.headers.getRawHeaders("content-type")[0].startswith("text/html")
     else:
         assert (await page.json())["service"] == "pushd"

@@ -198,7 +198,7 @@ async def test_push_on_a_kept_alive_connection(start_pushd: StartPushd) -> None:
     assert [body.split(b"|")[0] for _, _, body in answers] == [b"S"] * 3
     assert hot_path(pushd).taken == 3
     assert {h["content-type"] for _, h, _ in answers} == {"text/plain; charset=utf-8"}
-    memory = pushd.cfg.redis is None
+    memory = not pushd.cfg.redis
     assert all(("warning" in h) == memory for _, h, _ in answers)
     got = [await client.next_of("message") for _ in range(3)]
     assert [m["data"] for m in got] == [{"n": 0}, {"n": 1}, {"n": 2}]

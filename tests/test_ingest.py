@@ -119,7 +119,7 @@ async def test_push_on_the_memory_broker_says_no_lists_are_kept(start_pushd: Any
     await client.next_of("subscribed")
     response = await treq.post(f"{pushd.url}/push?c=orders", b"hi", persistent=False)
     assert (await response.text()).startswith("S|")
-    if pushd.cfg.redis is None:
+    if not pushd.cfg.redis:
         assert "no Redis lists" in response.headers.getRawHeaders("warning")[0]
     assert (await client.next_of("message"))["data"] == "hi"
     await client.close()

@@ -190,7 +190,7 @@ async def test_abandoned_streams_leave_no_subscription(
     assert pushd.service.broker.subscribed_channels() == frozenset()
     gate = pushd.service.listeners[0].factory.ws_factory.gate
     assert len(gate.connections) == 0
-    if pushd.cfg.redis is not None:
+    if pushd.cfg.redis:
 
         async def unsubscribed() -> bool:
             return await channel_subscriptions(redis_client, pushd.cfg.redis_prefix) == []

@@ -155,7 +155,7 @@ async def test_closing_leaves_nothing_behind(pushd: PushdUnderTest, redis_client
     async def no_redis_subscriptions() -> bool:
         return await channel_subscriptions(redis_client, pushd.cfg.redis_prefix) == []
 
-    if pushd.cfg.redis is not None:
+    if pushd.cfg.redis:
         await wait_for(no_redis_subscriptions, what="Redis subscriptions to go")
 
 

@@ -227,5 +227,5 @@ def test_a_worker_gets_the_parents_settings_and_secrets_off_its_command_line(
     worker = options.config
     assert worker.listen == ("systemd:domain=INET:index=0",) and worker.workers == 1
     assert dataclasses.replace(worker, listen=parent.listen, workers=parent.workers) == parent
-    assert worker.redis is not None and worker.redis.password == "p@ss-word"
+    assert worker.redis and worker.redis[0].password == "p@ss-word"
     assert worker.api_key == ("k-one", "k two")

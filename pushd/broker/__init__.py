@@ -106,6 +106,15 @@ class History:
     last: str | None = None
 
 
+@dataclass(frozen=True)
+class ShardState:
+    """One Redis server of a broker, for `/health`: what it is (no secret)
+    and whether this node is connected to it."""
+
+    name: str
+    up: bool
+
+
 class BusListener(Protocol):
     """What a broker calls on this node: everything the bus brings in, and what
     the broker asks of the node. pushd.hub.Hub is the one implementation; the
@@ -183,6 +192,10 @@ class Broker(Service):
     def connected(self) -> bool:
         """False while the bus is unreachable (the memory broker always answers)."""
         return True
+
+    def shards(self) -> list[ShardState]:
+        """The Redis servers behind the broker (none for memory)."""
+        return []
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         """Count `d` as a publish in flight until it fires (see `drain`)."""

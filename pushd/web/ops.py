@@ -14,8 +14,12 @@ from pushd.web.resource import ApiResource, ProducerAuth
 
 
 class HealthResource(ApiResource):
-    """200 `{"status":"ok",...}` while the broker answers, 503 otherwise: for load
-    balancers and orchestrators, so open to all and revealing nothing private."""
+    """For load balancers and orchestrators, so open to all and revealing
+    nothing private: `{"status": "ok" | "degraded" | "down", "broker": <kind>,
+    "broker_up": <bool>, "shards": [{"redis": "host:port", "up": <bool>}...]}`.
+    "ok" (200): every Redis shard connected (or the memory broker);
+    "degraded" (200): some are, and only the channels of the others fail;
+    "down" (503): none is."""
 
     def __init__(self, broker: Broker, kind: str) -> None:
         super().__init__()
@@ -23,11 +27,23 @@ class HealthResource(ApiResource):
         self._kind = kind
 
     def handle_GET(self, request: Request) -> bytes:
-        up = self._broker.connected
-        if not up:
+        shards = self._broker.shards()
+        up = sum(shard.up for shard in shards)
+        if not shards or up == len(shards):
+            status = "ok"
+        elif up:
+            status = "degraded"
+        else:
+            status = "down"
             request.setResponseCode(503)
-        status = "ok" if up else "unavailable"
-        return dump_json({"status": status, "broker": self._kind, "broker_up": up})
+        return dump_json(
+            {
+                "status": status,
+                "broker": self._kind,
+                "broker_up": status != "down",
+                "shards": [{"redis": shard.name, "up": shard.up} for shard in shards],
+            }
+        )
 
     def _answer(self, request: Request, status: int, body: bytes) -> bytes:
         # handle_GET chose the status itself.

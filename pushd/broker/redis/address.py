@@ -1,4 +1,5 @@
-"""Where Redis is: `RedisAddress`, `parse_redis_url` for `--redis`, and
+"""Where Redis is: `RedisAddress`, `parse_redis_url` for `--redis`, `ShardAddress`
+(one shard: an address, or a master the Sentinels name), and
 `SentinelMaster`, the endpoint of a master the Sentinels name."""
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ def parse_redis_url(url: str) -> RedisAddress:
     except ValueError as e:
         raise ValueError(f"not a Redis URL ({e})") from None
     raise ValueError("expected redis://host[:port][/db] or unix:///path.sock[?db=N]")
+
+
+@dataclass(frozen=True)
+class ShardAddress:
+    """Where a shard is: `address` (host, port or socket, db, credentials),
+    or with Sentinel the master `master` of the Sentinels (then `address`
+    gives only db and credentials)."""
+
+    address: RedisAddress
+    master: str | None = None
+
+    def describe(self) -> str:
+        """ "host:port" (or the socket path, or "master <name>"): no secret."""
+        if self.master is not None:
+            return f"master {self.master}"
+        a = self.address
+        where = a.path if a.path is not None else f"{a.host or 'localhost'}:{a.port}"
+        return f"{where}/{a.db}" if a.db else where
 
 
 @implementer(IStreamClientEndpoint)

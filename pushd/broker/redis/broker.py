@@ -1,264 +1,297 @@
 """RedisBroker, the face of the Redis broker (see the package's docstring):
-it makes the connections and the parts that use them, routes the bus's
-messages (`bus_message`), reads history, and notices that Redis lost its
-data (epoch.lua)."""
+it makes the shards (shard.py: each a Redis server with its connections and
+the parts that use them), routes each channel to its shard
+(sharding.shard_of), reads history, and answers for them all."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from contextlib import suppress
-from typing import Any
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any, cast
 
 import txredisapi
-from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from pushd.broker import (
     IDEMPOTENCY_TTL,
     Broker,
     BrokerUnavailable,
     History,
+    IdempotencyKeyReused,
+    OutcomeUnknown,
     Published,
+    ShardState,
+    fingerprint,
     meta_ttl,
 )
-from pushd.broker.redis.address import RedisAddress, SentinelMaster
-from pushd.broker.redis.commands import NodeCommands
-from pushd.broker.redis.connection import PublishConnection, command
-from pushd.broker.redis.counts import NODE_TTL, NodeCounts
+from pushd.broker.redis.address import ShardAddress
+from pushd.broker.redis.counts import NODE_TTL
 from pushd.broker.redis.keys import Keys
-from pushd.broker.redis.pool import CommandPool
-from pushd.broker.redis.publisher import Publisher
-from pushd.broker.redis.scripts import EPOCH, PUBLISH, PUBLISH_MANY, PUSH, READ_AFTER
-from pushd.broker.redis.subscriber import Subscriber, log_failure
+from pushd.broker.redis.scripts import BIND_KEY, READ_AFTER
+from pushd.broker.redis.shard import Shard, ShardSettings
+from pushd.broker.redis.sharding import shard_of
 from pushd.message import dump_json, load_json
-from pushd.waiting import Waiters
 
 log = Logger()
 
-__all__ = ["RedisBroker"]
-
-#: Seconds between looks at the connections while `when_ready` waits.
-READY_CHECK = 0.05
-
-#: (Sentinel addresses, the master's name): `--redis-sentinel`, `--redis-master`.
-SentinelConfig = tuple[tuple[tuple[str, int], ...], str | None]
+__all__ = ["RedisBroker", "ShardAddress"]
 
 
 class RedisBroker(Broker):
-    """The Broker on Redis: three kinds of connection (the publish connection,
-    the command pool, the subscriber connection) and the parts that use them
-    (Publisher, NodeCounts, NodeCommands, Subscriber).
-
-    `timeout` (seconds, 0: none) bounds every command; `node_ttl` (seconds) is
-    how long a node's subscriber counts outlive its last report."""
+    """The Broker on Redis: one or more shards (`shards`, in --redis order;
+    every node must be given the same list). `sentinels` are the Sentinels'
+    addresses when the shards are masters they name. `timeout` (seconds, 0:
+    none) bounds every command; `node_ttl` (seconds) is how long a node's
+    subscriber counts outlive its last report."""
 
     def __init__(
         self,
         reactor: Any,
-        address: RedisAddress,
+        shards: Sequence[ShardAddress],
         *,
         prefix: str = "pushd:",
         pool_size: int = 10,
         timeout: float = 5.0,
         history_size: int = 100,
         history_ttl: int = 3600,
-        sentinel: SentinelConfig | None = None,
+        sentinels: Sequence[tuple[str, int]] = (),
         node_ttl: float = NODE_TTL,
     ) -> None:
         super().__init__()
+        if not shards:
+            raise ValueError("no Redis shard")
         self.node = uuid.uuid4().hex[:16]
-        self._reactor = reactor
-        self._address = address
-        self._keys = keys = Keys(prefix)
+        self._keys = Keys(prefix)
         self._history_size = history_size
-        self._meta_ttl = meta_ttl(history_ttl)
-        self._epoch = ""
-        self._ready = Waiters()
-        self._readiness = LoopingCall(self._check_ready)
-        self._readiness.clock = reactor
-
-        self._sentinel: Any = None
-        endpoint: IStreamClientEndpoint
-        if sentinel is not None:
-            sentinels, master = sentinel
-            assert master is not None
-            self._sentinel = txredisapi.Sentinel(list(sentinels))
-            endpoint = IStreamClientEndpoint(SentinelMaster(reactor, self._sentinel, master))
-            factory: txredisapi.RedisFactory = txredisapi.SentinelConnectionFactory(
-                self._sentinel,
-                master,
-                True,
-                None,
-                address.db,
-                pool_size,
-                **CommandPool.options(address, timeout),
+        self._sentinel: Any = txredisapi.Sentinel(list(sentinels)) if sentinels else None
+        settings = ShardSettings(
+            keys=self._keys,
+            node=self.node,
+            pool_size=pool_size,
+            timeout=timeout,
+            history=(history_size, history_ttl),
+            meta_ttl=meta_ttl(history_ttl),
+            node_ttl=node_ttl,
+            shard_map=shard_map(shards),
+        )
+        self._shards = [
+            Shard(
+                reactor,
+                index,
+                where,
+                settings,
+                sentinel=self._sentinel,
+                listener=lambda: self._listener,
+                local=lambda index=index: self._local_counts(index),  # type: ignore[misc]
             )
-        else:
-            endpoint = endpoints.clientFromString(reactor, address.endpoint())
-            factory = txredisapi.RedisFactory(
-                None, address.db, pool_size, **CommandPool.options(address, timeout)
-            )
-        self._pool = CommandPool(reactor, factory, endpoint, timeout)
-        self._connection = PublishConnection(
-            reactor,
-            endpoint,
-            self._handshake,
-            timeout,
-            require_master=sentinel is not None,
-            on_connected=self._check_ready,
-        )
-        self._publisher = Publisher(
-            self._connection, keys, (history_size, history_ttl, IDEMPOTENCY_TTL), self._meta_ttl
-        )
-        self._counts = NodeCounts(
-            reactor, self._pool, keys, self.node, lambda: self._listener.channels(), node_ttl
-        )
-        self._commands = NodeCommands(
-            self._pool, keys, self.node, self._act, reactor=reactor, meta_ttl=self._meta_ttl
-        )
-        self._subscriber = Subscriber(address, endpoint, keys, self._commands.channels, self)
+            for index, where in enumerate(shards)
+        ]
+        self._map_check = LoopingCall(self._check_maps)
+        self._map_check.clock = reactor
+        self._map_every = node_ttl
 
-    def _handshake(self) -> list[bytes]:
-        """What a new publish connection runs first (PublishConnection); its
-        name tells it in Redis's CLIENT LIST."""
-        a = self._address
-        commands = []
-        if a.password is not None:
-            user = (a.username,) if a.username else ()
-            commands.append(command("AUTH", *user, a.password))
-        if a.db:
-            commands.append(command("SELECT", a.db))
-        commands.append(command("CLIENT", "SETNAME", f"pushd-publish-{self.node}"))
-        commands += (command("SCRIPT", "LOAD", s.source) for s in _PUBLISHING)
-        return commands
+    def _shard(self, channel: str) -> Shard:
+        return self._shards[_shard_index(channel, len(self._shards))]
+
+    def _local_counts(self, index: int) -> dict[str, int]:
+        """This node's subscriber counts of the channels of shard `index`."""
+        counts = self._listener.channels()
+        n = len(self._shards)
+        if n == 1:
+            return counts
+        return {c: k for c, k in counts.items() if _shard_index(c, n) == index}
 
     # -- life cycle
 
     def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._pool.start().addCallback(self._check_ready)
-        self._connection.start()
-        self._subscriber.start()
-        self._counts.start()
+        Service.startService(self)
+        for shard in self._shards:
+            shard.start()
+        self._map_check.start(self._map_every, now=False)
 
     async def _stop(self) -> None:
-        if self._readiness.running:
-            self._readiness.stop()
+        if self._map_check.running:
+            self._map_check.stop()
         await self.drain()
-        await self._counts.stop()
         await gatherResults(
-            [self._connection.stop(), self._pool.stop(), self._subscriber.stop()],
+            [Deferred.fromCoroutine(shard.stop()) for shard in self._shards],
             consumeErrors=True,
         )
         if self._sentinel is not None:
             await self._sentinel.disconnect()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
+        Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 
     @property
     def connected(self) -> bool:
-        return self._connection.connected and self._pool.connected and self._subscriber.connected
+        """Every shard connected."""
+        return all(shard.connected for shard in self._shards)
+
+    def shards(self) -> list[ShardState]:
+        return [ShardState(shard.name, shard.connected) for shard in self._shards]
 
     def when_ready(self) -> Deferred[None]:
-        d = self._ready.wait(self.connected)
-        if not d.called and not self._readiness.running:
-            # txredisapi tells when its whole pool is first made, not when one
-            # connection is made again: look while someone waits.
-            self._readiness.start(READY_CHECK, now=False)
-        return d
+        """Fires once every shard is connected."""
+        d = gatherResults([shard.when_ready() for shard in self._shards])
+        return d.addCallback(lambda _: None)
 
-    def _check_ready(self, result: object = None) -> object:
-        if self.connected:
-            self._ready.fire()
-            if self._readiness.running:
-                self._readiness.stop()
-        return result
+    def _check_maps(self) -> None:
+        for shard in self._shards:
+            if shard.connected:
+                Deferred.fromCoroutine(shard.check_map()).addErrback(
+                    lambda f: f.trap(BrokerUnavailable)
+                )
 
     def abandon(self) -> None:
-        self._connection.abandon()
+        for shard in self._shards:
+            shard.connection.abandon()
 
-    # -- publishing (publisher.py)
+    # -- publishing (publisher.py, on the channel's shard)
 
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None
     ) -> Deferred[Published]:
-        return self.track(self._publisher.publish(channel, data, idempotency_key))
+        publisher = self._shard(channel).publisher
+        if idempotency_key is None or len(self._shards) == 1:
+            return self.track(publisher.publish(channel, data, idempotency_key))
+
+        async def keyed(key: str) -> Published:
+            await self._bind(key, fingerprint(b"1", [(channel, data)]))
+            return await publisher.publish(channel, data, key)
+
+        return self.track(Deferred.fromCoroutine(keyed(idempotency_key)))
+
+    async def _bind(self, key: str, bound: str) -> None:
+        """With several shards, before a keyed request: bind the key to this
+        request (`bound`, its fingerprint) on the key's own shard, so that
+        another request under it fails with IdempotencyKeyReused whichever
+        shards it names, and publishes nothing. The channel's shard keeps the
+        answer, as with one shard. While the key's shard is down the request
+        goes on unbound (a shard that is down fails only its own channels):
+        the channel's shard still answers a repeat of the same request."""
+        home = self._shard(f"idempotency:{key}")
+        if not home.connected:
+            return
+        bind = [self._keys.idempotency_bind(key)]
+        try:
+            bound_here = int(await home.pool.run(BIND_KEY, bind, [bound, IDEMPOTENCY_TTL]))
+        except BrokerUnavailable:
+            return
+        if not bound_here:
+            raise IdempotencyKeyReused("the Idempotency-Key was first used with another request")
 
     def publish_many(
         self, items: list[tuple[str, bytes]], idempotency_key: str | None = None
     ) -> Deferred[list[Published]]:
-        return self.track(self._publisher.publish_many(items, idempotency_key))
+        n = len(self._shards)
+        if n == 1:
+            return self.track(self._shards[0].publisher.publish_many(items, idempotency_key))
+        return self.track(Deferred.fromCoroutine(self._publish_across(items, idempotency_key)))
+
+    async def _publish_across(
+        self, items: list[tuple[str, bytes]], idempotency_key: str | None
+    ) -> list[Published]:
+        """A batch over several shards: one script a shard, all sent at once,
+        after checking every shard is connected (else 503, nothing sent). Each
+        shard's part is all or nothing, the batch is not: when one shard fails
+        after another stored its part, the answer is OutcomeUnknown (504), and
+        a retry under the same Idempotency-Key (bound on every shard to the
+        whole batch) settles it. The key is first bound to the batch on its
+        own shard (`_bind`): another request under it publishes nothing."""
+        n = len(self._shards)
+        parts: dict[int, list[int]] = {}
+        for position, (channel, _) in enumerate(items):
+            parts.setdefault(_shard_index(channel, n), []).append(position)
+        down = [self._shards[i].name for i in parts if not self._shards[i].connected]
+        if down:
+            raise BrokerUnavailable(f"Redis {', '.join(down)} is not connected")
+        if idempotency_key is not None:
+            await self._bind(idempotency_key, fingerprint(b"n", items))
+        if len(parts) == 1:
+            (index,) = parts
+            return await self._shards[index].publisher.publish_many(items, idempotency_key)
+        sent = [
+            self._shards[i].publisher.publish_many(
+                [items[p] for p in positions], idempotency_key, bound_to=items
+            )
+            for i, positions in parts.items()
+        ]
+        results = await DeferredList(sent, consumeErrors=True)
+        answers: list[Published | None] = [None] * len(items)
+        failures: list[Failure] = []
+        for (ok, result), positions in zip(results, parts.values(), strict=True):
+            if not ok:
+                failures.append(cast(Failure, result))
+                continue
+            for p, published in zip(positions, result, strict=True):
+                answers[p] = published
+        if failures:
+            if len(failures) == len(sent):
+                failures[0].raiseException()
+            stored = len(sent) - len(failures)
+            raise OutcomeUnknown(
+                f"{stored} of the batch's {len(sent)} shards stored their messages: "
+                f"{failures[0].getErrorMessage()}"
+            )
+        return [a for a in answers if a is not None]
 
     def push(
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
-        return self.track(self._publisher.push(channel, entry, event_list, data))
+        publisher = self._shard(channel).publisher
+        return self.track(publisher.push(channel, entry, event_list, data))
 
-    # -- the bus (subscriber.py): SubscriberEvents
+    # -- the bus (subscriber.py, on the channel's shard)
 
     def subscribe(self, channel: str) -> Deferred[None]:
-        return self._subscriber.subscribe(channel)
+        return self._shard(channel).subscriber.subscribe(channel)
 
     def unsubscribe(self, channel: str) -> None:
-        self._subscriber.unsubscribe(channel)
+        self._shard(channel).subscriber.unsubscribe(channel)
 
     def subscribed_channels(self) -> frozenset[str]:
-        return self._subscriber.subscribed_channels()
-
-    def bus_message(self, name: str, payload: bytes) -> None:
-        if name.startswith("!"):
-            self._commands.received(self._keys.bus(name), payload)
-        else:
-            self._listener.receive(name, payload)
-
-    def bus_error(self, stage: str, name: str) -> None:
-        self._listener.bus_error(stage, name)
-
-    def _act(self, command: dict[str, Any]) -> int:
-        return self._listener.control(command)
-
-    def resubscribed(self, channel: str) -> None:
-        self._listener.resume(channel)
-
-    def subscriber_connected(self) -> None:
-        self._check_ready()
-        Deferred.fromCoroutine(self._check_epoch()).addErrback(log_failure, "EPOCH")
-
-    async def _check_epoch(self) -> None:
-        """Once connected (again): has Redis lost its data since? (epoch.lua)"""
-        await self.when_ready()
-        keys = [self._keys.epoch, self._keys.lost]
-        with suppress(BrokerUnavailable):  # lost again: the next connection asks
-            self._epoch = await self._pool.run(
-                EPOCH, keys, [self._epoch, uuid.uuid4().hex, self._meta_ttl]
-            )
+        if len(self._shards) == 1:
+            return self._shards[0].subscriber.subscribed_channels()
+        return frozenset().union(*(s.subscriber.subscribed_channels() for s in self._shards))
 
     # -- counts and commands (counts.py, commands.py)
 
     def subscriber_count(self, channel: str) -> Deferred[int]:
-        return self._counts.subscriber_count(channel)
+        return self._shard(channel).counts.subscriber_count(channel)
 
     def control(self, command: dict[str, Any]) -> Deferred[int]:
-        return self.track(Deferred.fromCoroutine(self._commands.control(command)))
+        """Every node subscribes to the commands of every shard: a command
+        about a channel goes through the channel's shard, any other through
+        the first shard that is connected."""
+        channel = command.get("channel")
+        if isinstance(channel, str):
+            shard = self._shard(channel)
+        else:
+            shard = next((s for s in self._shards if s.connected), self._shards[0])
+        return self.track(Deferred.fromCoroutine(shard.commands.control(command)))
 
-    # -- history
+    # -- history (the channel's shard's command pool)
 
     def history(self, channel: str, since: str | None, limit: int | None) -> Deferred[History]:
         async def run() -> History:
+            pool = self._shard(channel).pool
             count = limit or self._history_size * 2 + 100
             stream = self._keys.history(channel)
             if since is None:
-                newest = await self._pool.call(
+                newest = await pool.call(
                     "execute_command", "XREVRANGE", stream, "+", "-", "COUNT", count
                 )
                 last = newest[0][0] if newest else None
                 return History(_messages(newest[::-1]), complete=False, last=last)
-            complete, entries, last = await self._pool.run(
+            complete, entries, last = await pool.run(
                 READ_AFTER, [stream, self._keys.meta(channel), self._keys.lost], [since, count]
             )
             return History(_messages(entries), complete=bool(int(complete)), last=last or None)
@@ -268,16 +301,29 @@ class RedisBroker(Broker):
     def last_id(self, channel: str) -> Deferred[str | None]:
         async def run() -> str | None:
             stream = self._keys.history(channel)
-            last = await self._pool.call(
+            last = await self._shard(channel).pool.call(
                 "execute_command", "XREVRANGE", stream, "+", "-", "COUNT", 1
             )
             return last[0][0] if last else None
 
         return Deferred.fromCoroutine(run())
 
+    @property
+    def _epoch(self) -> str:
+        """The first shard's epoch (tests: has the node looked yet?)."""
+        return self._shards[0].epoch
 
-#: The scripts of the publish connection, loaded as it connects.
-_PUBLISHING = (PUBLISH, PUBLISH_MANY, PUSH)
+
+def shard_map(shards: Sequence[ShardAddress]) -> str:
+    """The fingerprint of a shard list: the first 16 hex digits of SHA-1 of
+    the shards' descriptions in order, one a line."""
+    text = "\n".join(where.describe() for where in shards)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=65536)
+def _shard_index(channel: str, shards: int) -> int:
+    return shard_of(channel, shards)
 
 
 def _messages(entries: list[Any]) -> list[tuple[str, bytes]]:

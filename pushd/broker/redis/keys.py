@@ -2,7 +2,7 @@
 
 A channel's keys share the hash tag `{<channel>}`, so Redis Cluster would
 keep them on one slot; `!` is in no channel name, so pushd's own names
-(`!control`, `!reply:<node>`, `!epoch`, `!lost`) never meet a channel's.
+(`!control`, `!reply:<node>`, `!epoch`, `!lost`, `!shards`) never meet a channel's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,13 @@ class Keys:
         return f"{self.prefix}{{{channel}}}:meta"
 
     def idempotency(self, key: str) -> str:
+        """The answer to an Idempotency-Key's request, on its channel's shard."""
         return f"{self.prefix}idempotency:{key}"
+
+    def idempotency_bind(self, key: str) -> str:
+        """With several shards: which request an Idempotency-Key is bound to,
+        on the key's own shard (bind_key.lua)."""
+        return f"{self.prefix}idempotency-bind:{key}"
 
     @property
     def control(self) -> str:
@@ -47,6 +53,11 @@ class Keys:
     @property
     def epoch(self) -> str:
         return f"{self.prefix}!epoch"
+
+    @property
+    def shard_map(self) -> str:
+        """The shard list the nodes on this Redis use (shard_map.lua)."""
+        return f"{self.prefix}!shards"
 
     @property
     def lost(self) -> str:

@@ -31,7 +31,7 @@ log = Logger()
 
 
 class SubscriberEvents(Protocol):
-    """What the subscriber connection tells the broker (RedisBroker)."""
+    """What the subscriber connection tells its shard (pushd.broker.redis.shard.Shard)."""
 
     def bus_message(self, name: str, payload: bytes) -> None:
         """A payload PUBLISHed on `<prefix><name>`: a channel the hub wants,
