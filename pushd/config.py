@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pushd.broker.redis.address import RedisAddress, ShardAddress, parse_redis_url
+from pushd.broker.redis.address import (
+    RedisAddress,
+    ShardAddress,
+    check_shards,
+    parse_redis_url,
+)
 from pushd.message import CHANNEL_RE
 
 
@@ -156,7 +161,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis-pool-size", _positive_int, 10, "command connections to Redis", metavar="N"),
     Option(
         "redis-timeout",
-        _non_negative_float,
+        _positive_float,
         5.0,
         "seconds Redis may leave a command unanswered: then a publish answers 504 "
         "outcome_unknown, other commands 503 (checked every S seconds: within 2 S)",
@@ -511,9 +516,10 @@ def load(
         raise ConfigError(
             "with --redis-sentinel, one --redis gives db and password for every master"
         )
-    described = [where.describe() for where in config.shards]
-    if len(set(described)) < len(described):
-        raise ConfigError("a Redis shard is given twice")
+    try:
+        check_shards(config.shards)
+    except ValueError as e:
+        raise ConfigError(f"--redis: {e}") from None
     if config.workers > 1 and not config.uses_redis:
         raise ConfigError("--workers: more than one worker needs --redis to coordinate through")
     return config

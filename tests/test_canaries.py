@@ -72,8 +72,10 @@ Internal (library): pushd's use -> what it relies on
        once all `poolsize` are made
 - `RedisFactory.initialDelay`, `factor`, `maxDelay` (txredisapi): broker/redis/pool.py
     (retry_alike) -> what `retryDelay(attempt)`, the reconnect delay, is made of
+- `BaseRedisProtocol.connectionMade` calling `factory.stopTrying()` (txredisapi):
+    broker/redis/pool.py (KeepTrying) -> AUTH/SELECT failing at a connection's start
 - `SentinelConnectionFactory(sentinel_manager, service_name, is_master, uuid, dbid,
-    poolsize, ...)` (txredisapi): broker/redis/broker.py (RedisBroker, with Sentinel)
+    poolsize, ...)` (txredisapi): broker/redis/shard.py (Shard, with Sentinel)
     -> a RedisFactory whose connections check the server's role
 - `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
     broker/redis/subscriber.py (_ConnectionFactory, _Connection)
@@ -620,8 +622,24 @@ def test_txredisapi_retry_delay(txredisapi: Any) -> None:
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]), what + f": {delays}"
 
 
+def test_txredisapi_stops_trying_when_a_connection_cannot_start(txredisapi: Any) -> None:
+    """Why pushd's factories are KeepTrying: txredisapi's protocol calls
+    `factory.stopTrying()` when AUTH or SELECT fails as a connection starts
+    (a timeout included), and `disconnect` does not need it."""
+    import inspect
+
+    what = _changed(TXREDISAPI, "BaseRedisProtocol.connectionMade -> factory.stopTrying()")
+    made = inspect.getsource(txredisapi.BaseRedisProtocol.connectionMade)
+    assert made.count("self.factory.stopTrying()") == 2, what + ": KeepTrying may be moot"
+    gone = inspect.getsource(txredisapi.RedisFactory.disconnect)
+    assert "stopTrying" not in gone, what + ": disconnect goes through stopTrying"
+    from pushd.broker.redis.pool import PoolFactory
+
+    assert PoolFactory(None, 0, 1, isLazy=True).stopTrying().called, what
+
+
 def test_txredisapi_sentinel_factory(txredisapi: Any) -> None:
-    """RedisBroker makes the pool's SentinelConnectionFactory itself (not
+    """A Shard makes its pool's SentinelConnectionFactory itself (not
     through `master_for`, which would connect at once through the private
     `_SentinelEndpoint`) and connects it through SentinelMaster."""
     _present(TXREDISAPI, txredisapi, "Sentinel", "SentinelConnectionFactory")

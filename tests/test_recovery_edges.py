@@ -85,8 +85,8 @@ async def test_from_the_beginning_after_redis_restarted_empty(
         before = (await broker.publish("wiped", b"1")).id
         await broker.publish("quiet", b"0")
         assert (await broker.history("quiet", "0-0", None)).complete
-        await wait_for(lambda: broker._epoch, what="the epoch check")  # type: ignore[attr-defined]
-        epoch = broker._epoch  # type: ignore[attr-defined]
+        await wait_for(lambda: broker._shards[0].epoch, what="the epoch check")  # type: ignore[attr-defined]
+        epoch = broker._shards[0].epoch  # type: ignore[attr-defined]
         own_redis.kill()
         own_redis.start()
 
@@ -99,7 +99,7 @@ async def test_from_the_beginning_after_redis_restarted_empty(
         await wait_for(published, timeout=20, what="publishing after the restart")
         # Once the node has seen Redis's new epoch, the loss is known everywhere.
         await wait_for(
-            lambda: broker._epoch not in ("", epoch),  # type: ignore[attr-defined]
+            lambda: broker._shards[0].epoch not in ("", epoch),  # type: ignore[attr-defined]
             what="the epoch check after the restart",
         )
 
@@ -128,7 +128,7 @@ async def test_a_new_node_on_a_fresh_redis_promises_from_the_beginning(
 ) -> None:
     broker = await _broker(own_redis, prefix)
     try:
-        await wait_for(lambda: broker._epoch, what="the epoch check")  # type: ignore[attr-defined]
+        await wait_for(lambda: broker._shards[0].epoch, what="the epoch check")  # type: ignore[attr-defined]
         assert (await broker.history("fresh", "0-0", None)).complete
         msg_id = (await broker.publish("fresh", b"1")).id
         history = await broker.history("fresh", "0-0", None)

@@ -86,3 +86,68 @@ async def test_publishing_and_delivery_resume_after_a_failover(
         await client.close()
     finally:
         await pushd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_master_a_shard(tmp_path: Path) -> None:
+    """Two masters of one Sentinel, `--redis-master a --redis-master b`: each is a
+    shard, found through the Sentinel; channels of both shards work."""
+    from pushd.broker.redis.sharding import shard_of
+    from tests.support import channels_by_shard
+
+    masters = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        masters.append(RedisServer(free_port(), tmp_path / name))
+        masters[-1].start()
+    sentinel = Sentinel(tmp_path, masters[0].port)
+
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(sentinel.port), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+
+    async def monitored() -> bool:
+        # The second master, monitored by the same Sentinel under its own name
+        # (asked again until the Sentinel is up and has it).
+        cli("SENTINEL", "MONITOR", "b", "127.0.0.1", str(masters[1].port), "1")
+        return str(masters[1].port) in cli("SENTINEL", "get-master-addr-by-name", "b")
+
+    await wait_for(monitored, what="the Sentinel to monitor b")
+    pushd = PushdUnderTest.config(
+        redis_sentinel=(("127.0.0.1", sentinel.port),), redis_master=("pushd", "b")
+    )
+    try:
+        await pushd.start()
+        response = await treq.get(f"{pushd.url}/health", persistent=False)
+        health = await response.json()
+        assert health["status"] == "ok"
+        assert [s["redis"] for s in health["shards"]] == ["master pushd", "master b"]
+        for shard, (channel,) in enumerate(channels_by_shard("sentinel", 2, 1)):
+            assert shard_of(channel, 2) == shard
+            client = await pushd.connect(f"?channel={channel}")
+            await client.next_of("subscribed")
+            msg_id = await pushd.publish(channel, shard)
+            assert (await client.next_of("message"))["id"] == msg_id
+            await client.close()
+            keys = subprocess.run(
+                [
+                    "redis-cli",
+                    "-p",
+                    str(masters[shard].port),
+                    "EXISTS",
+                    f"pushd:{{{channel}}}:history",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            assert keys.stdout.strip() == "1", (shard, channel)
+    finally:
+        await pushd.stop()
+        sentinel.stop()
+        for master in masters:
+            master.stop()

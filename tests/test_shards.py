@@ -35,7 +35,10 @@ async def health(pushd: Any) -> tuple[int, dict[str, Any]]:
 async def health_is(pushd: Any, status: str, servers: Sequence[RedisServer], down: int) -> bool:
     """/health says `status`, every shard up but `down` (an index; -1: none)."""
     code, body = await health(pushd)
-    shards = [{"redis": f"127.0.0.1:{s.port}", "up": i != down} for i, s in enumerate(servers)]
+    shards = [
+        {"redis": f"127.0.0.1:{s.port}", "up": i != down, "same_list": True}
+        for i, s in enumerate(servers)
+    ]
     return (code, body["status"], body["shards"]) == (200, status, shards)
 
 
@@ -319,6 +322,12 @@ async def test_a_node_with_another_shard_list_says_so(
         assert f"Redis 127.0.0.1:{shard_servers[1].port} is shard 0:" in other.output()
         for node in (first, same):
             assert "shard list mismatch" not in node.output()
+        # Its /health says so too, on every shard: the lists' fingerprints differ.
+        health = await (await treq.get(f"{other.url}/health", persistent=False)).json()
+        assert health["status"] == "degraded"
+        assert [s["same_list"] for s in health["shards"]] == [False, False, False]
+        health = await (await treq.get(f"{first.url}/health", persistent=False)).json()
+        assert health["status"] == "ok"
         assert [await conn.get(key) for conn in conns] == remembered
     finally:
         for conn in conns:

@@ -113,6 +113,9 @@ class ShardState:
 
     name: str
     up: bool
+    #: False while this node's shard list differs from the one the nodes
+    #: before it wrote there (Redis broker: shard_map.lua).
+    same_list: bool = True
 
 
 class BusListener(Protocol):
@@ -198,7 +201,8 @@ class Broker(Service):
         return []
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
-        """Count `d` as a publish in flight until it fires (see `drain`)."""
+        """Count `d` as a command in flight (a publish, a read) until it fires
+        (see `drain`)."""
         self._in_flight += 1
         return d.addBoth(self._landed)
 
@@ -209,14 +213,15 @@ class Broker(Service):
         return result
 
     def drain(self) -> Deferred[None]:
-        """Fires once no publish is in flight: a stopping service waits for this."""
+        """Fires once no command is in flight: a stopping service waits for this."""
         return self._drained.wait(not self._in_flight)
 
     def abandon(self) -> None:
-        """The wait for publishes in flight is over (the shutdown timeout ran
-        out): each still unanswered fails now with OutcomeUnknown, so its
-        producer gets a 504 before its connection closes, not silence. Nothing
-        to do where every publish is answered at once (memory)."""
+        """The wait for commands in flight is over (the shutdown timeout ran
+        out): each publish still unanswered fails now with OutcomeUnknown, so
+        its producer gets a 504 before its connection closes, not silence; a
+        read fails with BrokerUnavailable (503). Nothing to do where every
+        command is answered at once (memory)."""
 
     def publish(
         self, channel: str, data: bytes, idempotency_key: str | None = None

@@ -48,6 +48,7 @@ KEY_REUSED = Refusal(
 UNAVAILABLE = Refusal(
     503, "unavailable", "the broker is unreachable; nothing was published, retry later"
 )
+READ_UNAVAILABLE = Refusal(503, "unavailable", "the broker is unreachable; retry later")
 
 SHUTTING_DOWN = Refusal(
     503,

@@ -16,9 +16,12 @@ from pushd.web.resource import ApiResource, ProducerAuth
 class HealthResource(ApiResource):
     """For load balancers and orchestrators, so open to all and revealing
     nothing private: `{"status": "ok" | "degraded" | "down", "broker": <kind>,
-    "broker_up": <bool>, "shards": [{"redis": "host:port", "up": <bool>}...]}`.
+    "broker_up": <bool>, "shards": [{"redis": "host:port", "up": <bool>,
+    "same_list": <bool>}...]}`.
     "ok" (200): every Redis shard connected (or the memory broker);
-    "degraded" (200): some are, and only the channels of the others fail;
+    "degraded" (200): some are, and only the channels of the others fail, or
+    this node's --redis list differs from the other nodes' (`same_list`
+    false on a shard: its messages go where the others do not look);
     "down" (503): none is."""
 
     def __init__(self, broker: Broker, kind: str) -> None:
@@ -29,7 +32,7 @@ class HealthResource(ApiResource):
     def handle_GET(self, request: Request) -> bytes:
         shards = self._broker.shards()
         up = sum(shard.up for shard in shards)
-        if not shards or up == len(shards):
+        if not shards or (up == len(shards) and all(s.same_list for s in shards)):
             status = "ok"
         elif up:
             status = "degraded"
@@ -41,7 +44,10 @@ class HealthResource(ApiResource):
                 "status": status,
                 "broker": self._kind,
                 "broker_up": status != "down",
-                "shards": [{"redis": shard.name, "up": shard.up} for shard in shards],
+                "shards": [
+                    {"redis": shard.name, "up": shard.up, "same_list": shard.same_list}
+                    for shard in shards
+                ],
             }
         )
 

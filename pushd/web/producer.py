@@ -90,13 +90,14 @@ class ChannelsResource(Collection):
         return None
 
 
-async def ask(d: Any) -> Any:
-    """A broker's answer; 503 when it took nothing, 504 when a publish may or
-    may not be stored, 422 when its Idempotency-Key was used for another request."""
+async def ask(d: Any, reading: bool = False) -> Any:
+    """A broker's answer; 503 when it took nothing (a read: could not answer),
+    504 when a publish may or may not be stored, 422 when its Idempotency-Key
+    was used for another request."""
     try:
         return await d
     except BrokerUnavailable:
-        raise ApiError(*errors.UNAVAILABLE) from None
+        raise ApiError(*(errors.READ_UNAVAILABLE if reading else errors.UNAVAILABLE)) from None
     except OutcomeUnknown:
         raise ApiError(*errors.OUTCOME_UNKNOWN) from None
     except IdempotencyKeyReused:
@@ -155,8 +156,8 @@ class ChannelResource(_ChannelApi):
         return self._publish(data, key)
 
     async def _describe(self) -> bytes:
-        last_id = await ask(self._broker.last_id(self._channel))
-        subscribers = await ask(self._broker.subscriber_count(self._channel))
+        last_id = await ask(self._broker.last_id(self._channel), reading=True)
+        subscribers = await ask(self._broker.subscriber_count(self._channel), reading=True)
         return dump_json({"channel": self._channel, "last_id": last_id, "subscribers": subscribers})
 
     def handle_GET(self, request: Request) -> Coroutine[Any, Any, bytes]:
@@ -171,7 +172,7 @@ class ChannelResource(_ChannelApi):
 
 class HistoryResource(_ChannelApi):
     async def _read(self, since: str | None, limit: int) -> bytes:
-        history = await ask(self._broker.history(self._channel, since, limit))
+        history = await ask(self._broker.history(self._channel, since, limit), reading=True)
         return (
             b'{"messages":['
             + b",".join(envelope(self._channel, msg_id, data) for msg_id, data in history.messages)

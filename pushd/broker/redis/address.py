@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -77,6 +78,23 @@ class ShardAddress:
         a = self.address
         where = a.path if a.path is not None else f"{a.host or 'localhost'}:{a.port}"
         return f"{where}/{a.db}" if a.db else where
+
+
+def check_shards(shards: Sequence[ShardAddress]) -> None:
+    """ValueError when two shards are one Redis server: the same address, or
+    the same one with another db (pub/sub ignores the db, so every message
+    and node command would come twice). Two names of one server (`localhost`,
+    `127.0.0.1`) are only found once connected (the shards' run ids)."""
+    seen: dict[tuple[str | None, int, str | None], ShardAddress] = {}
+    for where in shards:
+        a = where.address
+        server = (where.master, 0, None) if where.master else (a.host, a.port, a.path)
+        first = seen.setdefault(server, where)
+        if first is not where:
+            raise ValueError(
+                f"the shards {first.describe()} and {where.describe()} are one Redis server "
+                "(its pub/sub ignores the db: give each shard a server of its own)"
+            )
 
 
 @implementer(IStreamClientEndpoint)

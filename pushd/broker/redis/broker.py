@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +30,7 @@ from pushd.broker import (
     fingerprint,
     meta_ttl,
 )
-from pushd.broker.redis.address import ShardAddress
+from pushd.broker.redis.address import ShardAddress, check_shards
 from pushd.broker.redis.counts import NODE_TTL
 from pushd.broker.redis.keys import Keys
 from pushd.broker.redis.scripts import BIND_KEY, READ_AFTER
@@ -41,6 +41,9 @@ from pushd.message import dump_json, load_json
 log = Logger()
 
 __all__ = ["RedisBroker", "ShardAddress"]
+
+#: Seconds a keyed request waits, at most, to bind its key on the key's shard.
+BIND_TIMEOUT = 0.5
 
 
 class RedisBroker(Broker):
@@ -66,7 +69,9 @@ class RedisBroker(Broker):
         super().__init__()
         if not shards:
             raise ValueError("no Redis shard")
+        check_shards(shards)
         self.node = uuid.uuid4().hex[:16]
+        self._reactor = reactor
         self._keys = Keys(prefix)
         self._history_size = history_size
         self._sentinel: Any = txredisapi.Sentinel(list(sentinels)) if sentinels else None
@@ -95,6 +100,7 @@ class RedisBroker(Broker):
         self._map_check = LoopingCall(self._check_maps)
         self._map_check.clock = reactor
         self._map_every = node_ttl
+        self._same_server_said = False
 
     def _shard(self, channel: str) -> Shard:
         return self._shards[_shard_index(channel, len(self._shards))]
@@ -136,7 +142,7 @@ class RedisBroker(Broker):
         return all(shard.connected for shard in self._shards)
 
     def shards(self) -> list[ShardState]:
-        return [ShardState(shard.name, shard.connected) for shard in self._shards]
+        return [ShardState(s.name, s.connected, s.map_agrees) for s in self._shards]
 
     def when_ready(self) -> Deferred[None]:
         """Fires once every shard is connected."""
@@ -144,15 +150,30 @@ class RedisBroker(Broker):
         return d.addCallback(lambda _: None)
 
     def _check_maps(self) -> None:
+        servers: dict[str, Shard] = {}
         for shard in self._shards:
+            first = servers.setdefault(shard.run_id, shard) if shard.run_id else shard
+            if first is not shard and not self._same_server_said:
+                self._same_server_said = True
+                log.error(
+                    "the shards {a} and {b} are one Redis server (run id {run_id}): every "
+                    "message and node command comes twice; give each shard a server of its own",
+                    a=first.name,
+                    b=shard.name,
+                    run_id=shard.run_id,
+                )
             if shard.connected:
                 Deferred.fromCoroutine(shard.check_map()).addErrback(
                     lambda f: f.trap(BrokerUnavailable)
                 )
 
     def abandon(self) -> None:
+        """Publishes Redis left unanswered fail with OutcomeUnknown (504);
+        reads waiting on the command pools (history, counts) fail with
+        BrokerUnavailable (503): the pools close, the node is stopping."""
         for shard in self._shards:
             shard.connection.abandon()
+            shard.pool.stop()
 
     # -- publishing (publisher.py, on the channel's shard)
 
@@ -181,9 +202,12 @@ class RedisBroker(Broker):
         if not home.connected:
             return
         bind = [self._keys.idempotency_bind(key)]
+        binding = Deferred.fromCoroutine(home.pool.run(BIND_KEY, bind, [bound, IDEMPOTENCY_TTL]))
         try:
-            bound_here = int(await home.pool.run(BIND_KEY, bind, [bound, IDEMPOTENCY_TTL]))
-        except BrokerUnavailable:
+            # A frozen key's shard (not yet known to be down) delays its
+            # requests BIND_TIMEOUT at most, not --redis-timeout.
+            bound_here = int(await binding.addTimeout(BIND_TIMEOUT, self._reactor))
+        except (BrokerUnavailable, TimeoutError):
             return
         if not bound_here:
             raise IdempotencyKeyReused("the Idempotency-Key was first used with another request")
@@ -265,7 +289,8 @@ class RedisBroker(Broker):
     # -- counts and commands (counts.py, commands.py)
 
     def subscriber_count(self, channel: str) -> Deferred[int]:
-        return self._shard(channel).counts.subscriber_count(channel)
+        # Reads too are waited for (drain) by a stopping node, and answered.
+        return self.track(self._shard(channel).counts.subscriber_count(channel))
 
     def control(self, command: dict[str, Any]) -> Deferred[int]:
         """Every node subscribes to the commands of every shard: a command
@@ -296,7 +321,7 @@ class RedisBroker(Broker):
             )
             return History(_messages(entries), complete=bool(int(complete)), last=last or None)
 
-        return Deferred.fromCoroutine(run())
+        return self.track(Deferred.fromCoroutine(run()))
 
     def last_id(self, channel: str) -> Deferred[str | None]:
         async def run() -> str | None:
@@ -306,12 +331,7 @@ class RedisBroker(Broker):
             )
             return last[0][0] if last else None
 
-        return Deferred.fromCoroutine(run())
-
-    @property
-    def _epoch(self) -> str:
-        """The first shard's epoch (tests: has the node looked yet?)."""
-        return self._shards[0].epoch
+        return self.track(Deferred.fromCoroutine(run()))
 
 
 def shard_map(shards: Sequence[ShardAddress]) -> str:

@@ -13,13 +13,34 @@ from collections.abc import Sequence
 from typing import Any
 
 import txredisapi
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from pushd.broker import BrokerUnavailable
 from pushd.broker.redis.address import RedisAddress
 from pushd.broker.redis.connection import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX
 from pushd.broker.redis.scripts import Script
+
+
+class KeepTrying:
+    """Mixed into pushd's txredisapi factories: txredisapi stops reconnecting
+    for good when AUTH or SELECT fails as a connection starts (its protocol
+    calls `factory.stopTrying()`), a timeout of a frozen Redis included, and
+    a shard would then stay down until a restart. pushd's connections keep
+    trying, with the backoff (`retry_alike`), until pushd stops them
+    (`disconnect`, which does not go through `stopTrying`). A wrong password
+    is logged at every attempt (txredisapi's "could not auth")."""
+
+    def stopTrying(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class PoolFactory(KeepTrying, txredisapi.RedisFactory):  # type: ignore[misc]
+    """The command pool's factory (one Redis)."""
+
+
+class SentinelPoolFactory(KeepTrying, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+    """The command pool's factory (a master the Sentinels name)."""
 
 
 def retry_alike(factory: txredisapi.RedisFactory) -> None:

@@ -30,7 +30,7 @@ from pushd.broker.redis.commands import NodeCommands
 from pushd.broker.redis.connection import PublishConnection, command
 from pushd.broker.redis.counts import NodeCounts
 from pushd.broker.redis.keys import Keys
-from pushd.broker.redis.pool import CommandPool
+from pushd.broker.redis.pool import CommandPool, PoolFactory, SentinelPoolFactory
 from pushd.broker.redis.publisher import Publisher
 from pushd.broker.redis.scripts import EPOCH, PUBLISH, PUBLISH_MANY, PUSH, SHARD_MAP
 from pushd.broker.redis.subscriber import Subscriber, log_failure
@@ -86,6 +86,8 @@ class Shard:
         self._readiness = LoopingCall(self._check_ready)
         self._readiness.clock = reactor
         self.epoch = ""
+        #: The Redis server's run id, once connected: two shards with one are one server.
+        self.run_id = ""
         #: False once this shard was seen holding another node's shard list.
         self.map_agrees = True
         keys, address, timeout = settings.keys, where.address, settings.timeout
@@ -93,12 +95,12 @@ class Shard:
         options = CommandPool.options(address, timeout)
         if where.master is not None:
             endpoint = IStreamClientEndpoint(SentinelMaster(reactor, sentinel, where.master))
-            factory: txredisapi.RedisFactory = txredisapi.SentinelConnectionFactory(
+            factory: txredisapi.RedisFactory = SentinelPoolFactory(
                 sentinel, where.master, True, None, address.db, settings.pool_size, **options
             )
         else:
             endpoint = endpoints.clientFromString(reactor, address.endpoint())
-            factory = txredisapi.RedisFactory(None, address.db, settings.pool_size, **options)
+            factory = PoolFactory(None, address.db, settings.pool_size, **options)
         self.pool = CommandPool(reactor, factory, endpoint, timeout)
         self.connection = PublishConnection(
             reactor,
@@ -201,6 +203,8 @@ class Shard:
             self.epoch = await self.pool.run(
                 EPOCH, [keys.epoch, keys.lost], [self.epoch, uuid.uuid4().hex, settings.meta_ttl]
             )
+            info = await self.pool.call("execute_command", "INFO", "server")
+            self.run_id = _run_id(info)
             await self.check_map()
 
     async def check_map(self) -> None:
@@ -224,3 +228,12 @@ class Shard:
         elif agrees and not self.map_agrees:
             log.info("shard list of Redis {shard} agrees again", shard=self.name)
         self.map_agrees = agrees
+
+
+def _run_id(info: Any) -> str:
+    """`run_id` of an INFO reply."""
+    text = info if isinstance(info, str) else bytes(info).decode("ascii", "replace")
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.partition(":")[2].strip()
+    return ""

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from pushd.broker.redis.address import RedisAddress
 from pushd.broker.redis.keys import Keys
-from pushd.broker.redis.pool import retry_alike
+from pushd.broker.redis.pool import KeepTrying, retry_alike
 
 log = Logger()
 
@@ -70,7 +70,7 @@ class _Connection(txredisapi.SubscriberProtocol):  # type: ignore[misc]
         self.subscriber.received(channel, message)
 
 
-class _ConnectionFactory(txredisapi.SubscriberFactory):  # type: ignore[misc]
+class _ConnectionFactory(KeepTrying, txredisapi.SubscriberFactory):  # type: ignore[misc]
     protocol = _Connection
 
     def __init__(self, subscriber: Subscriber, address: RedisAddress) -> None:
