@@ -646,15 +646,16 @@ def table(results: dict[str, Any], rows: set[str]) -> tuple[str, list[dict[str, 
 # ---------------------------------------------------------------- main
 
 
-def parse_rows(text: str, ap: argparse.ArgumentParser) -> set[str]:
+def parse_rows(text: str, ap: argparse.ArgumentParser, names: tuple[str, ...] = ROWS) -> set[str]:
+    """`--only`'s rows, by name or number (bench/shards.py's too)."""
     rows = set()
     for item in filter(None, text.split(",")):
-        if item.isdigit() and 1 <= int(item) <= len(ROWS):
-            rows.add(ROWS[int(item) - 1])
-        elif item in ROWS:
+        if item.isdigit() and 1 <= int(item) <= len(names):
+            rows.add(names[int(item) - 1])
+        elif item in names:
             rows.add(item)
         else:
-            ap.error(f"unknown row {item!r}; the rows: {','.join(ROWS)} (or 1-6)")
+            ap.error(f"unknown row {item!r}; the rows: {','.join(names)} (or 1-{len(names)})")
     return rows
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare  # bench/compare.py (parse_rows)
 import run as R  # bench/run.py
 
 BENCH = R.BENCH
@@ -601,18 +602,6 @@ LOAD_CPU = R.CLIENT_CPU
 PINNED = True
 
 
-def parse_rows(text: str, ap: argparse.ArgumentParser) -> set[str]:
-    rows = set()
-    for item in filter(None, text.split(",")):
-        if item.isdigit() and 1 <= int(item) <= len(ROWS):
-            rows.add(ROWS[int(item) - 1])
-        elif item in ROWS:
-            rows.add(item)
-        else:
-            ap.error(f"unknown row {item!r}; the rows: {','.join(ROWS)} (or 1-3)")
-    return rows
-
-
 def main() -> int:
     global PUSHD_SRC, SERVER_CPUS, LOAD_CPU, PINNED
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -637,7 +626,7 @@ def main() -> int:
     PUSHD_SRC = args.pushd_src
     quick = args.quick
     n_runs = args.runs or (1 if quick else 3)
-    rows = parse_rows(args.only, ap) or set(ROWS)
+    rows = compare.parse_rows(args.only, ap, ROWS) or set(ROWS)
     args.subscribers = args.subscribers or (1 if quick else 5)
     args.messages = args.messages or (2 if quick else 5)
     args.wrk_seconds = args.wrk_seconds or (2 if quick else 5)
