@@ -38,6 +38,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the test process goes, even
+    without its teardown (a pytest-xdist worker stopped by -x, a kill)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 class RedisServer:
     """A real redis-server on a loopback port, started and stopped by the tests."""
 
@@ -74,6 +83,7 @@ class RedisServer:
                 str(self.directory),
             ],
             stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + TIMEOUT
         while True:
