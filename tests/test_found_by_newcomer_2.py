@@ -1,6 +1,6 @@
 """Defects found by a second newcomer trying to break shards (issue 16) from the outside.
 
-Each test is the minimal reproduction of a defect, marked xfail(strict) until it is fixed.
+Each test is the minimal reproduction of a defect, now fixed.
 """
 
 from __future__ import annotations

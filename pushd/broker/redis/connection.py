@@ -51,6 +51,9 @@ RETRY = backoffPolicy(initialDelay=RETRY_INITIAL, factor=RETRY_FACTOR, maxDelay=
 
 ReplyError = hiredis.ReplyError
 
+#: Seconds a new connection's set-up may take when no --redis-timeout bounds it.
+SETUP_TIMEOUT = 5.0
+
 
 def command(*args: str | int | bytes) -> bytes:
     """A Redis command in RESP (hiredis.pack_command, whose stub types a 1-tuple)."""
@@ -63,7 +66,12 @@ class RedisProtocol(Protocol):
     reply (str, int, list, None, or a `ReplyError` instance: error replies are
     returned, not raised). Replies are matched to commands in order."""
 
-    def __init__(self, on_lost: Callable[[RedisProtocol], object] = lambda _: None) -> None:
+    def __init__(
+        self,
+        on_made: Callable[[RedisProtocol], object] = lambda _: None,
+        on_lost: Callable[[RedisProtocol], object] = lambda _: None,
+    ) -> None:
+        self._on_made = on_made
         self._on_lost = on_lost
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self.waiting: deque[Deferred[Any]] = deque()
@@ -78,6 +86,9 @@ class RedisProtocol(Protocol):
     def _out(self) -> Any:
         # ITCPTransport, untyped without zope's mypy plugin.
         return self.transport
+
+    def connectionMade(self) -> None:
+        self._on_made(self)
 
     def dataReceived(self, data: bytes) -> None:
         reader = self._reader
@@ -132,15 +143,22 @@ class PublishConnection:
         self._timeout = timeout
         self._require_master = require_master
         self._on_connected = on_connected
+        self._clock = reactor
         self.current: RedisProtocol | None = None
-        factory: Any = Factory.forProtocol(partial(RedisProtocol, self._lost))
+        # Set-ups failed in a row: the reconnect delay grows with them too
+        # (ClientService counts only connections that could not be made).
+        self._failed_setups = 0
+        factory: Any = Factory.forProtocol(partial(RedisProtocol, self._made, self._lost))
         factory.noisy = False
+        # The set-up runs once ClientService has the connection, not as its
+        # prepareConnection: a refused set-up must close the connection, and
+        # ClientService cannot be told of a close while it is still preparing
+        # one (automat's NoTransition).
         self._service = ClientService(
             endpoint,
             factory,
-            retryPolicy=RETRY,
+            retryPolicy=lambda attempt: RETRY(max(attempt, self._failed_setups)),
             clock=reactor,
-            prepareConnection=self._prepare,
         )
         self._stuck: Deferred[Any] | None = None
         self._watchdog = LoopingCall(self._check_stuck)
@@ -168,7 +186,7 @@ class PublishConnection:
             return fail(BrokerUnavailable("Redis is not connected"))
         return current.execute(command)
 
-    async def _prepare_async(self, proto: RedisProtocol) -> None:
+    async def _set_up(self, proto: RedisProtocol) -> None:
         commands = self._handshake()
         replies = [proto.execute(command) for command in commands]
         for sent, d in zip(commands, replies, strict=True):
@@ -181,27 +199,37 @@ class PublishConnection:
             role = await proto.execute(command("ROLE"))
             if isinstance(role, ReplyError) or not role or role[0] != "master":
                 raise BrokerUnavailable("Redis is not the master (yet)")
-        if proto.lost:
-            raise BrokerUnavailable("Redis connection lost while it was being set up")
-        self.current = proto
-        log.debug("Redis publish connection ready")
-        self._on_connected()
 
-    def _prepare(self, proto: RedisProtocol) -> Deferred[None]:
-        # Runs before ClientService hands the connection out: a failure here
-        # drops it and retries.
-        def failed(failure: Failure) -> Failure:
+    def _made(self, proto: RedisProtocol) -> None:
+        """A new connection: its set-up (the handshake), within the timeout,
+        before it takes a command; a refused or unanswered set-up closes it,
+        and ClientService connects again after its delay."""
+
+        def ready(_: object) -> None:
+            if proto.lost:
+                return
+            self._failed_setups = 0
+            self.current = proto
+            log.debug("Redis publish connection ready")
+            self._on_connected()
+
+        def failed(failure: Failure) -> None:
+            if proto.lost:
+                return
+            self._failed_setups += 1
+            why = failure.getErrorMessage() or type(failure.value).__name__
+            log.warn("Redis publish connection set-up failed: {why}; retrying", why=why)
             proto._out().abortConnection()
-            log.warn("Redis publish connection set-up failed: {why}", why=failure.getErrorMessage())
-            return failure
 
-        return Deferred.fromCoroutine(self._prepare_async(proto)).addErrback(failed)
+        d = Deferred.fromCoroutine(self._set_up(proto))
+        d.addTimeout(self._timeout or SETUP_TIMEOUT, self._clock)
+        d.addCallbacks(ready, failed)
 
     def _lost(self, proto: RedisProtocol) -> None:
-        # `current` is ClientService's proxy of the protocol, not `proto` itself.
-        if self.current is not None and self.current.lost:
+        if self.current is proto:
             self.current = None
-            log.warn("Redis publish connection lost; reconnecting")
+            if self._watchdog.running:
+                log.warn("Redis publish connection lost; reconnecting")
 
     def reconnect(self) -> None:
         """Drop the connection of the moment (what waits on it: OutcomeUnknown);

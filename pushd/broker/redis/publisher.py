@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred, succeed
 from pushd.broker import (
     BrokerUnavailable,
     IdempotencyKeyReused,
+    OutcomeUnknown,
     Published,
     fingerprint,
 )
@@ -110,7 +111,7 @@ class Publisher:
         if isinstance(reply, ReplyError):
             args = self._publish_args(channel, data, None, "")
             return self._evaluated(reply, PUBLISH, args, _published)
-        return _published(reply)
+        return _answer(_published, reply)
 
     def publish_many(
         self,
@@ -157,7 +158,7 @@ class Publisher:
         self, reply: Any, script: Script, args: tuple[Any, ...], then: Callable[[Any], T]
     ) -> Any:
         if not isinstance(reply, ReplyError):
-            return then(reply)
+            return _answer(then, reply)
         message = str(reply)
         if message.startswith("NOSCRIPT"):
             d = self._connection.execute(pack_command(("EVAL", script.source, *args)))
@@ -167,6 +168,17 @@ class Publisher:
             self._connection.reconnect()
         # An error reply: the script stopped before its first write.
         raise BrokerUnavailable(f"Redis: {message}")
+
+
+def _answer(then: Callable[[Any], T], reply: Any) -> T:
+    """`then(reply)`; a reply not of the script's shape (not Redis, or a Redis
+    that is not what it seems) leaves the outcome unknown (504), not a 500."""
+    try:
+        return then(reply)
+    except (ValueError, TypeError, IndexError, AttributeError):
+        raise OutcomeUnknown(
+            f"Redis answered {str(reply)[:80]!r}, not the script's answer"
+        ) from None
 
 
 def _published(answer: list[Any]) -> Published:
