@@ -202,3 +202,29 @@ def test_connection_lost_fails_what_waits_exactly_once() -> None:
     proto.connectionLost(Failure(ConnectionError("gone")))
     proto.connectionLost(Failure(ConnectionError("again")))
     assert len(waiting) == 1 and isinstance(waiting[0].value, OutcomeUnknown)
+
+
+def test_the_cached_commands_are_the_commands_hiredis_packs() -> None:
+    """The hot path's per-channel templates (publish, /push) around the data
+    give exactly the EVALSHA hiredis would pack whole."""
+    from twisted.internet.defer import Deferred as D
+
+    from pushd.broker.redis.keys import Keys
+    from pushd.broker.redis.publisher import Publisher
+    from pushd.broker.redis.scripts import PUBLISH, PUSH
+
+    sent: list[bytes] = []
+
+    class Recording:
+        def execute(self, command: bytes) -> D[Any]:
+            sent.append(command)
+            return D()
+
+    publisher = Publisher(Recording(), Keys("p:"), (100, 3600, 300), 86400)  # type: ignore[arg-type]
+    for channel, data in [("news", b'{"x":1}'), ("dm#a,b", '"\u00e9"'.encode()), ("news", b"")]:
+        publisher.publish(channel, data)
+        args = publisher._publish_args(channel, data, None, "")
+        assert sent[-1] == hiredis.pack_command(("EVALSHA", PUBLISH.sha, *args))
+        publisher.push(channel, b"S|1|x", "events", data)
+        args = publisher._push_args(channel, b"S|1|x", "events", data)
+        assert sent[-1] == hiredis.pack_command(("EVALSHA", PUSH.sha, *args))

@@ -56,8 +56,9 @@ class Publisher:
         self._keys = keys
         self._history = tuple(str(n) for n in history)
         self._meta_ttl = str(meta_ttl)
-        # A channel's publish command before and after its data (see `_around`).
-        self._commands: dict[str, tuple[bytes, bytes]] = {}
+        # A channel's publish and push commands, in pieces around what each
+        # call gives (see `_template`).
+        self._commands: dict[tuple[str, str | None], tuple[bytes, ...]] = {}
 
     def _publish_args(
         self, channel: str, data: bytes, idempotency_key: str | None, bound: str
@@ -84,28 +85,41 @@ class Publisher:
         if idempotency_key is None:
             # The hot path: everything but the data is the same for every
             # publish to a channel.
-            head, tail = self._commands.get(channel) or self._around(channel)
-            command = b"%s$%d\r\n%s\r\n%s" % (head, len(data), data, tail)
-            d = self._connection.execute(command)
+            pieces = self._commands.get((channel, None)) or self._template(channel, None)
+            d = self._connection.execute(_fill(pieces, data))
             return d.addCallback(self._published, channel, data)
         bound = fingerprint(b"1", [(channel, data)])
         args = self._publish_args(channel, data, idempotency_key, bound)
         return self._eval(PUBLISH, args, _published)
 
-    def _around(self, channel: str) -> tuple[bytes, bytes]:
-        """The EVALSHA of publish.lua for `channel` (no idempotency key), in
-        RESP as hiredis packs it, before and after the data's bulk string."""
-        args = self._publish_args(channel, b"", None, "")
-        at = args.index(b"")
-        before = pack_command(("EVALSHA", PUBLISH.sha, *args[:at]))
-        after = pack_command(args[at + 1 :])
-        count = 2 + len(args)
-        head = b"*%d\r\n" % count + before[before.index(b"\r\n") + 2 :]
-        tail = after[after.index(b"\r\n") + 2 :]
+    def _push_args(self, channel: str, entry: Any, event_list: str, data: Any) -> tuple[Any, ...]:
+        """push.lua's numkeys, KEYS and ARGV (publish.lua's after its own)."""
+        numkeys, *keys_and_args = self._publish_args(channel, data, None, "")
+        keys, args = keys_and_args[:numkeys], keys_and_args[numkeys:]
+        return (numkeys + 2, channel, event_list, *keys, entry, *args)
+
+    def _template(self, channel: str, event_list: str | None) -> tuple[bytes, ...]:
+        """The EVALSHA of publish.lua for `channel` (no idempotency key), or
+        with `event_list` of push.lua, in RESP as hiredis packs it, in pieces
+        around the bulk strings each call gives (`_fill`)."""
+        if event_list is None:
+            command = ("EVALSHA", PUBLISH.sha, *self._publish_args(channel, _HOLE, None, ""))
+        else:
+            command = ("EVALSHA", PUSH.sha, *self._push_args(channel, _HOLE, event_list, _HOLE))
+        pieces: list[bytes] = []
+        run: list[Any] = []
+        for arg in command:
+            if arg is _HOLE:
+                pieces.append(_bulk_strings(run))
+                run = []
+            else:
+                run.append(arg)
+        pieces.append(_bulk_strings(run))
+        pieces[0] = b"*%d\r\n%s" % (len(command), pieces[0])
         if len(self._commands) >= 4096:  # bounded: channels come and go
             self._commands.clear()
-        self._commands[channel] = head, tail
-        return head, tail
+        self._commands[channel, event_list] = template = tuple(pieces)
+        return template
 
     def _published(self, reply: Any, channel: str, data: bytes) -> Any:
         if isinstance(reply, ReplyError):
@@ -145,9 +159,16 @@ class Publisher:
     def push(
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
-        numkeys, *keys_and_args = self._publish_args(channel, data, None, "")
-        args = (numkeys + 2, channel, event_list, *keys_and_args[:numkeys], entry)
-        return self._eval(PUSH, (*args, *keys_and_args[numkeys:]), _pushed)
+        pieces = self._commands.get((channel, event_list)) or self._template(channel, event_list)
+        d = self._connection.execute(_fill(pieces, entry, data))
+        args = (channel, entry, event_list, data)
+        return d.addCallback(self._pushed, *args)
+
+    def _pushed(self, reply: Any, channel: str, entry: bytes, event_list: str, data: bytes) -> Any:
+        if isinstance(reply, ReplyError):
+            args = self._push_args(channel, entry, event_list, data)
+            return self._evaluated(reply, PUSH, args, _pushed)
+        return _answer(_pushed, reply)
 
     def _eval(self, script: Script, args: tuple[Any, ...], then: Callable[[Any], T]) -> Deferred[T]:
         """`then(reply)` of EVALSHA `script` `args` (numkeys, KEYS, ARGV)."""
@@ -168,6 +189,26 @@ class Publisher:
             self._connection.reconnect()
         # An error reply: the script stopped before its first write.
         raise BrokerUnavailable(f"Redis: {message}")
+
+
+#: Where a command template (`Publisher._template`) leaves room for bytes given per call.
+_HOLE: Any = object()
+
+
+def _bulk_strings(args: list[Any]) -> bytes:
+    """`args` as RESP bulk strings, as hiredis packs them (without the array header)."""
+    if not args:
+        return b""
+    packed: bytes = pack_command(tuple(args))
+    return packed[packed.index(b"\r\n") + 2 :]
+
+
+def _fill(pieces: tuple[bytes, ...], *values: bytes) -> bytes:
+    """A template's pieces with each call's `values` as bulk strings between them."""
+    parts = [pieces[0]]
+    for value, piece in zip(values, pieces[1:], strict=True):
+        parts += (b"$%d\r\n" % len(value), value, b"\r\n", piece)
+    return b"".join(parts)
 
 
 def _answer(then: Callable[[Any], T], reply: Any) -> T:
