@@ -142,6 +142,7 @@ class PushdService(MultiService):
         return done
 
     def startService(self) -> None:
+        # MultiService's, typed: callers under mypy --strict (pushd.testing) may call it.
         MultiService.startService(self)
 
     def stopService(self) -> Deferred[None]:

@@ -117,6 +117,13 @@ def server_of(channel: str, servers: Sequence[RedisServer]) -> RedisServer:
     return servers[shard_of(channel, len(servers))]
 
 
+def redis_options(servers: Sequence[RedisServer], prefix: str, *more: str) -> tuple[str, ...]:
+    """A `twistd pushd` node's options on `servers` (each a `--redis`, a shard)
+    under `prefix`, then `more`."""
+    redis = [option for s in servers for option in ("--redis", f"redis://127.0.0.1:{s.port}")]
+    return (*redis, "--redis-prefix", prefix, *more)
+
+
 def channels_by_shard(stem: str, shards: int, per_shard: int = 1) -> list[list[str]]:
     """`per_shard` channel names `<stem>-<n>` living on each of `shards` shards."""
     found: list[list[str]] = [[] for _ in range(shards)]

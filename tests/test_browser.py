@@ -24,7 +24,15 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.support import SECRET, Node, PushdUnderTest, RedisServer, token, wait_for
+from tests.support import (
+    SECRET,
+    Node,
+    PushdUnderTest,
+    RedisServer,
+    redis_options,
+    token,
+    wait_for,
+)
 
 pytest.importorskip("playwright.sync_api")
 
@@ -218,15 +226,7 @@ async def test_every_message_once_in_order_across_a_pushd_restart(
     transport: str,
     expected: str,
 ) -> None:
-    node = Node(
-        tmp_path,
-        "--redis",
-        f"redis://127.0.0.1:{redis_server.port}",
-        "--redis-prefix",
-        prefix,
-        "--shutdown-timeout",
-        "2",
-    )
+    node = Node(tmp_path, *redis_options([redis_server], prefix, "--shutdown-timeout", "2"))
     node.start()
     try:
         await node.ready()
@@ -321,15 +321,7 @@ async def test_a_quiet_channel_is_resumed_across_a_pushd_restart(
     """The page subscribed to a channel that has delivered nothing; pushd stops; a
     message is published to that channel (on another node: Redis keeps it) while
     it is down; pushd starts again: the page shows the message, once."""
-    node = Node(
-        tmp_path,
-        "--redis",
-        f"redis://127.0.0.1:{redis_server.port}",
-        "--redis-prefix",
-        prefix,
-        "--shutdown-timeout",
-        "2",
-    )
+    node = Node(tmp_path, *redis_options([redis_server], prefix, "--shutdown-timeout", "2"))
     node.start()
     try:
         await node.ready()

@@ -22,7 +22,15 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from tests.support import Node, PushdUnderTest, RedisServer, connect_raw, wait_for, with_timeout
+from tests.support import (
+    Node,
+    PushdUnderTest,
+    RedisServer,
+    connect_raw,
+    redis_options,
+    wait_for,
+    with_timeout,
+)
 
 RUNS = 20
 
@@ -96,17 +104,8 @@ async def test_sigterm_while_publishing(
     tmp_path: Path, redis_server: RedisServer, redis_client: Any, publishers: int, run: int
 ) -> None:
     prefix = f"gs{time.monotonic_ns()}:"
-    node = Node(
-        tmp_path,
-        "--redis",
-        f"redis://127.0.0.1:{redis_server.port}",
-        "--redis-prefix",
-        prefix,
-        "--shutdown-timeout",
-        "5",
-        "--history-size",
-        "1000000",
-    )
+    options = ("--shutdown-timeout", "5", "--history-size", "1000000")
+    node = Node(tmp_path, *redis_options([redis_server], prefix, *options))
     node.start()
     try:
         await node.ready()

@@ -10,7 +10,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer
 
-from tests.support import SECRET, Node, RedisServer, token, wait_for
+from tests.support import SECRET, Node, RedisServer, redis_options, token, wait_for
 
 
 @pytest_twisted.async_yield_fixture
@@ -22,14 +22,7 @@ async def cluster(
 
     async def start(n: int) -> list[Node]:
         # A dead node's counts go within a second (--node-ttl), not the default 6.
-        options = (
-            "--redis",
-            f"redis://127.0.0.1:{redis_server.port}",
-            "--redis-prefix",
-            prefix,
-            "--node-ttl",
-            "1",
-        )
+        options = redis_options([redis_server], prefix, "--node-ttl", "1")
         started = [Node(tmp_path, *options) for _ in range(n)]
         for node in started:
             node.start()

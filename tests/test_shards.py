@@ -22,6 +22,7 @@ from tests.support import (
     RedisServer,
     WSClient,
     channels_by_shard,
+    redis_options,
     server_of,
     wait_for,
 )
@@ -259,11 +260,6 @@ async def test_a_batch_over_shards_with_an_idempotency_key(sharded: PushdUnderTe
     await client.close()
 
 
-def node_options(servers: Sequence[RedisServer], prefix: str, *more: str) -> tuple[str, ...]:
-    redis = [option for s in servers for option in ("--redis", f"redis://127.0.0.1:{s.port}")]
-    return (*redis, "--redis-prefix", prefix, *more)
-
-
 @pytest_twisted.async_yield_fixture
 async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
     """The test's `twistd pushd` nodes (append them started), stopped after."""
@@ -287,7 +283,7 @@ async def test_a_node_with_another_shard_list_says_so(
 
     # --node-ttl 30: no node checks the list again during the test, but at start.
     first = await start(
-        nodes, Node(tmp_path, *node_options(shard_servers, prefix, "--node-ttl", "30"))
+        nodes, Node(tmp_path, *redis_options(shard_servers, prefix, "--node-ttl", "30"))
     )
     conns = [await txredisapi.Connection("127.0.0.1", s.port) for s in shard_servers]
     try:
@@ -305,7 +301,7 @@ async def test_a_node_with_another_shard_list_says_so(
         for conn in conns:
             await conn.expire(key, 100_000)
         same = await start(
-            nodes, Node(tmp_path, *node_options(shard_servers, prefix, "--node-ttl", "30"))
+            nodes, Node(tmp_path, *redis_options(shard_servers, prefix, "--node-ttl", "30"))
         )
 
         async def refreshed() -> bool:
@@ -314,7 +310,7 @@ async def test_a_node_with_another_shard_list_says_so(
         await wait_for(refreshed, what="the second node to check its shard list")
         # Another order: the same servers are other shards to it.
         reordered = [shard_servers[1], shard_servers[0], shard_servers[2]]
-        other = await start(nodes, Node(tmp_path, *node_options(reordered, prefix)))
+        other = await start(nodes, Node(tmp_path, *redis_options(reordered, prefix)))
         await wait_for(
             lambda: other.output().count("shard list mismatch") == 3,
             what="the mismatch in the log, once a shard",
@@ -344,7 +340,7 @@ async def test_commands_counts_and_push_across_shards(
     stem = "push" + prefix.strip(":")
     events = f"{stem}-events"
     channels = [names[0] for names in channels_by_shard(stem, 3)]
-    options = node_options(shard_servers, prefix, "--node-ttl", "1", "--push-event-list", events)
+    options = redis_options(shard_servers, prefix, "--node-ttl", "1", "--push-event-list", events)
     a = await start(nodes, Node(tmp_path, *options))
     b = await start(nodes, Node(tmp_path, *options))
     conns = [await txredisapi.Connection("127.0.0.1", s.port) for s in shard_servers]

@@ -182,7 +182,7 @@ class PublishConnection:
     def execute(self, command: bytes) -> Deferred[Any]:
         """Send `command` (RESP); fires with its reply (see RedisProtocol)."""
         current = self.current
-        if current is None or current.lost:
+        if current is None:
             return fail(BrokerUnavailable("Redis is not connected"))
         return current.execute(command)
 

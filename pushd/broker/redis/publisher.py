@@ -87,7 +87,10 @@ class Publisher:
             # publish to a channel.
             pieces = self._commands.get((channel, None)) or self._template(channel, None)
             d = self._connection.execute(_fill(pieces, data))
-            return d.addCallback(self._published, channel, data)
+            args_of = self._publish_args
+            return d.addCallback(
+                self._answered, PUBLISH, _published, args_of, channel, data, None, ""
+            )
         bound = fingerprint(b"1", [(channel, data)])
         args = self._publish_args(channel, data, idempotency_key, bound)
         return self._eval(PUBLISH, args, _published)
@@ -120,12 +123,6 @@ class Publisher:
             self._commands.clear()
         self._commands[channel, event_list] = template = tuple(pieces)
         return template
-
-    def _published(self, reply: Any, channel: str, data: bytes) -> Any:
-        if isinstance(reply, ReplyError):
-            args = self._publish_args(channel, data, None, "")
-            return self._evaluated(reply, PUBLISH, args, _published)
-        return _answer(_published, reply)
 
     def publish_many(
         self,
@@ -161,14 +158,24 @@ class Publisher:
     ) -> Deferred[tuple[bool, Published]]:
         pieces = self._commands.get((channel, event_list)) or self._template(channel, event_list)
         d = self._connection.execute(_fill(pieces, entry, data))
-        args = (channel, entry, event_list, data)
-        return d.addCallback(self._pushed, *args)
+        args_of = self._push_args
+        return d.addCallback(
+            self._answered, PUSH, _pushed, args_of, channel, entry, event_list, data
+        )
 
-    def _pushed(self, reply: Any, channel: str, entry: bytes, event_list: str, data: bytes) -> Any:
+    def _answered(
+        self,
+        reply: Any,
+        script: Script,
+        then: Callable[[Any], T],
+        args_of: Callable[..., tuple[Any, ...]],
+        *given: Any,
+    ) -> Any:
+        """The reply to a templated command: as `_evaluated`'s, the command's
+        arguments made (`args_of(*given)`) only when it must be sent again."""
         if isinstance(reply, ReplyError):
-            args = self._push_args(channel, entry, event_list, data)
-            return self._evaluated(reply, PUSH, args, _pushed)
-        return _answer(_pushed, reply)
+            return self._evaluated(reply, script, args_of(*given), then)
+        return _answer(then, reply)
 
     def _eval(self, script: Script, args: tuple[Any, ...], then: Callable[[Any], T]) -> Deferred[T]:
         """`then(reply)` of EVALSHA `script` `args` (numkeys, KEYS, ARGV)."""
