@@ -26,6 +26,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -96,6 +97,40 @@ def blocks(readme: Path) -> dict[str, str]:
     if not re.search(r"^\s*git clone \S+", found["setup"], re.MULTILINE):
         raise Failure(f"{readme.name}: the setup block does not say where the code comes from")
     return found
+
+
+def guarded(block: str, last_unguarded: bool) -> str:
+    """block with each command line stopping the shell with its own words when it fails:
+    `set -e` does not stop at `git clone URL && cd pushd` when the clone fails. The
+    last line of the run block is left as it is: it is pushd, and its status is its own."""
+    logical = re.sub(r"\\\n", " ", block).splitlines()
+    commands = [line for line in logical if line.strip() and not line.lstrip().startswith("#")]
+    out = []
+    for number, line in enumerate(commands, 1):
+        if "<<" in line:
+            raise Failure(f"a here-document in a set-up block is not supported: {line.strip()}")
+        if last_unguarded and number == len(commands):
+            out.append(line)
+        else:
+            said = shlex.quote(f"readme_run: this README line failed: {line.strip()}")
+            out.append(f"{line} || {{ echo {said} >&2; exit 1; }}")
+    return "\n".join(out) + "\n"
+
+
+def json_values(text: str) -> list[object]:
+    """The JSON values printed one after the other (curl -s adds no newline of its own)."""
+    decoder, at = json.JSONDecoder(), 0
+    values: list[object] = []
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return values
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            raise Failure(f"not JSON where the README shows JSON: {text[at:].strip()!r}") from None
+        values.append(value)
 
 
 def copy_tree(dest: Path) -> None:
@@ -302,7 +337,9 @@ def try_it(found: dict[str, str], port: int, checkout: Path, env: dict[str, str]
                 f"the publish block failed (status {published.returncode}): "
                 f"{output.strip()} {published.stderr.decode(errors='replace').strip()}"
             )
-        replies = [json.loads(piece) for piece in re.findall(r"\{[^{}]*\}", output)]
+        replies = [
+            reply if isinstance(reply, dict) else {"reply": reply} for reply in json_values(output)
+        ]
         commands = len(re.findall(r"^\s*curl ", found["publish"], re.MULTILINE))
         if len(replies) != commands:
             raise Failure(f"the publish block's {commands} curls answered: {output.strip()!r}")
@@ -317,7 +354,8 @@ def try_it(found: dict[str, str], port: int, checkout: Path, env: dict[str, str]
         for number, (line, want) in enumerate(zip(got, expected, strict=True), 1):
             if shown(line) != shown(want):
                 raise Failure(f"the subscriber's line {number} is {line}, the README shows {want}")
-        ids = [json.loads(line).get("id") for line in got if '"id"' in line]
+        ids = [value.get("id") for value in json_values("\n".join(got)) if isinstance(value, dict)]
+        ids = [id_ for id_ in ids if id_ is not None]
         if ids != [reply.get("id") for reply in replies]:
             raise Failure(f"the subscriber got ids {ids}, the publishes answered {replies}")
     finally:
@@ -339,7 +377,8 @@ def main() -> int:
             env = clean_environment(port, tree)
             log_path = work / "setup.log"
             with open(log_path, "wb") as log:
-                server = start(found["setup"] + found["run"], home, env, log)
+                script = guarded(found["setup"], False) + guarded(found["run"], True)
+                server = start(script, home, env, log)
                 health = wait_for_health(port, server, log_path)
             if health.get("status") != "ok" or health.get("broker") != "memory":
                 raise Failure(f"pushd answered /health with {health}, not ok on the memory broker")
