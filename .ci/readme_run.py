@@ -10,12 +10,16 @@ The README marks the blocks to run with an HTML comment just before the fence:
 
 `setup` and `run` run as one shell (the newcomer's first terminal) in an empty
 directory, from a clean environment (no venv, no PUSHD_*), so `python3` and
-`pip` are the machine's own. Two things differ from a newcomer's run, and only
-these: `git clone URL` copies this working tree instead (the URL may not exist
-yet, and CI tests the tree it has), and pushd listens on a free port (through
-PUSHD_LISTEN, which every pushd option reads; the try's `127.0.0.1:8080` is
-rewritten to it), since 8080 may be taken on a CI machine. The test-suite
-command is not run: CI runs it anyway, and it would run this script again.
+`pip` are the machine's own; the first line that fails stops it, as it would
+stop a newcomer. The try runs in the checkout that made, with its venv active,
+as the README's prose asks of the second terminal. What differs from a
+newcomer's run: `git clone URL` copies this working tree instead (the URL may
+not exist yet, and CI tests the tree it has); pushd listens on a free port
+(through PUSHD_LISTEN, which every pushd option reads; the try's
+`127.0.0.1:8080` is rewritten to it), since 8080 may be taken on a CI machine;
+and the subscriber's output is unbuffered, a pipe here and not a terminal.
+The test-suite command is not run: CI runs it anyway, and it would run this
+script again.
 
 Usage: python .ci/readme_run.py [README]    (exit status 0: the README works)
 """
