@@ -83,6 +83,13 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _public_key_file(path: str) -> str:
+    from pushd.token_keys import read_public_key
+
+    read_public_key(_non_empty(path))
+    return path
+
+
 def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return os.cpu_count() or 1
@@ -230,10 +237,26 @@ OPTIONS: tuple[Option, ...] = (
         "token-secret",
         _non_empty,
         None,
-        "HS256 secret of subscriber tokens (JWT); absent: anonymous subscribers",
+        "HS256 secret of subscriber tokens (JWT); absent (and no --token-public-key or "
+        "--token-jwks-url): anonymous subscribers",
         metavar="S",
     ),
     Option("token-audience", _non_empty, None, "required `aud` claim of tokens", metavar="AUD"),
+    Option(
+        "token-public-key",
+        _public_key_file,
+        None,
+        "PEM public key file of RS256 (RSA) or ES256 (EC P-256) subscriber tokens",
+        metavar="FILE",
+    ),
+    Option(
+        "token-jwks-url",
+        _http_url,
+        None,
+        "JWKS URL of RS256/ES256 subscriber tokens' keys (by `kid`; cached 5 minutes, "
+        "fetched again for an unknown `kid` at most every 30 s)",
+        metavar="URL",
+    ),
     Option(
         "auth-url",
         _http_url,
@@ -360,6 +383,8 @@ class Config:
     ping_timeout: float = 10.0
     token_secret: str | None = None
     token_audience: str | None = None
+    token_public_key: str | None = None
+    token_jwks_url: str | None = None
     auth_url: str | None = None
     auth_timeout: float = 5.0
     allowed_origin: tuple[str, ...] = ()
@@ -429,7 +454,7 @@ def _read_ini(path: str) -> dict[str, list[str]]:
 
 #: Options whose values are secrets; and those whose URLs may carry a password.
 SECRET_OPTIONS = frozenset(("api-key", "token-secret"))
-URL_OPTIONS = frozenset(("redis", "auth-url"))
+URL_OPTIONS = frozenset(("redis", "auth-url", "token-jwks-url"))
 #: How `--workers` hands a worker the secrets: JSON in its environment (readable by
 #: its own user only, /proc/<pid>/environ), never on its command line (`ps`).
 WORKER_SECRETS = "PUSHD_WORKER_SECRETS"

@@ -79,7 +79,12 @@ def make_site(
 ) -> PushdSite:
     root = Root(config.demo if config.demo is not None else not config.uses_redis)
     producing = Producing(
-        broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config, reactor
+        broker,
+        ProducerAuth(config.api_key, config.trusted_proxies),
+        metrics,
+        config,
+        reactor,
+        gate.authenticator.verifier,
     )
     children: dict[bytes, Any] = {
         b"ws": WebSocketEndpoint(ws_factory),
