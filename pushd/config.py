@@ -430,6 +430,10 @@ class Config:
 
     #: The values as they were given, per option: what a worker process is handed.
     given: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    #: Where each given value came from, per option key (`history_size`):
+    #: "command line", "env PUSHD_HISTORY_SIZE" or "config file <path>"; an
+    #: option absent here has its default. Shown by `pushd check-config`.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 def _read_ini(path: str) -> dict[str, list[str]]:
@@ -513,15 +517,19 @@ def load(
 
     values: dict[str, Any] = {}
     given: dict[str, tuple[str, ...]] = {}
+    sources: dict[str, str] = {}
     for option in OPTIONS:
         cli = command_line.get(option.name)
         if cli not in (None, [], ()):
             many = option.repeatable and not isinstance(cli, str)
             raw, where = (list(cli) if many else [cli]), "command line"
+            sources[option.key] = where
         elif option.env in environ:
             raw, where = _split_env(option, environ[option.env]), option.env
+            sources[option.key] = f"env {where}"
         elif option.key in from_file:
             raw, where = from_file[option.key], f"{config_path}"
+            sources[option.key] = f"config file {where}"
         else:
             continue
         if not option.repeatable and len(raw) != 1:
@@ -534,7 +542,7 @@ def load(
                 raise ConfigError(f"--{option.name} {item!r} ({where}): {e}") from None
         values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
         given[option.key] = tuple(raw)
-    config = Config(**values, given=given)
+    config = Config(**values, given=given, sources=sources)
     if bool(config.redis_sentinel) != bool(config.redis_master):
         raise ConfigError("--redis-sentinel and --redis-master go together")
     if config.redis_sentinel and len(config.redis) > 1:
