@@ -84,7 +84,7 @@ def twistd_argv(args: Sequence[str]) -> list[str]:
         if arg == "--pidfile":
             pidfile = next(items, "")
             if not pidfile:
-                raise CommandError("pushd run: --pidfile needs a FILE")
+                raise CommandError("error: --pidfile needs a FILE")
         elif arg.startswith("--pidfile="):
             pidfile = arg.partition("=")[2]
         else:
@@ -116,6 +116,9 @@ def run_server(args: Sequence[str]) -> None:
     the server has stopped (twistd exits on a bad option or setting)."""
     if any(a in ("-h", "--help") for a in args):
         _run_help(sys.stdout)
+        return
+    if "--version" in args:  # twistd's own would name Twisted's version only
+        print("\n".join(version_lines()))
         return
     argv = twistd_argv(args)
     from twisted.scripts.twistd import run
@@ -152,6 +155,10 @@ def duration(text: str) -> int:
             f"{text!r}: a duration above 0: 30s, 15m, 1h, 7d or seconds"
         )
     return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+#: `--info` not given (`--info null` gives a null `info`).
+_NO_INFO = object()
 
 
 def _json_value(text: str) -> Any:
@@ -199,7 +206,11 @@ def _token_parser() -> argparse.ArgumentParser:
         help="a channel (pattern) it may publish to; repeatable",
     )
     p.add_argument(
-        "--info", type=_json_value, metavar="JSON", help="a JSON value: the `info` claim"
+        "--info",
+        type=_json_value,
+        default=_NO_INFO,
+        metavar="JSON",
+        help="a JSON value (null included): the `info` claim",
     )
     p.add_argument(
         "--ttl",
@@ -274,7 +285,7 @@ def make_token(args: argparse.Namespace, environ: Any, now: float | None = None)
         claims["channels"] = args.channel
     if args.publish:
         claims["publish"] = args.publish
-    if args.info is not None:
+    if args.info is not _NO_INFO:
         claims["info"] = args.info
     if config.token_audience is not None:
         claims["aud"] = config.token_audience
@@ -364,23 +375,29 @@ def _verify_on_reactor(config: Any, token: str) -> Any:
     from twisted.python.failure import Failure
 
     from pushd.auth import AuthError, make_verifier
+    from pushd.config import ConfigError
 
     reactor: Any = _reactor
     outcome: list[Any] = []
 
+    def done(result: Any) -> None:
+        outcome.append(result.value if isinstance(result, Failure) else result)
+        reactor.stop()
+
     def verify() -> None:
-        verifier = make_verifier(config, reactor)
-        d = Deferred.fromCoroutine(_verified(verifier, token))
-
-        def done(result: Any) -> None:
-            outcome.append(result.value if isinstance(result, Failure) else result)
-            reactor.stop()
-
-        d.addBoth(done)
+        # Whatever happens, the reactor stops: an error left in a callback would hang.
+        try:
+            verifier = make_verifier(config, reactor)
+        except Exception as e:
+            done(e)
+            return
+        Deferred.fromCoroutine(_verified(verifier, token)).addBoth(done)
 
     reactor.callWhenRunning(verify)
     reactor.run(installSignalHandlers=False)
     result = outcome[0]
+    if isinstance(result, ConfigError):
+        raise CommandError(f"error: {result}")
     if isinstance(result, BaseException) and not isinstance(result, AuthError):
         raise result
     return result

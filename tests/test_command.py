@@ -98,6 +98,7 @@ async def test_version() -> None:
         f"Autobahn {version('autobahn')}",
     ]
     assert (await pushd_command("--version"))[1] == out
+    assert (await pushd_command("run", "--version"))[1] == out  # not twistd's
 
 
 def test_durations() -> None:
@@ -160,6 +161,8 @@ async def test_token_errors_are_one_line() -> None:
     env = clean_env(PUSHD_TOKEN_SECRET=SECRET)
     code, _, err = await pushd_command("token", "--info", "{not json", env=env)
     assert code == 2 and "argument --info: '{not json' is not JSON" in one_error_line(err)
+    code, out, _ = await pushd_command("token", "--info", "null", env=env)
+    assert code == 0 and jwt.decode(out.strip(), SECRET, algorithms=["HS256"])["info"] is None
     code, _, err = await pushd_command("token", "--ttl", "soon", env=env)
     assert code == 2 and "a duration above 0" in one_error_line(err)
     code, _, err = await pushd_command("token", env=clean_env(PUSHD_HISTORY_SIZE="ten"))
