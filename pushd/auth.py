@@ -2,7 +2,8 @@
 
 A subscriber's rights are a Grants: its user id (`sub`), the channel patterns
 it may subscribe to and those it may publish to (`*` matches any run of
-characters). They come from an HS256 JWT (`--token-secret`), from the
+characters). They come from a JWT (HS256 with `--token-secret`, RS256 or ES256
+with `--token-public-key` or `--token-jwks-url`), from the
 application's answer at connect (`--auth-url`, see pushd.auth_url), or, with
 neither configured, from the anonymous default: subscribe to any channel that
 is not a user channel, publish nowhere.
@@ -23,8 +24,17 @@ from typing import Any
 import jwt
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
+from pushd.config import Config, ConfigError
 from pushd.message import dump_json
 from pushd.refused import Refused
+from pushd.token_keys import (
+    ACCEPTED,
+    JwksKeys,
+    KeyUnavailable,
+    PublicKey,
+    UnknownKey,
+    read_public_key,
+)
 
 
 class AuthError(Refused):
@@ -110,19 +120,86 @@ MAX_INFO = 4096
 
 
 class TokenVerifier:
-    """HS256 only (`alg` pinned: `none` and every other algorithm are refused); `exp` required."""
+    """Subscriber tokens (JWT); `exp` required, `aud` too with an audience.
 
-    def __init__(self, secret: str, audience: str | None = None, leeway: float = 0) -> None:
+    Each key pins its algorithm, so `alg: none` and every algorithm but the key's
+    are refused: the secret verifies HS256, a PEM public key RS256 (RSA) or
+    ES256 (EC P-256), a JWKS the RS256/ES256 key its `kid` names. A token with a
+    `kid` goes to the JWKS when one is configured; else an HS256 token to the
+    secret; else the public key file, else the secret.
+    """
+
+    def __init__(
+        self,
+        secret: str | None = None,
+        audience: str | None = None,
+        leeway: float = 0,
+        *,
+        public_key: PublicKey | None = None,
+        jwks: JwksKeys | None = None,
+    ) -> None:
+        if secret is None and public_key is None and jwks is None:
+            raise ValueError("a token verifier needs a secret, a public key or a JWKS")
         self._secret = secret
         self._audience = audience
         self._leeway = leeway
+        self._public_key = public_key
+        self._jwks = jwks
 
-    def verify(self, token: str) -> Grants:
+    @property
+    def jwks(self) -> JwksKeys | None:
+        """The keys of `--token-jwks-url`, when configured."""
+        return self._jwks
+
+    def verify(self, token: str) -> Grants | Deferred[Grants]:
+        """The token's grants, or a Deferred of them while the JWKS is fetched;
+        AuthError (raised, or the Deferred's failure) when refused: 401
+        `token_expired`, 401 `bad_token`, 503 `auth_unavailable` (no JWKS key yet)."""
+        if self._public_key is None and self._jwks is None:
+            assert self._secret is not None
+            return self._decode(token, self._secret, "HS256")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as e:
+            raise AuthError(401, "bad_token", f"invalid token: {e}") from None
+        kid = header.get("kid")
+        if self._jwks is not None and kid is not None:
+            if not isinstance(kid, str):
+                raise AuthError(401, "bad_token", "invalid token: 'kid' must be a string")
+            try:
+                found = self._jwks.key(kid)
+            except Exception as e:
+                raise _key_refusal(e) from None
+            if isinstance(found, Deferred):
+                return found.addCallbacks(
+                    lambda key: self._decode_jwk(token, key),
+                    lambda failure: _raise(_key_refusal(failure.value)),
+                )
+            return self._decode_jwk(token, found)
+        if header.get("alg") == "HS256" and self._secret is not None:
+            return self._decode(token, self._secret, "HS256")
+        if self._public_key is not None:
+            return self._decode(token, self._public_key.key, self._public_key.algorithm)
+        if self._secret is not None:
+            return self._decode(token, self._secret, "HS256")
+        raise AuthError(401, "bad_token", "invalid token: no 'kid' to find its key in the JWKS")
+
+    def _decode_jwk(self, token: str, jwk: Any) -> Grants:
+        if jwk.algorithm_name not in ACCEPTED:
+            raise AuthError(
+                401,
+                "bad_token",
+                f"invalid token: the key {jwk.key_id!r} is {jwk.algorithm_name}, "
+                f"not one of {', '.join(ACCEPTED)}",
+            )
+        return self._decode(token, jwk.key, jwk.algorithm_name)
+
+    def _decode(self, token: str, key: Any, algorithm: str) -> Grants:
         try:
             claims = jwt.decode(
                 token,
-                self._secret,
-                algorithms=["HS256"],
+                key,
+                algorithms=[algorithm],
                 audience=self._audience,
                 leeway=self._leeway,
                 options={"require": ["exp"], "verify_aud": self._audience is not None},
@@ -132,6 +209,42 @@ class TokenVerifier:
         except jwt.InvalidTokenError as e:
             raise AuthError(401, "bad_token", f"invalid token: {e}") from None
         return Grants.from_claims(claims, expires=float(claims["exp"]))
+
+
+def _key_refusal(error: BaseException) -> BaseException:
+    """The AuthError for a JWKS lookup that found no key; other errors as they are."""
+    if isinstance(error, UnknownKey):
+        return AuthError(401, "bad_token", f"invalid token: no key {error.args[0]!r} in the JWKS")
+    if isinstance(error, KeyUnavailable):
+        return AuthError(503, "auth_unavailable", f"token keys unavailable: {error}")
+    return error
+
+
+def _raise(error: BaseException) -> Any:
+    raise error
+
+
+def make_verifier(config: Config, reactor: Any = None) -> TokenVerifier | None:
+    """The verifier of the token options (None: none is set); the JWKS's first
+    fetch starts once `reactor` runs. ConfigError when the key file went bad
+    since the options were read."""
+    public_key = None
+    if config.token_public_key is not None:
+        try:
+            public_key = read_public_key(config.token_public_key)
+        except ValueError as e:
+            raise ConfigError(f"--token-public-key: {e}") from None
+    jwks = None
+    if config.token_jwks_url is not None:
+        if reactor is None:
+            from twisted.internet import reactor
+        jwks = JwksKeys(config.token_jwks_url, reactor)
+        reactor.callWhenRunning(jwks.start)
+    if config.token_secret is None and public_key is None and jwks is None:
+        return None
+    return TokenVerifier(
+        config.token_secret, config.token_audience, public_key=public_key, jwks=jwks
+    )
 
 
 def token_from(query_token: str | None, authorization: str | None) -> str | None:
@@ -167,16 +280,17 @@ class Authenticator:
     application (`--auth-url`), else anonymous unless tokens are required."""
 
     def __init__(self, verifier: TokenVerifier | None = None, application: Any = None) -> None:
-        self._verifier = verifier
+        #: The token verifier, shared with browser publishing (pushd.web.producer).
+        self.verifier = verifier
         self._application = application
 
     def grants(self, token: str | None, **context: Any) -> Any:
         """Grants, or a Deferred of them (asking the application); AuthError when refused."""
-        if token is not None and self._verifier is not None:
-            return self._verifier.verify(token)
+        if token is not None and self.verifier is not None:
+            return self.verifier.verify(token)
         if self._application is not None:
             return self._application.authorize(**context)
-        if self._verifier is not None:
+        if self.verifier is not None:
             raise AuthError(401, "token_required", "a token is required (?token= or Bearer)")
         return ANONYMOUS
 

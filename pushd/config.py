@@ -83,6 +83,13 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _public_key_file(path: str) -> str:
+    from pushd.token_keys import read_public_key
+
+    read_public_key(_non_empty(path))
+    return path
+
+
 def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return os.cpu_count() or 1
@@ -237,10 +244,26 @@ OPTIONS: tuple[Option, ...] = (
         "token-secret",
         _non_empty,
         None,
-        "HS256 secret of subscriber tokens (JWT); absent: anonymous subscribers",
+        "HS256 secret of subscriber tokens (JWT); absent (and no --token-public-key or "
+        "--token-jwks-url): anonymous subscribers",
         metavar="S",
     ),
     Option("token-audience", _non_empty, None, "required `aud` claim of tokens", metavar="AUD"),
+    Option(
+        "token-public-key",
+        _public_key_file,
+        None,
+        "PEM public key file of RS256 (RSA) or ES256 (EC P-256) subscriber tokens",
+        metavar="FILE",
+    ),
+    Option(
+        "token-jwks-url",
+        _http_url,
+        None,
+        "JWKS URL of RS256/ES256 subscriber tokens' keys (by `kid`; cached 5 minutes, "
+        "fetched again for an unknown `kid` at most every 30 s)",
+        metavar="URL",
+    ),
     Option(
         "auth-url",
         _http_url,
@@ -392,6 +415,8 @@ class Config:
     ping_timeout: float = 10.0
     token_secret: str | None = None
     token_audience: str | None = None
+    token_public_key: str | None = None
+    token_jwks_url: str | None = None
     auth_url: str | None = None
     auth_timeout: float = 5.0
     allowed_origin: tuple[str, ...] = ()
@@ -440,6 +465,10 @@ class Config:
 
     #: The values as they were given, per option: what a worker process is handed.
     given: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    #: Where each given value came from, per option key (`history_size`):
+    #: "command line", "env PUSHD_HISTORY_SIZE" or "config file <path>"; an
+    #: option absent here has its default. Shown by `pushd check-config`.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
 
 def _read_ini(path: str) -> dict[str, list[str]]:
@@ -464,7 +493,7 @@ def _read_ini(path: str) -> dict[str, list[str]]:
 
 #: Options whose values are secrets; and those whose URLs may carry a password.
 SECRET_OPTIONS = frozenset(("api-key", "token-secret"))
-URL_OPTIONS = frozenset(("redis", "auth-url"))
+URL_OPTIONS = frozenset(("redis", "auth-url", "token-jwks-url"))
 #: How `--workers` hands a worker the secrets: JSON in its environment (readable by
 #: its own user only, /proc/<pid>/environ), never on its command line (`ps`).
 WORKER_SECRETS = "PUSHD_WORKER_SECRETS"
@@ -523,15 +552,19 @@ def load(
 
     values: dict[str, Any] = {}
     given: dict[str, tuple[str, ...]] = {}
+    sources: dict[str, str] = {}
     for option in OPTIONS:
         cli = command_line.get(option.name)
         if cli not in (None, [], ()):
             many = option.repeatable and not isinstance(cli, str)
             raw, where = (list(cli) if many else [cli]), "command line"
+            sources[option.key] = where
         elif option.env in environ:
             raw, where = _split_env(option, environ[option.env]), option.env
+            sources[option.key] = f"env {where}"
         elif option.key in from_file:
             raw, where = from_file[option.key], f"{config_path}"
+            sources[option.key] = f"config file {where}"
         else:
             continue
         if not option.repeatable and len(raw) != 1:
@@ -544,7 +577,7 @@ def load(
                 raise ConfigError(f"--{option.name} {item!r} ({where}): {e}") from None
         values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
         given[option.key] = tuple(raw)
-    config = Config(**values, given=given)
+    config = Config(**values, given=given, sources=sources)
     if bool(config.redis_sentinel) != bool(config.redis_master):
         raise ConfigError("--redis-sentinel and --redis-master go together")
     if config.redis_sentinel and len(config.redis) > 1:

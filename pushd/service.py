@@ -16,7 +16,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from pushd.auth import Authenticator, Gate, OriginPolicy, TokenVerifier
+from pushd.auth import Authenticator, Gate, OriginPolicy, make_verifier
 from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
 from pushd.broker.memory import MemoryBroker
@@ -224,9 +224,7 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
     if config.auth_url is not None:
         application = ConnectAuthorizer(config.auth_url, config.auth_timeout, reactor)
         Service.setServiceParent(_Closing(application.close), service)
-    verifier = None
-    if config.token_secret is not None:
-        verifier = TokenVerifier(config.token_secret, config.token_audience)
+    verifier = make_verifier(config, reactor)
     gate = Gate(
         Authenticator(verifier, application),
         OriginPolicy(config.allowed_origin),

@@ -38,13 +38,16 @@ class Producing:
     config: Config
     #: Its clock: the browsers' publish rates (IReactorTime).
     reactor: Any
+    #: The subscribers' token verifier (pushd.auth.make_verifier), which browsers'
+    #: tokens go through too; None: no token is accepted.
+    verifier: TokenVerifier | None = None
     #: The node's presence, when --presence or --join-leave name channels.
     presence: Presence | None = None
 
     @cached_property
     def browsers(self) -> BrowserPublish:
         """Publishing from browser pages with subscriber tokens (made when first needed)."""
-        return BrowserPublish(self.config, self.reactor)
+        return BrowserPublish(self.config, self.reactor, self.verifier)
 
     async def publish(self, api: str, d: Deferred[Any], count: int = 1) -> Any:
         """Wait for a publish (errors: `ask`); counted and timed."""
@@ -146,22 +149,27 @@ class ChannelResource(_ChannelApi):
             request.getHeader(b"authorization"),
             lambda: request_host(request, auth.trusted_proxies),
         )
-        browser = None
         if refusal is not None:
-            browser = self._p.browsers.admit(request, self._channel, refusal)
-        else:
-            # A page of a refused origin publishes nothing, whatever it holds (a key,
-            # or loopback: a page in a browser on pushd's machine is a loopback client).
-            self._p.browsers.check_origin(request)
-            if not is_channel(self._channel):
-                raise ApiError(*errors.BAD_CHANNEL)
+            return self._browser_publish(request, refusal)
+        # A page of a refused origin publishes nothing, whatever it holds (a key,
+        # or loopback: a page in a browser on pushd's machine is a loopback client).
+        self._p.browsers.check_origin(request)
+        if not is_channel(self._channel):
+            raise ApiError(*errors.BAD_CHANNEL)
         key = idempotency_key(request)
         data = message_data(request, self._p.config.max_message_size)
-        if browser is not None:
-            self._p.browsers.take(*browser)
-            if key is not None:
-                key = self._p.browsers.scoped_key(key, *browser)
         return self._publish(data, key)
+
+    async def _browser_publish(self, request: Request, refusal: tuple[int, str, str]) -> bytes:
+        # The token first (its key may have to be fetched), then the body: the
+        # same order of refusals as a producer's publish.
+        token, grants = await self._p.browsers.admit(request, self._channel, refusal)
+        key = idempotency_key(request)
+        data = message_data(request, self._p.config.max_message_size)
+        self._p.browsers.take(token, grants)
+        if key is not None:
+            key = self._p.browsers.scoped_key(key, token, grants)
+        return await self._publish(data, key)
 
     async def _describe(self) -> bytes:
         last_id = await ask(self._broker.last_id(self._channel), reading=True)
@@ -258,12 +266,8 @@ class BrowserPublish:
     HEADERS = b"Authorization, Content-Type, Idempotency-Key"
     MAX_AGE = b"600"  # seconds a browser may keep a preflight's answer
 
-    def __init__(self, config: Config, clock: Any) -> None:
-        self.verifier = (
-            TokenVerifier(config.token_secret, config.token_audience)
-            if config.token_secret is not None
-            else None
-        )
+    def __init__(self, config: Config, clock: Any, verifier: TokenVerifier | None) -> None:
+        self.verifier = verifier
         self.origins = OriginPolicy(config.allowed_origin)
         self.rates = KeyedBuckets(config.publish_rate, config.publish_burst, clock)
 
@@ -295,11 +299,12 @@ class BrowserPublish:
         request.finish()
         return NOT_DONE_YET
 
-    def admit(
+    async def admit(
         self, request: Request, channel: str, refusal: tuple[int, str, str]
     ) -> tuple[str, Grants]:
         """The token and grants of a browser that may publish to `channel`; ApiError
-        otherwise (`refusal`, the producer API's own, when no token is presented)."""
+        otherwise (`refusal`, the producer API's own, when no token is presented).
+        Finishes at once unless the token's key must be fetched (a JWKS)."""
         authorization = request.getHeader(b"authorization")
         presented = token_from(
             query_value(request, b"token"),
@@ -312,7 +317,8 @@ class BrowserPublish:
             raise ApiError(*refusal)
         self.check_origin(request)
         try:
-            grants = self.verifier.verify(presented)
+            verified = self.verifier.verify(presented)
+            grants = await verified if isinstance(verified, Deferred) else verified
         except AuthError as e:
             request.setHeader(b"www-authenticate", b'Bearer realm="pushd", error="invalid_token"')
             raise ApiError(e.status, e.code, e.message) from None

@@ -86,7 +86,8 @@ def make_site(
         metrics,
         config,
         reactor,
-        presence,
+        verifier=gate.authenticator.verifier,
+        presence=presence,
     )
     children: dict[bytes, Any] = {
         b"ws": WebSocketEndpoint(ws_factory),
