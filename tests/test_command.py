@@ -426,3 +426,16 @@ async def test_python_m_pushd() -> None:
         getProcessOutputAndValue(sys.executable, ["-m", "pushd", "version"], env=clean_env()), 60
     )
     assert code == 0 and out.decode().startswith(f"pushd {pushd.__version__}\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_pushdctl_is_the_same_program_under_a_name_bash_does_not_take() -> None:
+    """`pushd` is a bash builtin; `pushdctl` reaches the program from any shell."""
+    script = "pushdctl version; pushd version 2>/dev/null; echo builtin:$?"
+    env = {**clean_env(), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    out, _, code = await with_timeout(
+        getProcessOutputAndValue("/bin/bash", ["-c", script], env=env), 60
+    )
+    lines = out.decode().splitlines()
+    assert code == 0 and lines[0] == f"pushd {pushd.__version__}"
+    assert lines[-1] == "builtin:1"  # bash's own pushd took the other
