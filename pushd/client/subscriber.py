@@ -195,9 +195,9 @@ class Subscriber(_Client):
         self._closing = False
         self._failure: Exception | None = None
         self._done: Deferred[None] = Deferred()
-        #: presence() calls waiting for their answer, per channel, in the order asked
-        #: (pushd answers a channel's in that order).
-        self._asked: dict[str, list[Deferred[Frame]]] = {}
+        #: presence() calls waiting for their answer, (channel, answer) in the order
+        #: asked (pushd answers a channel's in that order).
+        self._asked: list[tuple[str, Deferred[Frame]]] = []
 
     # -- the public side
 
@@ -254,10 +254,10 @@ class Subscriber(_Client):
         asked once subscribed on the connection (as `ready()` waits), since pushd
         refuses the frame before. Raises `PushdError` with code `forbidden` (not
         subscribed), `presence_off`, `rate_limited`, `unavailable` (pushd could
-        not read it), `not_connected` (not started, stopped, or another channel
-        with no connection open) or `connection_lost` (lost before the answer);
-        the last two with status 0. A Deferred (like `ready()`), so the frame is
-        sent at once."""
+        not read it), `unknown_type` (a pushd without presence), `not_connected`
+        (not started, stopped, or another channel with no connection open) or
+        `connection_lost` (lost before the answer); the last two with status 0.
+        A Deferred (like `ready()`), so the frame is sent at once."""
         return Deferred.fromCoroutine(self._presence(channel))
 
     async def _presence(self, channel: str) -> Frame:
@@ -268,7 +268,7 @@ class Subscriber(_Client):
         if protocol is None or protocol.state != WebSocketClientProtocol.STATE_OPEN:
             raise PushdError(0, "not_connected", "not connected to pushd")
         answer: Deferred[Frame] = Deferred()
-        self._asked.setdefault(channel, []).append(answer)
+        self._asked.append((channel, answer))
         frame = {"type": "presence", "channel": channel}
         WebSocketClientProtocol.sendMessage(protocol, json.dumps(frame).encode())
         return await answer
@@ -315,10 +315,11 @@ class Subscriber(_Client):
                 self.connections += 1
                 code, reason = await protocol.closed
                 self._protocol = None
-                self._unanswered("connection_lost", "the connection was lost before pushd answered")
                 if self._subscribed:
                     attempt = 0  # it worked: start the backoff over
                 self._subscribed.clear()
+                # Last: the callers it fails run now, and see the subscriber as it now is.
+                self._unanswered("connection_lost", "the connection was lost before pushd answered")
                 if self._closing:
                     break
                 if code == 4003:
@@ -413,19 +414,29 @@ class Subscriber(_Client):
                     callback(frame)
                 except Exception:
                     log.failure("pushd subscriber: on_{kind} failed", kind=kind)
-        elif kind == "presence" and isinstance(channel, str) and self._asked.get(channel):
-            self._asked[channel].pop(0).callback(frame)
+        elif (
+            kind == "presence"
+            and isinstance(channel, str)
+            and (asked := self._oldest_asked(channel)) is not None
+        ):
+            asked.callback(frame)
         elif (
             kind == "error"
-            and isinstance(channel, str)
-            and self._asked.get(channel)
             and frame.get("code") in _PRESENCE_REFUSALS
+            and isinstance(channel, str)
+            and (asked := self._oldest_asked(channel)) is not None
         ):
             # presence() waited for the subscription, so no refusal of it is still to come:
             # this one is the oldest presence frame's.
             code = str(frame["code"])
-            refused = PushdError(_PRESENCE_REFUSALS[code], code, str(frame.get("message", "")))
-            self._asked[channel].pop(0).errback(refused)
+            asked.errback(PushdError(_PRESENCE_REFUSALS[code], code, str(frame.get("message", ""))))
+        elif (
+            kind == "error"
+            and frame.get("code") == "unknown_type"
+            and (asked := self._oldest_asked(None)) is not None
+        ):
+            # A pushd without presence: `presence` is the one frame asked after the connect.
+            asked.errback(PushdError(400, "unknown_type", str(frame.get("message", ""))))
         elif kind == "error":
             log.warn(
                 "pushd subscriber: error {code} ({channel}): {message}",
@@ -478,11 +489,18 @@ class Subscriber(_Client):
 
     # -- the end
 
+    def _oldest_asked(self, channel: str | None) -> Deferred[Frame] | None:
+        """The oldest presence() waiting on `channel` (None: on any), taken off the list."""
+        for i, (asked, answer) in enumerate(self._asked):
+            if channel is None or asked == channel:
+                del self._asked[i]
+                return answer
+        return None
+
     def _unanswered(self, code: str, message: str) -> None:
-        asked, self._asked = self._asked, {}
-        for waiting in asked.values():
-            for d in waiting:
-                d.errback(PushdError(0, code, message))
+        asked, self._asked = self._asked, []
+        for _, d in asked:
+            d.errback(PushdError(0, code, message))
 
     def _settle(self, d: Deferred[None]) -> None:
         if self._failure is not None:

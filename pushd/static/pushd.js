@@ -63,6 +63,7 @@
  *                                  order asked. Rejects with a PushdError: "forbidden" (not
  *                                  subscribed to it), "presence_off" (no presence there),
  *                                  "rate_limited", "unavailable" (pushd could not read it),
+ *                                  "unknown_type" (a pushd without presence),
  *                                  "not_connected" (no open WebSocket: ask again once
  *                                  "subscribed" fires), "not_supported" (on SSE) and
  *                                  "connection_lost" (lost before the answer).
@@ -654,6 +655,10 @@ export class PushdClient {
             ? this._inflight.findIndex(asked)
             : this._inflight.findIndex((r) => r.channel === frame.channel && !r.acked);
         if (i < 0 && PRESENCE_REFUSALS.has(frame.code)) i = this._inflight.findIndex(asked);
+        if (i < 0 && frame.code === "unknown_type") {
+          // A pushd without presence: of our frames, only `presence` can be unknown to it.
+          i = this._inflight.findIndex((r) => r.kind === "presence" && !r.acked);
+        }
         const request = i >= 0 ? this._inflight[i] : null;
         if (request) this._inflight.splice(i, 1);
         if (request?.reject) request.reject(error);
