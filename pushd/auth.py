@@ -23,6 +23,7 @@ from typing import Any
 import jwt
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 
+from pushd.message import dump_json
 from pushd.refused import Refused
 
 
@@ -52,6 +53,9 @@ class Grants:
     publish: tuple[str, ...] = ()
     #: POSIX time after which the connection must end (token `exp`); None: never.
     expires: float | None = None
+    #: The token's (or --auth-url answer's) `info`, as compact JSON: what a
+    #: presence member shows of the client.
+    info: bytes = b"null"
 
     def _admits(self, patterns: tuple[str, ...], channel: str) -> bool:
         users = user_ids(channel)
@@ -83,10 +87,26 @@ class Grants:
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise AuthError(401, "bad_token", "claim 'sub' must be a string")
-        return cls(sub=sub, channels=names("channels"), publish=names("publish"), expires=expires)
+        info = b"null"
+        if claims.get("info") is not None:
+            try:
+                info = dump_json(claims["info"])
+            except (TypeError, ValueError):
+                raise AuthError(401, "bad_token", "claim 'info' is not JSON") from None
+            if len(info) > MAX_INFO:
+                raise AuthError(401, "bad_token", f"claim 'info' is over {MAX_INFO} bytes of JSON")
+        return cls(
+            sub=sub,
+            channels=names("channels"),
+            publish=names("publish"),
+            expires=expires,
+            info=info,
+        )
 
 
 ANONYMOUS = Grants(channels=("*",))
+#: Bytes of JSON a token's `info` may take: it is listed in presence answers.
+MAX_INFO = 4096
 
 
 class TokenVerifier:

@@ -98,6 +98,13 @@ def _switch(text: str) -> bool:
     raise ValueError("must be on or off")
 
 
+def _channel_pattern(text: str) -> str:
+    """A channel name, `*` standing for any run of characters."""
+    if not text or not CHANNEL_RE.fullmatch(text.replace("*", "a")):
+        raise ValueError("expected a channel name, `*` wildcards allowed")
+    return text
+
+
 def _non_empty(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -265,6 +272,31 @@ OPTIONS: tuple[Option, ...] = (
         metavar="NAME",
     ),
     Option(
+        "presence",
+        _channel_pattern,
+        (),
+        "channels (`*` wildcards) whose subscribers are members, listed by "
+        "GET /channels/{channel}/presence and the `presence` frame; repeatable",
+        repeatable=True,
+        metavar="PATTERN",
+    ),
+    Option(
+        "join-leave",
+        _channel_pattern,
+        (),
+        "channels (`*` wildcards) whose subscribers hear `join` and `leave` when a "
+        "member comes or goes (presence is on for them too); repeatable",
+        repeatable=True,
+        metavar="PATTERN",
+    ),
+    Option(
+        "max-presence-list",
+        _positive_int,
+        1000,
+        "members a presence answer lists at most (its count and users are exact)",
+        metavar="N",
+    ),
+    Option(
         "max-connections-per-ip",
         _positive_int,
         1000,
@@ -364,6 +396,9 @@ class Config:
     auth_timeout: float = 5.0
     allowed_origin: tuple[str, ...] = ()
     personal_channel: str = "user"
+    presence: tuple[str, ...] = ()
+    join_leave: tuple[str, ...] = ()
+    max_presence_list: int = 1000
     trusted_proxies: int = 0
     max_connections_per_ip: int = 1000
     max_subscriptions: int = 100

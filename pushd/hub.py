@@ -120,7 +120,9 @@ class Hub:
             return
         try:
             messages = Message.from_bus(channel, payload)
-            if messages[0].id is None and self._metrics is not None:
+            first = messages[0]
+            # Foreign data: no id, and not a presence event (a Message subclass).
+            if first.id is None and type(first) is Message and self._metrics is not None:
                 self._metrics.bus_foreign.inc()
         except Exception:
             self.bus_error("parse", channel)

@@ -253,6 +253,10 @@ class Message:
             messages = _own_messages(cls, channel, payload)
             if messages is not None:
                 return messages
+        elif payload.startswith(PRESENCE_MARKER) and b"\r" not in payload:
+            events = _presence_events(channel, payload)
+            if events is not None:
+                return events
         return [cls.foreign(channel, payload)]
 
     @classmethod
@@ -327,6 +331,58 @@ def _own_messages(cls: type[Message], channel: str, payload: bytes) -> list[Mess
             return None
         messages.append(cls(channel, msg_id, line))
     return messages
+
+
+class PresenceEvent(Message):
+    """A member came (`event` b"join") or went (b"leave"): no id, never stored;
+    its payload is `{"type":"join"|"leave","channel":..,"member":{..}}`."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, channel: str, event: bytes, payload: bytes) -> None:
+        super().__init__(channel, None, payload)
+        self.event = event
+
+
+# Presence events on the bus: PRESENCE_MARKER, then one event object a line
+# (presence_event). Parsed and checked whole, unlike messages: they are few,
+# and anything else is foreign data, whole.
+PRESENCE_MARKER = b"\x00pushd-presence/1\n"
+_PRESENCE_KINDS = {"join": b"join", "leave": b"leave"}
+
+
+def presence_event(kind: bytes, channel: str, member: bytes) -> bytes:
+    """One event's JSON; `member` is the member's JSON object."""
+    return (
+        b'{"type":"' + kind + b'","channel":' + dump_json(channel) + b',"member":' + member + b"}"
+    )
+
+
+def presence_payload(events: list[bytes]) -> bytes:
+    """The bus payload of presence events of one channel."""
+    return PRESENCE_MARKER + b"\n".join(events)
+
+
+def _presence_events(channel: str, payload: bytes) -> list[Message] | None:
+    events: list[Message] = []
+    for line in payload[len(PRESENCE_MARKER) :].split(b"\n"):
+        try:
+            event = load_json(line)
+        except ValueError:
+            return None
+        if not isinstance(event, dict) or event.get("channel") != channel:
+            return None
+        kind = event.get("type")
+        kind = _PRESENCE_KINDS.get(kind) if isinstance(kind, str) else None
+        member = event.get("member")
+        if (
+            kind is None
+            or not isinstance(member, dict)
+            or not isinstance(member.get("client"), str)
+        ):
+            return None
+        events.append(PresenceEvent(channel, kind, line))
+    return events
 
 
 class Burst:

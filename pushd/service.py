@@ -11,6 +11,7 @@ from twisted.internet.defer import (
     DeferredList,
     gatherResults,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -23,6 +24,7 @@ from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import ConnectionCounter
 from pushd.metrics import Metrics
+from pushd.presence import Presence
 from pushd.transports.websocket import PushdServerFactory
 from pushd.web.site import make_site
 
@@ -90,6 +92,7 @@ class PushdService(MultiService):
         self.reactor = reactor
         self.listeners: list[Listener] = []
         self.site: Any = None
+        self.presence: Presence | None = None
 
     async def _goodbye(self) -> None:
         # First, before anything can reach the broker: every answer from now on
@@ -97,6 +100,11 @@ class PushdService(MultiService):
         # Idle keep-alive connections stay open a moment, in case a request is
         # already on its way (closing under it would leave it unanswered).
         self.site.begin_stop(min(self.idle_grace, self.config.shutdown_timeout / 2))
+        # Before clients go: their members leave all at once (another node
+        # announces it), not one write and one event each.
+        leaving = succeed(None)
+        if self.presence is not None:
+            leaving = self.broker.track(Deferred.fromCoroutine(self.presence.stop()))
         await gatherResults([maybeDeferred(lst.stopService) for lst in self.listeners])
         for streams in self.site.streams:
             streams.end_all()
@@ -105,7 +113,11 @@ class PushdService(MultiService):
         # `close_all` and `channels_gone` fire from the transports' connectionLost.
         websockets = self.site.ws_factory.close_all()
         if await self._within(
-            self.config.shutdown_timeout, websockets, self.broker.drain(), self.site.channels_gone()
+            self.config.shutdown_timeout,
+            websockets,
+            leaving,
+            self.broker.drain(),
+            self.site.channels_gone(),
         ):
             return
         log.warn("shutdown timeout: closing what is left")
@@ -221,8 +233,18 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         ConnectionCounter(config.max_connections_per_ip),
         metrics,
     )
+    presence = None
+    if config.presence or config.join_leave:
+        presence = Presence(
+            broker,
+            patterns=config.presence,
+            join_leave=config.join_leave,
+            max_list=config.max_presence_list,
+            clock=reactor,
+        )
+    service.presence = presence
     ws_factory = PushdServerFactory(
-        hub, broker, config, reactor=reactor, gate=gate, metrics=metrics
+        hub, broker, config, reactor=reactor, gate=gate, metrics=metrics, presence=presence
     )
     site = service.site = make_site(
         hub=hub,
@@ -232,6 +254,7 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         config=config,
         metrics=metrics,
         reactor=reactor,
+        presence=presence,
     )
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, with_backlog(description))

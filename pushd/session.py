@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from pushd.broker import Broker, BrokerUnavailable, History
 from pushd.hub import Hub
 from pushd.message import Burst, Delivery, Message, envelope, parse_id
+from pushd.presence import Presence
 
 log = Logger()
 
@@ -72,14 +73,21 @@ class AlreadySubscribed(Exception):
 
 
 class Session:
-    __slots__ = ("_broker", "_hub", "_out", "_subs", "user")
+    __slots__ = ("_broker", "_hub", "_member", "_out", "_presence", "_subs", "client", "user")
 
-    def __init__(self, hub: Hub, broker: Broker, out: Outlet) -> None:
+    def __init__(
+        self, hub: Hub, broker: Broker, out: Outlet, presence: Presence | None = None
+    ) -> None:
         self._hub = hub
         self._broker = broker
         self._out = out
+        self._presence = presence
         #: The token's `sub`, once `identify` made the session the user's.
         self.user: str | None = None
+        #: The connection's id among the nodes, once a presence channel needs it.
+        self.client: str | None = None
+        # What a presence member shows of the client: the token's sub and info.
+        self._member: tuple[str | None, bytes] = (None, b"null")
         # channel -> the list buffering its live messages until the subscription
         # is acknowledged (and recovered); then the id of the last message
         # replayed, until a newer one comes live; then None.
@@ -102,8 +110,19 @@ class Session:
         d.addErrback(lambda f: log.failure("subscribing {channel} failed", f, channel=channel))
         return d
 
+    def present_as(self, user: str | None, info: bytes) -> None:
+        """What the client's presence members show (its token's `sub` and
+        `info`, compact JSON); set before the first subscription."""
+        self._member = (user, info)
+
     async def _join(self, channel: str, since: str | None, pending: list[Message]) -> None:
         await self._hub.subscribe(channel, self)
+        presence = self._presence
+        if presence is not None and self._subs.get(channel) is pending and presence.tracks(channel):
+            # Stored before `subscribed`: a query right after it finds the client.
+            if self.client is None:
+                self.client = presence.new_client()
+            await presence.join(channel, self.client, *self._member)
         # Joined live: from here on `pending` holds what arrives. One read now.
         history = History()
         if self._subs.get(channel) is pending:
@@ -164,6 +183,8 @@ class Session:
             return False
         del self._subs[channel]
         self._hub.unsubscribe(channel, self)
+        if self.client is not None and self._presence is not None:
+            self._presence.leave(channel, self.client)
         if tell:
             self._out.unsubscribed(channel)
         return True
@@ -176,6 +197,8 @@ class Session:
         subs, self._subs = self._subs, {}
         for channel in subs:
             self._hub.unsubscribe(channel, self)
+            if self.client is not None and self._presence is not None:
+                self._presence.leave(channel, self.client)
         if self.user is not None:
             self._hub.remove_user(self.user, self)
             self.user = None

@@ -37,6 +37,7 @@ nodes publish once.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,6 +105,48 @@ class History:
     #: The channel's newest retained id when it was read (None: no history).
     #: A subscription's `position`; also tells a `since` ahead of the channel.
     last: str | None = None
+
+
+@dataclass(frozen=True)
+class PresenceRead:
+    """A presence channel's members on every node, as the broker read them."""
+
+    #: Members (subscriptions), exact.
+    count: int
+    #: Distinct non-null users among them, exact.
+    users: int
+    #: The stored values (pushd.broker.members) of at most the `limit` asked for.
+    values: list[bytes]
+
+
+@dataclass
+class PresenceChange:
+    """What changed in this node's members of one channel since the last
+    write: `joins` (client id -> stored value), `leaves` (client ids), and
+    whether this node still has members there (`present`)."""
+
+    joins: dict[str, bytes] = field(default_factory=dict)
+    leaves: set[str] = field(default_factory=set)
+    present: bool = True
+
+
+class PresenceListener(Protocol):
+    """What a broker calls on this node's presence (pushd.presence.Presence),
+    attached with `Broker.attach_presence`."""
+
+    def members(self) -> dict[str, dict[str, bytes]]:
+        """This node's members: channel -> client id -> stored value. What the
+        broker writes again when the bus lost them (or this node was taken
+        for dead)."""
+
+    def departed(self, channel: str, values: list[bytes]) -> None:
+        """Members of `channel` are gone though no leave of theirs was seen:
+        their node died (the Redis broker reaped it), or this node's own were
+        taken for dead. Stored values (pushd.broker.members)."""
+
+    def arrived(self, channel: str, values: list[bytes]) -> None:
+        """Members of this node were written again after the bus had lost
+        them (announced as joins: others may have seen them leave)."""
 
 
 @dataclass(frozen=True)
@@ -185,11 +228,20 @@ class Broker(Service):
         self._in_flight = 0
         self._drained = Waiters()
         self._listener: BusListener = UNATTACHED
+        self._presence: PresenceListener | None = None
+        #: This process's id among the nodes (16 hex digits): presence
+        #: client ids start with it.
+        self.node = uuid.uuid4().hex[:16]
 
     def attach(self, listener: BusListener) -> None:
         """Have `listener` (the hub, once, as it is made) take what the bus
         brings in. Until then the broker delivers to nobody (UNATTACHED)."""
         self._listener = listener
+
+    def attach_presence(self, listener: PresenceListener) -> None:
+        """Keep presence for `listener` (this node's, once, before the broker
+        starts): without it a broker keeps no presence."""
+        self._presence = listener
 
     @property
     def connected(self) -> bool:
@@ -270,6 +322,30 @@ class Broker(Service):
     def control(self, command: dict[str, Any]) -> Deferred[int]:
         """Have every node carry out `command` (BusListener.control); fires with
         the number of nodes that did. A `destroy` also drops the channel's history."""
+        raise NotImplementedError
+
+    # -- presence (pushd.presence): members kept per channel on every node
+
+    def update_presence(self, changes: dict[str, PresenceChange]) -> Deferred[None]:
+        """Write what changed in this node's members (channel -> change).
+        Writes reach the bus in the order they are asked for. A failure
+        (BrokerUnavailable) loses nothing for good: the broker writes this
+        node's members again (`PresenceListener.members`) once it can."""
+        raise NotImplementedError
+
+    def presence(self, channel: str, limit: int) -> Deferred[PresenceRead]:
+        """The members of `channel` on every live node (at most `limit` values
+        listed). BrokerUnavailable when it cannot tell."""
+        raise NotImplementedError
+
+    def announce(self, channel: str, payload: bytes) -> Deferred[None]:
+        """Hand `payload` (pushd.message.presence_payload) to every node's
+        subscribers of `channel`: no history, no id."""
+        raise NotImplementedError
+
+    def leave_presence(self) -> Deferred[None]:
+        """This node is stopping: its members are gone at once for readers,
+        and another node announces their leaves (Redis: it reaps this node)."""
         raise NotImplementedError
 
     def subscribe(self, channel: str) -> Deferred[None]:

@@ -8,6 +8,7 @@ remembered past that (pushd.broker); idempotency keys bound to their request.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Any
 
@@ -19,10 +20,13 @@ from pushd.broker import (
     Broker,
     History,
     IdempotencyKeyReused,
+    PresenceChange,
+    PresenceRead,
     Published,
     fingerprint,
     meta_ttl,
 )
+from pushd.broker.members import split
 from pushd.message import bus_payload, envelope, format_id, parse_id
 
 
@@ -61,6 +65,8 @@ class MemoryBroker(Broker):
         #: Channel -> (until, its newest id): kept past the history (pushd.broker).
         self._newest: dict[str, tuple[float, str]] = {}
         self._next_expiry = 0.0
+        #: Channel -> client id -> stored member (pushd.broker.members).
+        self._members: dict[str, dict[str, bytes]] = {}
 
     def _live_history(self, channel: str) -> _History | None:
         history = self._histories.get(channel)
@@ -202,6 +208,31 @@ class MemoryBroker(Broker):
                 self._newest[channel] = (until, "?" + newest.lstrip("?"))
         self._listener.control(command)
         return succeed(1)
+
+    def update_presence(self, changes: dict[str, PresenceChange]) -> Deferred[None]:
+        for channel, change in changes.items():
+            members = self._members.setdefault(channel, {})
+            for client in change.leaves:
+                members.pop(client, None)
+            members.update(change.joins)
+            if not members:
+                del self._members[channel]
+        return succeed(None)
+
+    def presence(self, channel: str, limit: int) -> Deferred[PresenceRead]:
+        members = self._members.get(channel, {})
+        users = {user for user, _ in map(split, members.values()) if user}
+        values = list(itertools.islice(members.values(), limit))
+        return succeed(PresenceRead(len(members), len(users), values))
+
+    def announce(self, channel: str, payload: bytes) -> Deferred[None]:
+        if channel in self._subscribed:
+            self._listener.receive(channel, payload)
+        return succeed(None)
+
+    def leave_presence(self) -> Deferred[None]:
+        self._members.clear()
+        return succeed(None)
 
     def subscribe(self, channel: str) -> Deferred[None]:
         self._subscribed.add(channel)

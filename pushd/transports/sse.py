@@ -14,6 +14,8 @@ pushd.transports.stream).
       id: <cursor>              the resume point of every channel, quiet ones
       data: {"type":"subscribed","channels":{"a":"<id>","b":"0-0"}}   included;
                                 a channel without history resumes from 0-0)
+      event: join              (channels of --join-leave: a member came, or
+      data: {"type":"join","channel":"a","member":{..}}   `event: leave`, went)
       : keep-alive             (a comment every --keepalive seconds, 15)
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 from twisted.web.server import Request
 
-from pushd.message import Burst, Delivery, dump_json
+from pushd.message import Burst, Delivery, PresenceEvent, dump_json
 from pushd.transports.stream import Stream, StreamResource, encode_cursor
 
 
@@ -65,7 +67,10 @@ class SseStream(Stream):
                 self.message(one)
             return
         if message.id is None:
-            self._write(b"data: " + message.payload + b"\n\n")
+            if isinstance(message, PresenceEvent):
+                self._write(b"event: " + message.event + b"\ndata: " + message.payload + b"\n\n")
+            else:
+                self._write(b"data: " + message.payload + b"\n\n")
         else:
             last = self._last
             last[message.channel] = message.id

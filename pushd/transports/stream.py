@@ -34,6 +34,7 @@ from pushd.config import Config
 from pushd.hub import Hub
 from pushd.limits import SendBound
 from pushd.message import Delivery, is_channel, parse_id
+from pushd.presence import Presence
 from pushd.session import Session
 from pushd.web import errors
 from pushd.web.errors import ApiError, write_error
@@ -210,8 +211,10 @@ class StreamResource(Resource):
         config: Config,
         clock: Any,
         metrics: Any,
+        presence: Presence | None = None,
     ) -> None:
         Resource.__init__(self)
+        self._presence = presence
         self._hub = hub
         self._broker = broker
         self._gate = gate
@@ -313,7 +316,8 @@ class StreamResource(Resource):
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         stream = self._stream(request, channels, cursor)
-        stream.session = Session(self._hub, self._broker, stream)
+        stream.session = Session(self._hub, self._broker, stream, self._presence)
+        stream.session.present_as(grants.sub, grants.info)
         request.registerProducer(stream, True)
         self._streams.add(stream)
         if not self._keepalive.running:

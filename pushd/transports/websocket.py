@@ -19,9 +19,15 @@ The wire protocol (shared/protocol.md is the contract; `->` client to server,
   -> {"type": "ping"}
   <- {"type": "pong"}
   -> {"type": "publish", "channel": "a", "data": ...}   needs a token's publish grant
+  -> {"type": "presence", "channel": "a"}    a channel the client is subscribed to
+  <- {"type": "presence", "channel": "a", "count": 2, "users": 1,
+      "clients": [{"client": "<id>", "user": "<sub>"|null, "info": ...}, ...]}
+  <- {"type": "join"|"leave", "channel": "a", "member": {"client": .., "user": .., "info": ..}}
+       channels of --join-leave: a member came or went, on any node (pushd.presence)
   <- {"type": "error", "code": "<code>", "message": "...", "channel"?: "a"}
        codes: bad_json, bad_request, unknown_type, bad_channel, bad_since,
-       already_subscribed, forbidden; the connection stays open
+       already_subscribed, forbidden, presence_off, rate_limited, unavailable;
+       the connection stays open
 
 Protocol violations close with RFC 6455 codes (1007 invalid UTF-8, 1009 too
 big, 1002 protocol error); pushd's own close codes: 1001 going away, 4008 slow
@@ -55,6 +61,7 @@ from pushd.message import (
     load_json,
     parse_id,
 )
+from pushd.presence import Presence
 from pushd.session import AlreadySubscribed, Session
 from pushd.transports import autobahn_diet
 from pushd.transports.sending import write_now
@@ -159,7 +166,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         channels = request.params.get("channel", [])
         since = request.params.get("since", [None])[-1]
         self._initial = [{"channel": c, "since": since} for c in channels]
-        self.session = Session(factory.hub, factory.broker, self)
+        self.session = Session(factory.hub, factory.broker, self, factory.presence)
         d = factory.gate.admit(
             address=address,
             token=token_from(
@@ -175,6 +182,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         log.info("websocket client {peer} admitted (user {sub})", peer=address, sub=grants.sub)
         self._address = address
         self.grants = grants
+        self.session.present_as(grants.sub, grants.info)
         if grants.expires is not None:
             delay = max(0.0, grants.expires - self.factory.reactor.seconds())
             self._expiry = self.factory.reactor.callLater(delay, self._token_expired)
@@ -290,9 +298,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             raise FrameError("bad_json", "the data is not valid Unicode JSON", channel) from None
         if len(data) > factory.max_message_size:
             raise FrameError("too_large", "data larger than --max-message-size", channel)
-        if self._bucket is None:
-            self._bucket = TokenBucket(factory.publish_rate, factory.publish_burst, factory.reactor)
-        if not self._bucket.take():
+        if not self._take_token():
             raise FrameError("rate_limited", "publishing too fast", channel)
 
         # One after the other: a client's messages keep their order on the pool.
@@ -322,11 +328,41 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         else:
             factory.metrics.published.labels("client").inc()
 
+    def handle_presence(self, msg: dict[str, Any]) -> None:
+        channel = _channel_of(msg)
+        if channel not in self.session:
+            raise FrameError("forbidden", "subscribe to the channel first", channel)
+        presence = self.factory.presence
+        if presence is None or not presence.tracks(channel):
+            raise FrameError("presence_off", "this channel has no presence", channel)
+        if not self._take_token():
+            raise FrameError("rate_limited", "asking too fast", channel)
+        presence.query(channel).addCallbacks(
+            self._presence_answer, self._presence_failed, errbackArgs=(channel,)
+        )
+
+    def _presence_answer(self, body: bytes) -> None:
+        self._reply(b'{"type":"presence",' + body[1:])
+
+    def _presence_failed(self, failure: Any, channel: str) -> None:
+        if not failure.check(BrokerUnavailable):
+            log.failure("a presence query of {channel} failed", failure, channel=channel)
+        self._reply(FrameError("unavailable", "presence is unavailable, retry", channel).frame())
+
+    def _take_token(self) -> bool:
+        """One of the connection's requests that cost the broker work (a
+        publish, a presence query): False past --publish-rate."""
+        factory = self.factory
+        if self._bucket is None:
+            self._bucket = TokenBucket(factory.publish_rate, factory.publish_burst, factory.reactor)
+        return self._bucket.take()
+
     _handlers = {
         "subscribe": handle_subscribe,
         "unsubscribe": handle_unsubscribe,
         "ping": handle_ping,
         "publish": handle_publish,
+        "presence": handle_presence,
     }
 
     # -- the session's outlet
@@ -394,6 +430,7 @@ class PushdServerFactory(WebSocketServerFactory):
         reactor: Any,
         gate: Gate,
         metrics: Any,
+        presence: Presence | None = None,
     ) -> None:
         WebSocketServerFactory.__init__(self, reactor=reactor)
         # Autobahn runs its timers (auto-ping, open and close handshake
@@ -410,6 +447,7 @@ class PushdServerFactory(WebSocketServerFactory):
         self.protocol = autobahn_diet.protocol_class(PushdServerProtocol)
         self.hub = hub
         self.broker = broker
+        self.presence = presence
         self.gate = gate
         self.config = config
         self.trusted_proxies = config.trusted_proxies

@@ -39,6 +39,9 @@ LOOPBACK_ONLY = Refusal(
     403, "forbidden", "no API key is configured: the producer API answers loopback only"
 )
 NOT_FOUND = Refusal(404, "not_found", "no such resource")
+PRESENCE_OFF = Refusal(
+    404, "presence_off", "this channel has no presence (--presence, --join-leave)"
+)
 TOO_LARGE = Refusal(413, "too_large", "the body is larger than --max-message-size")
 KEY_REUSED = Refusal(
     422,

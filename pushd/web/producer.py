@@ -19,6 +19,7 @@ from pushd.config import Config
 from pushd.limits import KeyedBuckets
 from pushd.message import data_from_body, dump_json, envelope, is_channel, parse_id
 from pushd.metrics import Metrics
+from pushd.presence import Presence
 from pushd.web import errors
 from pushd.web.errors import ApiError
 from pushd.web.resource import ApiResource, NotFound, ProducerAuth, request_host
@@ -37,6 +38,8 @@ class Producing:
     config: Config
     #: Its clock: the browsers' publish rates (IReactorTime).
     reactor: Any
+    #: The node's presence, when --presence or --join-leave name channels.
+    presence: Presence | None = None
 
     @cached_property
     def browsers(self) -> BrowserPublish:
@@ -78,7 +81,8 @@ class Collection(Resource):
 
 
 class ChannelsResource(Collection):
-    """`/channels/{channel}` and `/channels/{channel}/history`, made per request."""
+    """`/channels/{channel}`, `/channels/{channel}/history` and
+    `/channels/{channel}/presence`, made per request."""
 
     def child(self, name: str, request: Request) -> Resource | None:
         if not request.postpath:
@@ -87,6 +91,10 @@ class ChannelsResource(Collection):
             assert request.prepath is not None
             request.prepath.append(request.postpath.pop())
             return HistoryResource(name, self._p)
+        if request.postpath == [b"presence"]:
+            assert request.prepath is not None
+            request.prepath.append(request.postpath.pop())
+            return PresenceResource(name, self._p)
         return None
 
 
@@ -343,3 +351,17 @@ def _error(request: Request, refusal: tuple[int, str, str]) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
+
+
+class PresenceResource(_ChannelApi):
+    """`GET /channels/{channel}/presence`: the channel's members on every node,
+    `{"channel":..,"count":..,"users":..,"clients":[member...]}` (at most
+    --max-presence-list members listed; count and users exact). 404
+    `presence_off` for a channel without presence."""
+
+    def handle_GET(self, request: Request) -> Coroutine[Any, Any, bytes]:
+        self._checked(request)
+        presence = self._p.presence
+        if presence is None or not presence.tracks(self._channel):
+            raise ApiError(*errors.PRESENCE_OFF)
+        return ask(presence.query(self._channel), reading=True)

@@ -13,6 +13,7 @@ from pushd.broker import Broker
 from pushd.config import Config
 from pushd.hub import Hub
 from pushd.metrics import Metrics
+from pushd.presence import Presence
 from pushd.transports.ndjson import NdjsonResource
 from pushd.transports.sse import SseResource
 from pushd.transports.websocket import WebSocketEndpoint
@@ -76,15 +77,21 @@ def make_site(
     config: Config,
     metrics: Metrics,
     reactor: Any,
+    presence: Presence | None = None,
 ) -> PushdSite:
     root = Root(config.demo if config.demo is not None else not config.uses_redis)
     producing = Producing(
-        broker, ProducerAuth(config.api_key, config.trusted_proxies), metrics, config, reactor
+        broker,
+        ProducerAuth(config.api_key, config.trusted_proxies),
+        metrics,
+        config,
+        reactor,
+        presence,
     )
     children: dict[bytes, Any] = {
         b"ws": WebSocketEndpoint(ws_factory),
-        b"sse": SseResource(hub, broker, gate, config, reactor, metrics),
-        b"stream": NdjsonResource(hub, broker, gate, config, reactor, metrics),
+        b"sse": SseResource(hub, broker, gate, config, reactor, metrics, presence),
+        b"stream": NdjsonResource(hub, broker, gate, config, reactor, metrics, presence),
         b"channels": ChannelsResource(producing),
         b"publish": PublishResource(producing),
         b"users": UsersResource(producing),

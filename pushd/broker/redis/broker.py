@@ -6,7 +6,6 @@ the parts that use them), routes each channel to its shard
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, cast
@@ -25,6 +24,8 @@ from pushd.broker import (
     History,
     IdempotencyKeyReused,
     OutcomeUnknown,
+    PresenceChange,
+    PresenceRead,
     Published,
     ShardState,
     fingerprint,
@@ -70,7 +71,6 @@ class RedisBroker(Broker):
         if not shards:
             raise ValueError("no Redis shard")
         check_shards(shards)
-        self.node = uuid.uuid4().hex[:16]
         self._reactor = reactor
         self._keys = Keys(prefix)
         self._history_size = history_size
@@ -94,6 +94,8 @@ class RedisBroker(Broker):
                 sentinel=self._sentinel,
                 listener=lambda: self._listener,
                 local=lambda index=index: self._local_counts(index),  # type: ignore[misc]
+                presence=lambda: self._presence,
+                members=lambda index=index: self._local_members(index),  # type: ignore[misc]
             )
             for index, where in enumerate(shards)
         ]
@@ -112,6 +114,16 @@ class RedisBroker(Broker):
         if n == 1:
             return counts
         return {c: k for c, k in counts.items() if _shard_index(c, n) == index}
+
+    def _local_members(self, index: int) -> dict[str, dict[str, bytes]]:
+        """This node's presence members of the channels of shard `index`."""
+        if self._presence is None:
+            return {}
+        members = self._presence.members()
+        n = len(self._shards)
+        if n == 1:
+            return members
+        return {c: m for c, m in members.items() if _shard_index(c, n) == index}
 
     # -- life cycle
 
@@ -302,6 +314,27 @@ class RedisBroker(Broker):
         else:
             shard = next((s for s in self._shards if s.connected), self._shards[0])
         return self.track(Deferred.fromCoroutine(shard.commands.control(command)))
+
+    # -- presence (presence.py, on the channel's shard)
+
+    def update_presence(self, changes: dict[str, PresenceChange]) -> Deferred[None]:
+        by_shard: dict[int, dict[str, PresenceChange]] = {}
+        for channel, change in changes.items():
+            index = _shard_index(channel, len(self._shards))
+            by_shard.setdefault(index, {})[channel] = change
+        writes = [self._shards[i].presence.update(c) for i, c in by_shard.items()]
+        return gatherResults(writes).addCallback(lambda _: None)
+
+    def presence(self, channel: str, limit: int) -> Deferred[PresenceRead]:
+        shard = self._shard(channel).presence
+        return self.track(Deferred.fromCoroutine(shard.read(channel, limit)))
+
+    def announce(self, channel: str, payload: bytes) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._shard(channel).presence.announce(channel, payload))
+
+    def leave_presence(self) -> Deferred[None]:
+        leaving = [Deferred.fromCoroutine(s.presence.leave()) for s in self._shards if s.connected]
+        return gatherResults(leaving, consumeErrors=True).addBoth(lambda _: None)
 
     # -- history (the channel's shard's command pool)
 

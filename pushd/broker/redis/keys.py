@@ -2,7 +2,8 @@
 
 A channel's keys share the hash tag `{<channel>}`, so Redis Cluster would
 keep them on one slot; `!` is in no channel name, so pushd's own names
-(`!control`, `!reply:<node>`, `!epoch`, `!lost`, `!shards`) never meet a channel's.
+(`!control`, `!reply:<node>`, `!epoch`, `!lost`, `!shards`, `!nodes`,
+`!reaping`, `!presence:<node>`) never meet a channel's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,34 @@ class Keys:
     def meta(self, channel: str) -> str:
         """The channel's newest id, kept past its history (publish.lua derives it)."""
         return f"{self.prefix}{{{channel}}}:meta"
+
+    def presence(self, channel: str) -> str:
+        """The channel's members on every node: a hash, client id (`<node>.<n>`)
+        -> stored member (pushd.broker.members); see presence.py."""
+        return f"{self.prefix}{{{channel}}}:presence"
+
+    def presence_channel(self, key: str) -> str | None:
+        """The channel of a `presence` key; None when `key` is not one."""
+        head, tail = self.prefix + "{", "}:presence"
+        if key.startswith(head) and key.endswith(tail):
+            return key[len(head) : -len(tail)]
+        return None
+
+    def node_presence(self, node: str) -> str:
+        """The presence hashes a node has members in (a set), on each shard."""
+        return f"{self.prefix}!presence:{node}"
+
+    @property
+    def nodes(self) -> str:
+        """The nodes keeping presence: a sorted set, node id -> the time (ms)
+        it is taken for dead unless it refreshes its entry."""
+        return f"{self.prefix}!nodes"
+
+    @property
+    def reaping(self) -> str:
+        """Dead nodes whose members a node is removing: node id -> the time
+        (ms) another node may take the work over."""
+        return f"{self.prefix}!reaping"
 
     def idempotency(self, key: str) -> str:
         """The answer to an Idempotency-Key's request, on its channel's shard."""

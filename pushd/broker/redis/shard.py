@@ -24,13 +24,14 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pushd.broker import IDEMPOTENCY_TTL, BrokerUnavailable, BusListener
+from pushd.broker import IDEMPOTENCY_TTL, BrokerUnavailable, BusListener, PresenceListener
 from pushd.broker.redis.address import SentinelMaster, ShardAddress
 from pushd.broker.redis.commands import NodeCommands
 from pushd.broker.redis.connection import PublishConnection, command
-from pushd.broker.redis.counts import NodeCounts
+from pushd.broker.redis.counts import COUNTS_REFRESH, NodeCounts
 from pushd.broker.redis.keys import Keys
 from pushd.broker.redis.pool import CommandPool, PoolFactory, SentinelPoolFactory
+from pushd.broker.redis.presence import ShardPresence
 from pushd.broker.redis.publisher import Publisher
 from pushd.broker.redis.scripts import EPOCH, PUBLISH, PUBLISH_MANY, PUSH, SHARD_MAP
 from pushd.broker.redis.subscriber import Subscriber, log_failure
@@ -76,6 +77,8 @@ class Shard:
         sentinel: Any,
         listener: Callable[[], BusListener],
         local: Callable[[], dict[str, int]],
+        presence: Callable[[], PresenceListener | None] = lambda: None,
+        members: Callable[[], dict[str, dict[str, bytes]]] = dict,
     ) -> None:
         self.index = index
         self.name = where.describe()
@@ -124,6 +127,17 @@ class Shard:
             meta_ttl=settings.meta_ttl,
         )
         self.subscriber = Subscriber(address, endpoint, keys, self.commands.channels, self)
+        self._presence_listener = presence
+        self.presence = ShardPresence(
+            reactor,
+            self.pool,
+            keys,
+            settings.node,
+            ttl=settings.node_ttl,
+            refresh=min(COUNTS_REFRESH, settings.node_ttl / 3),
+            members=members,
+            listener=presence,
+        )
 
     def _handshake(self) -> list[bytes]:
         """What a new publish connection runs first (PublishConnection); its
@@ -146,10 +160,13 @@ class Shard:
         self.connection.start()
         self.subscriber.start()
         self.counts.start()
+        if self._presence_listener() is not None:
+            self.presence.start()
 
     async def stop(self) -> None:
         if self._readiness.running:
             self._readiness.stop()
+        self.presence.stop()
         await self.counts.stop()
         await gatherResults(
             [self.connection.stop(), self.pool.stop(), self.subscriber.stop()],
