@@ -29,6 +29,11 @@ always delivered and never move the cut.
 
 `since` ahead of the channel (clock skew, an id from elsewhere) answers
 recovered false and `position` the real newest id: live messages after it flow.
+
+Presence (pushd.presence): on a channel that has it, the session joins as a
+member (its `client` id, the token's sub and info) once live and before the
+read, so `subscribed` comes after the member is stored; it leaves when it
+unsubscribes or closes.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from pushd.broker.redis.scripts import (
     PRESENCE_UPDATE,
 )
 from pushd.message import is_channel
+from pushd.waiting import Waiters
 
 log = Logger()
 
@@ -95,6 +96,9 @@ class ShardPresence:
         #: Write everything again before anything else (see the module's docstring).
         self._rewrite = True
         self._refresh_due = False
+        #: Set once the node stops: nothing more is written.
+        self._left = False
+        self._idle = Waiters()
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = reactor
         self._refresh = refresh
@@ -129,7 +133,7 @@ class ShardPresence:
         return d
 
     def _kick(self) -> None:
-        if not self._writing:
+        if not self._writing and not self._left:
             self._writing = True
             Deferred.fromCoroutine(self._write_all()).addErrback(
                 lambda f: log.failure("writing presence failed", f)
@@ -160,6 +164,7 @@ class ShardPresence:
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.callback(None)
+            self._idle.fire()
 
     async def _write(self, changes: dict[str, PresenceChange]) -> bool:
         """Write `changes` (and refresh this node's entry); True when the node
@@ -267,8 +272,11 @@ class ShardPresence:
 
     async def leave(self) -> None:
         """This node stops: its entry expires now (readers stop counting its
-        members; another node reaps them)."""
+        members; another node reaps them). After the write in flight, which
+        would otherwise refresh the entry again."""
         self.stop()
+        self._left = True
+        await self._idle.wait(not self._writing)
         await self._pool.call("execute_command", "ZADD", self._keys.nodes, "XX", 0, self._node)
 
     # -- every `refresh` seconds
