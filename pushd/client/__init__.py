@@ -14,8 +14,10 @@
 Everything runs on the Twisted reactor: await these coroutines from
 `Deferred.fromCoroutine`, `twisted.internet.task.react` or pytest-twisted.
 
-- `publisher.py`: `Publisher` (HTTP, retried under one `Idempotency-Key`) and `PushdError`.
-- `subscriber.py`: `Subscriber` (WebSocket, resumed after a lost connection).
+- `publisher.py`: `Publisher` (HTTP, retried under one `Idempotency-Key`; `presence()`)
+  and `PushdError`.
+- `subscriber.py`: `Subscriber` (WebSocket, resumed after a lost connection; `presence()`,
+  `on_join`, `on_leave`).
 - `sse.py`: a Server-Sent Events reader, as a browser's EventSource reads them.
 - `cli.py` (`pushd-cli`), `check.py` (`pushd-check`): the console scripts, and
   `console.py`, what they share (the target URL, argument types, the reason a

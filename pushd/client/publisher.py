@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, cast
 
 from treq.client import HTTPClient
@@ -103,7 +103,8 @@ class _Client:
 
 
 class Publisher(_Client):
-    """Publishes through pushd's producer API (`POST /channels/{channel}`, `POST /publish`).
+    """Publishes through pushd's producer API (`POST /channels/{channel}`, `POST /publish`),
+    and asks it who is in a channel (`presence()`).
 
     Every publish carries an `Idempotency-Key` (the caller's, or a random one):
     `retries` is how many times it is tried again, under that key, after a 503,
@@ -172,34 +173,62 @@ class Publisher(_Client):
             raise PushdError(200, "bad_answer", f"{len(ids)} ids for {len(lines)} messages")
         return ids
 
-    async def _post(self, url: str, body: bytes, ctype: str, key: str) -> Any:
-        headers: Headers = {
-            "Content-Type": [ctype],
-            "Idempotency-Key": [key],
-            "User-Agent": [USER_AGENT],
-        }
+    async def presence(self, channel: str) -> dict[str, Any]:
+        """Who is in `channel` (a `--presence` channel): `GET /channels/{channel}/presence`,
+        `{"channel", "count", "users", "clients": [{"client", "user", "info"}, ...]}`
+        (`clients` capped by pushd's `--max-presence-list`). Retried as a publish is;
+        `PushdError` 404 `presence_off` when the channel has no presence."""
+        url = f"{self.target.publish_url(channel)}/presence"
+        headers = self._headers()
+        answer = await self._retrying("presence", lambda: self._read(url, headers))
+        if not isinstance(answer, dict) or not isinstance(answer.get("clients"), list):
+            raise PushdError(200, "bad_answer", f"no clients in {answer!r:.200}")
+        return answer
+
+    def _headers(self) -> Headers:
+        headers: Headers = {"User-Agent": [USER_AGENT]}
         if self.api_key:
             headers["Authorization"] = [f"Bearer {self.api_key}"]
+        return headers
+
+    async def _post(self, url: str, body: bytes, ctype: str, key: str) -> Any:
+        headers = self._headers()
+        headers["Content-Type"] = [ctype]
+        headers["Idempotency-Key"] = [key]
+        return await self._retrying("publish", lambda: self._attempt(url, body, headers))
+
+    async def _retrying(
+        self, what: str, attempt_once: Callable[[], Coroutine[Any, Any, Any]]
+    ) -> Any:
         attempt = 0
         while True:
             try:
-                d = Deferred.fromCoroutine(self._attempt(url, body, headers))
+                d = Deferred.fromCoroutine(attempt_once())
                 return await d.addTimeout(self.timeout, self.reactor)
             except PushdError as exc:
                 if exc.status not in _RETRIED or attempt >= self.retries:
                     raise
                 log.info(
-                    "publish: {status} {message}, retrying", status=exc.status, message=exc.message
+                    "{what}: {status} {message}, retrying",
+                    what=what,
+                    status=exc.status,
+                    message=exc.message,
                 )
             except _CONNECTION_ERRORS as exc:
                 if attempt >= self.retries:
                     raise
-                log.info("publish: {error!r}, retrying", error=exc)
+                log.info("{what}: {error!r}, retrying", what=what, error=exc)
             await self._pause(attempt)
             attempt += 1
 
     async def _attempt(self, url: str, body: bytes, headers: Headers) -> Any:
         response = await self._http.post(url, data=body, headers=headers)
+        if response.code != 200:
+            raise await _error_of(response)
+        return await response.json()
+
+    async def _read(self, url: str, headers: Headers) -> Any:
+        response = await self._http.get(url, headers=headers)
         if response.code != 200:
             raise await _error_of(response)
         return await response.json()

@@ -10,6 +10,11 @@ code 4003 (disconnected by the application), on a handshake the server refuses
 (401, 403, 404, 400: a new attempt would fare no better) and on 4001 (token
 expired) unless `token` is a callable, which is then asked for a fresh token
 before every connection.
+
+Presence: `await subscriber.presence(channel)` asks pushd who is in a channel
+it subscribes to (a `presence` frame; the answer is the frame, `{"type":
+"presence", "channel", "count", "users", "clients"}`), and `on_join`/`on_leave`
+are called with the `join`/`leave` frames of its `--join-leave` channels.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ log = Logger()
 
 #: Handshake refusals a new attempt would not change: the Subscriber gives up.
 _FATAL_HANDSHAKE = {400, 401, 403, 404, 405, 426}
+
+#: pushd's refusals of a `presence` frame, with the status GET /channels/{c}/presence
+#: answers the same refusal with (the PushdError's status).
+_PRESENCE_REFUSALS = {
+    "forbidden": 403,
+    "presence_off": 404,
+    "rate_limited": 429,
+    "unavailable": 503,
+}
+
+Frame = dict[str, Any]
 
 
 class _Protocol(WebSocketClientProtocol):
@@ -117,6 +133,13 @@ class Subscriber(_Client):
     subscriber token, or a callable returning one (maybe a Deferred/coroutine),
     asked before every connection. The connection starts on iteration, `start()`,
     `ready()` or `async with`; `close()` ends it and the iteration.
+
+    `on_join` and `on_leave` are called with the `join` and `leave` frames
+    (`{"type", "channel", "member": {"client", "user", "info"}}`) of channels
+    pushd announces comings and goings on (`--join-leave`). pushd may announce a
+    member twice (after an outage) or a leave without its join: keep members
+    keyed by `member["client"]`. Comings and goings while disconnected are not
+    replayed: ask `presence()` again after a reconnect (`connections` grows).
     """
 
     def __init__(
@@ -128,6 +151,8 @@ class Subscriber(_Client):
         reactor: Any = None,
         since: str | Mapping[str, str] | None = None,
         on_message: Callable[[dict[str, Any]], object] | None = None,
+        on_join: Callable[[Frame], object] | None = None,
+        on_leave: Callable[[Frame], object] | None = None,
         backoff: float = 0.5,
         max_backoff: float = 10.0,
         connect_timeout: float = 10.0,
@@ -141,6 +166,8 @@ class Subscriber(_Client):
                 raise ValueError(f"{channel!r} is not a channel name")
         self.token = token
         self.on_message = on_message
+        self.on_join = on_join
+        self.on_leave = on_leave
         self.connect_timeout = connect_timeout
         #: Where a reconnect resumes, per channel: the id of the last message
         #: delivered, else the `position` pushd gave on subscribing ("0-0": the
@@ -168,6 +195,9 @@ class Subscriber(_Client):
         self._closing = False
         self._failure: Exception | None = None
         self._done: Deferred[None] = Deferred()
+        #: presence() calls waiting for their answer, (channel, answer) in the order
+        #: asked (pushd answers a channel's in that order).
+        self._asked: list[tuple[str, Deferred[Frame]]] = []
 
     # -- the public side
 
@@ -215,6 +245,34 @@ class Subscriber(_Client):
         self._done.addCallback(lambda _: closed.callback(None))
         return closed
 
+    def presence(self, channel: str) -> Deferred[Frame]:
+        """Who is in `channel` (one of this subscriber's, a `--presence` channel),
+        as pushd answers the `presence` frame: `{"type": "presence", "channel",
+        "count", "users", "clients": [{"client", "user", "info"}, ...]}` (`count`
+        members, `users` distinct users; `clients` capped by pushd's
+        `--max-presence-list`). On a started subscriber, one of its channels is
+        asked once subscribed on the connection (as `ready()` waits), since pushd
+        refuses the frame before. Raises `PushdError` with code `forbidden` (not
+        subscribed), `presence_off`, `rate_limited`, `unavailable` (pushd could
+        not read it), `unknown_type` (a pushd without presence), `not_connected`
+        (not started, stopped, or another channel with no connection open) or
+        `connection_lost` (lost before the answer); the last two with status 0.
+        A Deferred (like `ready()`), so the frame is sent at once."""
+        return Deferred.fromCoroutine(self._presence(channel))
+
+    async def _presence(self, channel: str) -> Frame:
+        running = self._running is not None and not self._closing
+        if running and channel in self.channels and channel not in self._subscribed:
+            await self.ready()
+        protocol = self._protocol
+        if protocol is None or protocol.state != WebSocketClientProtocol.STATE_OPEN:
+            raise PushdError(0, "not_connected", "not connected to pushd")
+        answer: Deferred[Frame] = Deferred()
+        self._asked.append((channel, answer))
+        frame = {"type": "presence", "channel": channel}
+        WebSocketClientProtocol.sendMessage(protocol, json.dumps(frame).encode())
+        return await answer
+
     def __aiter__(self) -> Subscriber:
         self._queueing = True
         self.start()
@@ -260,6 +318,8 @@ class Subscriber(_Client):
                 if self._subscribed:
                     attempt = 0  # it worked: start the backoff over
                 self._subscribed.clear()
+                # Last: the callers it fails run now, and see the subscriber as it now is.
+                self._unanswered("connection_lost", "the connection was lost before pushd answered")
                 if self._closing:
                     break
                 if code == 4003:
@@ -347,6 +407,36 @@ class Subscriber(_Client):
                 waiting, self._ready = self._ready, []
                 for d in waiting:
                     d.callback(None)
+        elif kind in ("join", "leave") and isinstance(frame.get("member"), dict):
+            callback = self.on_join if kind == "join" else self.on_leave
+            if callback is not None:
+                try:
+                    callback(frame)
+                except Exception:
+                    log.failure("pushd subscriber: on_{kind} failed", kind=kind)
+        elif (
+            kind == "presence"
+            and isinstance(channel, str)
+            and (asked := self._oldest_asked(channel)) is not None
+        ):
+            asked.callback(frame)
+        elif (
+            kind == "error"
+            and frame.get("code") in _PRESENCE_REFUSALS
+            and isinstance(channel, str)
+            and (asked := self._oldest_asked(channel)) is not None
+        ):
+            # presence() waited for the subscription, so no refusal of it is still to come:
+            # this one is the oldest presence frame's.
+            code = str(frame["code"])
+            asked.errback(PushdError(_PRESENCE_REFUSALS[code], code, str(frame.get("message", ""))))
+        elif (
+            kind == "error"
+            and frame.get("code") == "unknown_type"
+            and (asked := self._oldest_asked(None)) is not None
+        ):
+            # A pushd without presence: `presence` is the one frame asked after the connect.
+            asked.errback(PushdError(400, "unknown_type", str(frame.get("message", ""))))
         elif kind == "error":
             log.warn(
                 "pushd subscriber: error {code} ({channel}): {message}",
@@ -399,6 +489,19 @@ class Subscriber(_Client):
 
     # -- the end
 
+    def _oldest_asked(self, channel: str | None) -> Deferred[Frame] | None:
+        """The oldest presence() waiting on `channel` (None: on any), taken off the list."""
+        for i, (asked, answer) in enumerate(self._asked):
+            if channel is None or asked == channel:
+                del self._asked[i]
+                return answer
+        return None
+
+    def _unanswered(self, code: str, message: str) -> None:
+        asked, self._asked = self._asked, []
+        for _, d in asked:
+            d.errback(PushdError(0, code, message))
+
     def _settle(self, d: Deferred[None]) -> None:
         if self._failure is not None:
             d.errback(self._failure)
@@ -410,6 +513,7 @@ class Subscriber(_Client):
             return
         self._closing = True
         self._failure = failure
+        self._unanswered("connection_lost", "the subscriber stopped before pushd answered")
         self._queue.put(_END)
         waiting, self._ready = self._ready, []
         for d in waiting:

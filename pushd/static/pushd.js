@@ -54,6 +54,19 @@
  *                                  page: navigator.sendBeacon(`${url}/channels/${channel}?token=
  *                                  ${token}`, text) publishes too (as text: a beacon cannot send
  *                                  application/json to another origin).
+ *   presence(channel)              -> Promise of {channel, count, users, clients}: who is in a
+ *                                  channel this client is subscribed to (pushd's --presence
+ *                                  channels), over the WebSocket. `count` members (one per
+ *                                  subscribed connection), `users` distinct users, `clients`
+ *                                  the members {client, user, info} (capped by pushd's
+ *                                  --max-presence-list). Answers for one channel come in the
+ *                                  order asked. Rejects with a PushdError: "forbidden" (not
+ *                                  subscribed to it), "presence_off" (no presence there),
+ *                                  "rate_limited", "unavailable" (pushd could not read it),
+ *                                  "unknown_type" (a pushd without presence),
+ *                                  "not_connected" (no open WebSocket: ask again once
+ *                                  "subscribed" fires), "not_supported" (on SSE) and
+ *                                  "connection_lost" (lost before the answer).
  *   on(event, fn) -> off function; off(event, fn).
  *   state, transport ("websocket" | "sse" | null), channels, lastId(channel) (the channel's
  *   resume point: the last id delivered, else pushd's position; "0-0": from its beginning).
@@ -68,6 +81,11 @@
  *                 channel's newest id (null: no history yet).
  *   "unsubscribed" fn(channel); "message" fn(message) for every message delivered;
  *   "transport"   fn(name) when the transport is chosen or changes (WebSocket -> SSE).
+ *   "join", "leave"  fn(channel, member): a member {client, user, info} came to or left a
+ *                 subscribed channel (pushd's --join-leave channels; WebSocket and SSE). pushd
+ *                 may announce a member twice (after an outage) or a leave without its join:
+ *                 keep members keyed by `member.client`, and after a reconnect ask presence()
+ *                 again ("subscribed" fires), as comings and goings while away are not replayed.
  *   "error"       fn(PushdError): pushd's `error` frames {code, message, channel?} not tied to
  *                 a publish, a failed token callback ("token"), a stream failure ("sse"), a
  *                 connection closed by pushd with a close code ("closed", err.closeCode).
@@ -112,6 +130,9 @@ export function compareIds(a, b) {
   return Number(am) - Number(bm) || Number(as) - Number(bs);
 }
 
+// What pushd may answer a presence request with, besides its answer.
+const PRESENCE_REFUSALS = new Set(["forbidden", "presence_off", "rate_limited", "unavailable"]);
+
 const DEFAULTS = {
   url: null,
   token: null,
@@ -155,7 +176,9 @@ export class PushdClient {
     this._heartbeat = null;
     this._reopenQueued = false;
     this._pingQueued = false;
-    this._inflight = []; // requests whose ping has not come back: {kind, channel, window, ...}
+    // Requests whose ping has not come back: {kind, channel, window, ...}; and presence
+    // requests until their answer (acked once their ping is back: see _frame's "error").
+    this._inflight = [];
     this._pingsSent = 0;
     this._pongs = 0;
     this._pingTimes = [];
@@ -284,6 +307,28 @@ export class PushdClient {
     );
   }
 
+  presence(channel) {
+    if (!this._wsOpen()) {
+      return Promise.reject(
+        this.transport === "sse"
+          ? new PushdError("not_supported", "presence needs the WebSocket", { channel })
+          : new PushdError("not_connected", "not connected to pushd", { channel }),
+      );
+    }
+    return new Promise((resolve, reject) => {
+      this._send({ type: "presence", channel });
+      this._inflight.push({
+        kind: "presence",
+        channel,
+        window: this._pingsSent,
+        acked: false,
+        resolve,
+        reject,
+      });
+      this._queuePing();
+    });
+  }
+
   // -- connections
 
   _url(scheme, path, params) {
@@ -399,14 +444,18 @@ export class PushdClient {
         /* not an envelope */
       }
     };
-    es.addEventListener("subscribed", (event) => {
-      if (gen !== this._gen) return;
-      try {
-        this._frame(JSON.parse(event.data));
-      } catch {
-        /* not JSON */
-      }
-    });
+    for (const type of ["subscribed", "join", "leave"]) {
+      es.addEventListener(type, (event) => {
+        if (gen !== this._gen) return;
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch {
+          return; // not JSON
+        }
+        this._frame({ ...frame, type });
+      });
+    }
     es.onerror = () => {
       if (gen !== this._gen) return;
       es.close(); // we reconnect ourselves: fresh token, our backoff, our cursor
@@ -565,20 +614,52 @@ export class PushdClient {
       case "unsubscribed":
         this._emit("unsubscribed", frame.channel);
         break;
+      case "join":
+      case "leave":
+        // A straggler of a channel already left is nobody's business any more.
+        if (this._channels.has(frame.channel) && frame.member) {
+          this._emit(frame.type, frame.channel, frame.member);
+        }
+        break;
+      case "presence": {
+        const i = this._inflight.findIndex(
+          (r) => r.kind === "presence" && r.channel === frame.channel,
+        );
+        if (i < 0) break;
+        const [request] = this._inflight.splice(i, 1);
+        const { channel, count, users, clients } = frame;
+        request.resolve({ channel, count, users, clients: clients ?? [] });
+        break;
+      }
       case "pong": {
         this._pongs++;
         this._pingTimes.shift();
-        const settled = this._inflight.filter((r) => r.window < this._pongs);
-        this._inflight = this._inflight.filter((r) => r.window >= this._pongs);
+        // A presence request outlives its ping (pushd reads Redis for the answer); the pong
+        // only tells that pushd took it, so that a refusal can no longer be its.
+        const due = (r) => r.window < this._pongs;
+        const settled = this._inflight.filter((r) => due(r) && r.kind !== "presence");
+        this._inflight = this._inflight.filter((r) => !due(r) || r.kind === "presence");
+        for (const r of this._inflight) if (due(r)) r.acked = true;
         for (const r of settled) r.resolve?.();
         break;
       }
       case "error": {
         const error = new PushdError(frame.code, frame.message, { channel: frame.channel });
-        // pushd answers a bad frame at once, so the error is for the oldest unsettled request
+        // pushd refuses a bad frame at once, so a refusal is for the oldest unsettled request
         // on that channel (settled ones had their ping answered before this error came).
-        const i = this._inflight.findIndex((r) => r.channel === frame.channel);
-        const request = i >= 0 && frame.code !== "unavailable" ? this._inflight[i] : null;
+        // "unavailable" comes later, when reading Redis failed: only a presence request waits
+        // for that (a publish's is reported as an event).
+        const asked = (r) => r.kind === "presence" && r.channel === frame.channel;
+        let i =
+          frame.code === "unavailable"
+            ? this._inflight.findIndex(asked)
+            : this._inflight.findIndex((r) => r.channel === frame.channel && !r.acked);
+        if (i < 0 && PRESENCE_REFUSALS.has(frame.code)) i = this._inflight.findIndex(asked);
+        if (i < 0 && frame.code === "unknown_type") {
+          // A pushd without presence: of our frames, only `presence` can be unknown to it.
+          i = this._inflight.findIndex((r) => r.kind === "presence" && !r.acked);
+        }
+        const request = i >= 0 ? this._inflight[i] : null;
         if (request) this._inflight.splice(i, 1);
         if (request?.reject) request.reject(error);
         else this._emit("error", error);
