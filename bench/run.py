@@ -765,18 +765,17 @@ class Pushd:
         self.workers = workers
         argv = [twistd_path(), "-n", "--pidfile=", "pushd",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1"]  # fmt: skip
-        ready = [rf"pushd listening on tcp:{self.port}:"]
+        ready = [rf"listening on http://127\.0\.0\.1:{self.port}/"]
         if workers > 1:
             # The workers listen on the socket the parent hands them (systemd's way).
             argv += ["--workers", str(workers)]
-            ready = [r"pushd listening on systemd:"]
         # `backlog`: a second listener, on backlog_port, with that listen queue
         # (Twisted's default is 50).
         self.backlog_port = 0
         if backlog is not None:
             self.backlog_port = free_port()
             argv += ["--listen", f"tcp:{self.backlog_port}:interface=127.0.0.1:backlog={backlog}"]
-            ready.append(rf"pushd listening on tcp:{self.backlog_port}:")
+            ready.append(rf"listening on http://127\.0\.0\.1:{self.backlog_port}/")
         if redis_port is not None:
             argv += ["--redis", f"redis://127.0.0.1:{redis_port}"]
             ready.append(r"Redis subscriber connected")

@@ -31,6 +31,8 @@ class PushdSite(Site):
     """The Site of one pushd process; it knows its connections, so that a stop
     can be graceful (`begin_stop`, `channels_gone`)."""
 
+    #: No "Starting factory <PushdSite object at 0x...>": the banner says it (pushd.service).
+    noisy = False
     #: From `begin_stop` on: no request reaches a resource, every answer closes.
     stopping = False
     stop_grace = 1.0
