@@ -55,10 +55,16 @@ _TWISTED_KEYS = frozenset(
 _SECRET_NAME = re.compile(r"password|passwd|secret|token|api_?key|authorization", re.IGNORECASE)
 MASK = "***"
 
-#: Twisted's listening ports say themselves that they start and stop, naming
-#: the factory's class ("QuietSite starting on 8080", "(TCP Port 8080
-#: Closed)"), whatever the factory's `noisy`: pushd's banner says it in words.
-_PORT_CHATTER = re.compile(r"^(?:\w+ starting on \S+|\((?:TCP |UNIX |SSL )?Port \S+ Closed\))$")
+#: Lines of Twisted's and txredisapi's in their words, left out. Twisted's
+#: listening ports say that they start and stop, naming the factory's class
+#: ("QuietSite starting on 8080", "(TCP Port 8080 Closed)"), whatever the
+#: factory's `noisy`: pushd's banner says it. txredisapi says "Discarding dead
+#: connection." when a command finds a connection of its pool gone: pushd says
+#: when Redis is lost (pushd.broker.redis.reachability).
+_CHATTER = re.compile(
+    r"^(?:\w+ starting on \S+|\((?:TCP |UNIX |SSL )?Port \S+ Closed\)"
+    r"|Discarding dead connection\.)$"
+)
 
 
 class _Settings:
@@ -108,10 +114,10 @@ def _stream() -> Any:
 
 
 def _not_chatter(event: LogEvent) -> Any:
-    """A log filter predicate (ILogFilterPredicate): no to the port chatter."""
+    """A log filter predicate (ILogFilterPredicate): no to the chatter."""
     text = event.get("log_text")
     legacy = event.get("log_namespace") == "log_legacy"
-    if legacy and isinstance(text, str) and _PORT_CHATTER.match(text):
+    if legacy and isinstance(text, str) and _CHATTER.match(text):
         return PredicateResult.no
     return PredicateResult.maybe
 
@@ -119,13 +125,13 @@ def _not_chatter(event: LogEvent) -> Any:
 # Observers are typed Any: ILogObserver is a zope interface, which mypy does not
 # see classes provide.
 def quiet(observer: Any) -> Any:
-    """`observer` (an ILogObserver) without Twisted's port chatter (`_PORT_CHATTER`)."""
+    """`observer` (an ILogObserver) without the libraries' chatter (`_CHATTER`)."""
     predicates: list[Any] = [_not_chatter]
     return FilteringLogObserver(observer, predicates)
 
 
 def text_lines() -> Any:
-    """A twistd `--logger`: twistd's own text lines, without the port chatter."""
+    """A twistd `--logger`: twistd's own text lines, without the libraries' chatter."""
     return quiet(textFileLogObserver(_stream()))
 
 

@@ -151,7 +151,7 @@ async def test_a_reply_of_the_wrong_shape_is_not_a_500(tmp_path: Path) -> None:
     try:
         node.start()
         await wait_for(
-            lambda: "Redis publish connection ready" in node.output(), what="the handshake"
+            lambda: "connected (publish connection)" in node.output(), what="the handshake"
         )
 
         async def answered() -> bool:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from pushd import __version__
-from tests.support import TIMEOUT, TWISTD, Node, wait_for
+from tests.support import TIMEOUT, TWISTD, Node, RedisServer, free_port, wait_for
 
 #: Drops the capability that lets root bind a port below 1024 (setpriv is
 #: util-linux's): root so is refused as any user is.
@@ -130,4 +132,55 @@ async def test_the_banner_says_version_address_and_demo_page(tmp_path: Path) -> 
     assert f"the demo page: {url}" in output, output
     assert f"pushd {__version__} listening on {unix}" in output, output
     for twisted_speak in ("starting on", "Starting factory", "Stopping factory", "Port", "0x"):
+        assert twisted_speak not in output, (twisted_speak, output)
+
+
+KINDS = ("publish connection", "command pool", "subscriber connection")
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_unreachable_is_said_once_per_change(tmp_path: Path) -> None:
+    redis = RedisServer(free_port(), tmp_path)
+    where = f"Redis 127.0.0.1:{redis.port}"
+    node = Node(tmp_path, "--redis", f"redis://127.0.0.1:{redis.port}")
+
+    def lines(text: str) -> list[str]:
+        return [line for line in node.output().splitlines() if text in line]
+
+    def said(kind: str, what: str) -> int:
+        return len([line for line in lines(f"{where} {what}") if f"({kind}" in line])
+
+    node.start()
+    try:
+        await wait_for(
+            lambda: all(said(kind, "unreachable") for kind in KINDS),
+            what="each kind of connection said unreachable",
+        )
+        # Not a wait for something: the window in which pushd retries (0.1 s
+        # doubling to 2 s: about six attempts of each of the 12 connections),
+        # each retry once a line of Twisted's, and now none.
+        await deferLater(reactor, 3, lambda: None)
+        for kind in KINDS:
+            assert said(kind, "unreachable: connection refused; retrying") == 1, node.output()
+        redis.start()
+        await wait_for(lambda: all(said(kind, "connected") for kind in KINDS), what="connected")
+        await node.ready()
+        redis.kill()
+        await wait_for(
+            lambda: all(said(kind, "unreachable: connection lost; retrying") for kind in KINDS),
+            what="each kind of connection said lost",
+        )
+        redis.start()
+        await wait_for(
+            lambda: all(said(kind, "connected") == 2 for kind in KINDS), what="connected again"
+        )
+        await node.ready()
+    finally:
+        await node.terminate()
+        redis.stop()
+    output = node.output()
+    for kind in KINDS:
+        assert said(kind, "unreachable") == 2, output
+        assert said(kind, "connected") == 2, output
+    for twisted_speak in ("Scheduling retry", "Endpoint object", "0x", "Discarding", "factory"):
         assert twisted_speak not in output, (twisted_speak, output)

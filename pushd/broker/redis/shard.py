@@ -101,7 +101,7 @@ class Shard:
         else:
             endpoint = endpoints.clientFromString(reactor, address.endpoint())
             factory = PoolFactory(None, address.db, settings.pool_size, **options)
-        self.pool = CommandPool(reactor, factory, endpoint, timeout)
+        self.pool = CommandPool(reactor, factory, endpoint, timeout, shard=self.name)
         self.connection = PublishConnection(
             reactor,
             endpoint,
@@ -109,6 +109,7 @@ class Shard:
             timeout,
             require_master=where.master is not None,
             on_connected=self._check_ready,
+            shard=self.name,
         )
         size, ttl = settings.history
         self.publisher = Publisher(
@@ -123,7 +124,9 @@ class Shard:
             reactor=reactor,
             meta_ttl=settings.meta_ttl,
         )
-        self.subscriber = Subscriber(address, endpoint, keys, self.commands.channels, self)
+        self.subscriber = Subscriber(
+            address, endpoint, keys, self.commands.channels, self, shard=self.name
+        )
 
     def _handshake(self) -> list[bytes]:
         """What a new publish connection runs first (PublishConnection); its
