@@ -55,9 +55,9 @@ class Reachability:
         if self.up is not False:
             self.up = False
             log.warn(
-                "Redis {shard} unreachable: {why}; retrying ({kind})",
+                "Redis {shard} unreachable: {reason}; retrying ({kind})",
                 shard=self.shard,
-                why=why,
+                reason=why,
                 kind=self.kind,
             )
 
