@@ -144,18 +144,14 @@ def json_lines() -> Any:
 
 def json_line(event: LogEvent, secrets: Iterable[str] = ()) -> str:
     """`event` as one JSON line (with its newline); `secrets` are masked."""
-    record = as_record(event)
-    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    for secret in secrets:
-        # Strings inside the JSON text are escaped: mask the escaped form.
-        for form in {secret, json.dumps(secret, ensure_ascii=False)[1:-1]}:
-            line = line.replace(form, MASK)
-    return line + "\n"
+    record = as_record(event, secrets)
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
 
 
-def as_record(event: Mapping[str, Any]) -> dict[str, Any]:
+def as_record(event: Mapping[str, Any], secrets: Iterable[str] = ()) -> dict[str, Any]:
     """The JSON object of `event`: time, level, logger, message, the event's
-    own fields (JSON-safe), failure."""
+    own fields (JSON-safe), failure; every one of `secrets` in a string of it
+    replaced by MASK."""
     level = getattr(event.get("log_level"), "name", None)
     record: dict[str, Any] = {
         "time": _iso_time(event.get("log_time")),
@@ -171,7 +167,26 @@ def as_record(event: Mapping[str, Any]) -> dict[str, Any]:
         record[name] = MASK if _SECRET_NAME.search(key) else _json_safe(value)
     if isinstance(failure, Failure):
         record["failure"] = failure.getTraceback()
-    return record
+    masked: dict[str, Any] = _masked(record, tuple(secrets))
+    return masked
+
+
+def _masked(value: Any, secrets: tuple[str, ...]) -> Any:
+    """`value` (JSON-safe) with each of `secrets` in its strings replaced by
+    MASK; masked in the values, not in the JSON text, so that no secret can
+    break a line's JSON."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, MASK)
+        return value
+    if isinstance(value, list):
+        return [_masked(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {_masked(k, secrets): _masked(v, secrets) for k, v in value.items()}
+    return value
 
 
 def _iso_time(seconds: Any) -> str:

@@ -166,6 +166,10 @@ def test_a_record_is_json_safe_and_masks_secrets() -> None:
     assert "ZeroDivisionError" in record["failure"] and "Traceback" in record["failure"]
     assert not [key for key in record if key.startswith("log_")], record
     assert TIME.fullmatch(record["time"]), record
+    # A secret made of JSON's own characters is masked in the values: the line stays JSON.
+    quoted = '","'
+    log.info("{a}", a=f"x{quoted}y", b=[quoted])
+    assert json.loads(json_line(events[-1], [quoted]))["b"] == [MASK]
     # Twisted's own JSON serialisation of the same event, for contrast: what
     # `--logger pushd.logs.json_lines` wrote before (epoch floats, nested level).
     assert '"log_time"' in eventAsJSON(event)
