@@ -45,12 +45,11 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-FORMATS = ("text", "json")
-
-#: Keys Twisted puts in events (its new and legacy systems): not the event's own fields.
-_TWISTED_KEYS = frozenset(
-    {"message", "time", "system", "format", "isError", "why", "failure", "logLevel", "printed"}
-)
+#: Keys Twisted's legacy system puts in events (twisted.python.log, and its
+#: observers, which add them to every event they see): not the event's own fields.
+_TWISTED_KEYS = frozenset({"message", "time", "system", "format", "isError", "logLevel", "printed"})
+#: Keys of a legacy error (`isError` set), the failure and its text: not fields either.
+_LEGACY_ERROR_KEYS = frozenset({"why", "failure"})
 #: Names of fields whose values are masked whatever they hold.
 _SECRET_NAME = re.compile(r"password|passwd|secret|token|api_?key|authorization", re.IGNORECASE)
 MASK = "***"
@@ -80,8 +79,8 @@ _settings = _Settings()
 
 def configure(twistd: MutableMapping[str, Any], log_format: str, secrets: Iterable[str]) -> None:
     """Pick the log observer of a twistd run: `twistd` is twistd's own options
-    (`pushd.tap.Options.parent`, parsed before pushd's), `log_format` one of
-    FORMATS, `secrets` the strings to mask in JSON lines."""
+    (`pushd.tap.Options.parent`, parsed before pushd's), `log_format` "text"
+    or "json", `secrets` the strings to mask in JSON lines."""
     _settings.secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
     logfile = twistd.get("logfile") or None
     nodaemon = bool(twistd.get("nodaemon") or twistd.get("debug"))
@@ -91,6 +90,8 @@ def configure(twistd: MutableMapping[str, Any], log_format: str, secrets: Iterab
         _settings.destination = logfile or "twistd.log"
     if twistd.get("logger") or twistd.get("syslog"):
         return  # the operator's choice (`--logger=pushd.logs.json_lines` included)
+    if logfile == "-" and not nodaemon:
+        return  # twistd refuses it ("Daemons cannot log to stdout")
     # A name: twistd's own option handling (run after pushd's) imports it.
     twistd["logger"] = f"{__name__}.{'json_lines' if log_format == 'json' else 'text_lines'}"
 
@@ -160,8 +161,11 @@ def as_record(event: Mapping[str, Any], secrets: Iterable[str] = ()) -> dict[str
         "message": formatEvent(dict(event)),
     }
     failure = event.get("log_failure", event.get("failure"))
+    legacy_error = "isError" in event
     for key, value in event.items():
         if not isinstance(key, str) or key.startswith("log_") or key in _TWISTED_KEYS:
+            continue
+        if legacy_error and key in _LEGACY_ERROR_KEYS:
             continue
         name = key if key not in record else f"{key}_"
         record[name] = MASK if _SECRET_NAME.search(key) else _json_safe(value)

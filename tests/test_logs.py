@@ -191,3 +191,22 @@ def test_a_record_of_a_legacy_event_has_its_text() -> None:
     record = as_record(event)
     assert record["message"] == "something happened" and record["logger"] == "log_legacy", record
     assert not {"system", "isError", "format", "message_", "time_"} & set(record), record
+
+
+def test_a_legacy_error_is_its_traceback() -> None:
+    """`twisted.python.log.err`, as Twisted and txredisapi still call it: the
+    failure's traceback as `failure`, the reason in the message."""
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacy
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        legacy.err(Failure(ValueError("bad value")), "while reading")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if "log_failure" in e or "failure" in e]
+    record = as_record(event)
+    assert "while reading" in record["message"], record
+    assert "ValueError: bad value" in record["failure"], record
+    assert not {"why", "isError", "failure_"} & set(record), record
