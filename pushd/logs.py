@@ -58,11 +58,13 @@ MASK = "***"
 #: listening ports say that they start and stop, naming the factory's class
 #: ("QuietSite starting on 8080", "(TCP Port 8080 Closed)"), whatever the
 #: factory's `noisy`: pushd's banner says it. txredisapi says "Discarding dead
-#: connection." when a command finds a connection of its pool gone: pushd says
-#: when Redis is lost (pushd.broker.redis.reachability).
+#: connection." when a command finds a connection of its pool gone, and "Redis
+#: error: could not auth: ..." at each refused attempt of each connection:
+#: pushd says when Redis is lost or refuses, once (pushd.broker.redis.reachability).
 _CHATTER = re.compile(
     r"^(?:\w+ starting on \S+|\((?:TCP |UNIX |SSL )?Port \S+ Closed\)"
-    r"|Discarding dead connection\.)$"
+    r"|Discarding dead connection\.|Redis error: could not (?:auth|set dbid=\S*): .*)$",
+    re.DOTALL,
 )
 
 

@@ -83,6 +83,9 @@ Internal (library): pushd's use -> what it relies on
     _QuietSlot), broker/redis/pool.py (_Told)
     -> `startConnecting` makes `poolsize` slots and starts them; a slot connects through the
        ClientService in `.service`, made of those arguments; `add`/`delConnection` count `size`
+- `BaseRedisProtocol.connectionMade` calling `factory.connectionError("Redis error: could
+    not auth: ...")` (txredisapi): broker/redis/pool.py (KeepTrying.connectionError)
+    -> a refused AUTH or SELECT is told the factory, in those words
 - `ClientService._log` (Twisted): broker/redis/reachability.py (QuietClientService)
     -> the Logger ClientService hands its state machine, which logs every retry through it
 - `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
@@ -673,6 +676,11 @@ def test_txredisapi_pool_slots(txredisapi: Any) -> None:
     assert [type(slot.service) for slot in factory.slots] == [QuietClientService] * 2, what
     assert all(slot.service.running for slot in factory.slots), what
     factory.disconnect()
+    what = _changed(TXREDISAPI, "BaseRedisProtocol.connectionMade -> factory.connectionError")
+    made = inspect.getsource(txredisapi.BaseRedisProtocol.connectionMade)
+    assert made.count("self.factory.connectionError(msg)") == 2, what
+    assert '"Redis error: could not auth: %s"' in made, what
+    assert '"Redis error: could not set dbid=%s: %s"' in made, what
     what = _changed(TWISTED, "ClientService._log, handed to its state machine")
     assert "log=self._log" in inspect.getsource(ClientService.__init__), what
 

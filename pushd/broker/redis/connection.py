@@ -225,7 +225,7 @@ class PublishConnection:
                 return
             self._failed_setups += 1
             why = failure.getErrorMessage() or type(failure.value).__name__
-            log.warn("Redis publish connection set-up failed: {why}; retrying", why=why)
+            self.reachability.set_up_failed(why)
             proto._out().abortConnection()
 
         d = Deferred.fromCoroutine(self._set_up(proto))

@@ -9,6 +9,7 @@ this process at once, not the publish rate.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,11 +31,31 @@ class KeepTrying(QuietSlots):
     a shard would then stay down until a restart. pushd's connections keep
     trying, with the backoff (`retry_alike`), until pushd stops them
     (`disconnect`, which does not go through `stopTrying`). A wrong password
-    is logged at every attempt (txredisapi's "could not auth"); the attempts
-    themselves are not (QuietSlots)."""
+    is said once, by `reachability`, not at every attempt (txredisapi's
+    "could not auth" is left out of pushd's log: pushd.logs); nor are the
+    attempts themselves (QuietSlots)."""
+
+    #: Told of set-ups Redis refuses (CommandPool, Subscriber).
+    reachability: Reachability | None = None
 
     def stopTrying(self) -> Deferred[None]:
         return succeed(None)
+
+    def connectionError(self, why: str) -> None:
+        super().connectionError(why)  # type: ignore[misc]
+        if self.reachability is not None:
+            # txredisapi's words, as the publish connection says it.
+            refused = _TXREDISAPI_REFUSAL.match(why)
+            if refused is not None:
+                command = "AUTH" if refused["what"] == "auth" else "SELECT"
+                why = f"Redis refused {command}: {refused['reply']}"
+            self.reachability.set_up_failed(why)
+
+
+#: What txredisapi says when Redis refuses a connection's AUTH or SELECT.
+_TXREDISAPI_REFUSAL = re.compile(
+    r"Redis error: could not (?P<what>auth|set dbid=\S*): (?P<reply>.*)", re.DOTALL
+)
 
 
 class _Told:
@@ -42,7 +63,7 @@ class _Told:
     pool's first connection is made and its last one lost (txredisapi's
     `addConnection` and `delConnection`, which count `size`)."""
 
-    reachability: Reachability | None = None
+    reachability: Reachability | None
     size: int
     disconnectCalled: bool
 

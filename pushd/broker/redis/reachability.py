@@ -6,7 +6,9 @@ the subscriber connection) has a `Reachability`, which logs
     Redis 127.0.0.1:6379 unreachable: connection refused; retrying (publish connection)
     Redis 127.0.0.1:6379 connected (publish connection)
 
-once when that changes, not at every attempt: the attempts go on quietly
+(or "set-up failed: Redis refused AUTH: ...; retrying" when Redis answers but
+refuses the connection's set-up: a wrong password, a replica where the master
+was expected) once when that changes, not at every attempt: the attempts go on quietly
 (`QuietClientService`, `QuietSlots`), at the backoff of
 pushd.broker.redis.connection.
 """
@@ -31,18 +33,26 @@ log = Logger()
 class Reachability:
     """One kind of connection (`kind`, e.g. "publish connection") to one Redis
     (`shard`, its description without password): `connected` and
-    `unreachable` log only when the state changes."""
+    `unreachable` and `set_up_failed` log only when the state changes."""
 
     def __init__(self, shard: str, kind: str) -> None:
         self.shard = shard
         self.kind = kind
-        #: None until the first attempt's outcome.
-        self.up: bool | None = None
+        #: None until the first attempt's outcome, then "connected",
+        #: "unreachable" or "set-up failed".
+        self.state: str | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "connected"
+
+    def _becomes(self, state: str) -> bool:
+        changed, self.state = self.state != state, state
+        return changed
 
     def connected(self, detail: str = "") -> None:
         """A connection works again; `detail` is added to the kind ("subscribing 3 channels")."""
-        if self.up is not True:
-            self.up = True
+        if self._becomes("connected"):
             log.info(
                 "Redis {shard} connected ({connection})",
                 shard=self.shard,
@@ -52,12 +62,22 @@ class Reachability:
 
     def unreachable(self, why: str) -> None:
         """No connection works: `why` in words ("connection refused")."""
-        if self.up is not False:
-            self.up = False
+        if self._becomes("unreachable"):
             log.warn(
                 "Redis {shard} unreachable: {reason}; retrying ({kind})",
                 shard=self.shard,
                 reason=why,
+                kind=self.kind,
+            )
+
+    def set_up_failed(self, why: str) -> None:
+        """Redis answers, but refuses what a new connection runs first (AUTH,
+        SELECT; with Sentinel, a replica): `why`, Redis's words."""
+        if self._becomes("set-up failed"):
+            log.warn(
+                "Redis {shard} set-up failed: {reason}; retrying ({kind})",
+                shard=self.shard,
+                reason=why.rstrip("."),
                 kind=self.kind,
             )
 

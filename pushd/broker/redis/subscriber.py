@@ -108,6 +108,7 @@ class Subscriber:
     ) -> None:
         self._factory = _ConnectionFactory(self, address)
         self.reachability = Reachability(shard, "subscriber connection")
+        self._factory.reachability = self.reachability
         self._endpoint = self.reachability.watch(endpoint)
         self._keys = keys
         self._prefix = keys.prefix.encode()
