@@ -116,8 +116,15 @@ def _stream() -> Any:
     return log_file
 
 
+#: Twisted's factories that are `noisy` (its default: twisted.web.client's, for
+#: --auth-url's requests) say each start and stop, with their repr.
+_FACTORY_CHATTER = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
 def _not_chatter(event: LogEvent) -> Any:
     """A log filter predicate (ILogFilterPredicate): no to the chatter."""
+    if event.get("log_format") in _FACTORY_CHATTER:
+        return PredicateResult.no
     text = event.get("log_text")
     legacy = event.get("log_namespace") == "log_legacy"
     if legacy and isinstance(text, str) and _CHATTER.match(text):

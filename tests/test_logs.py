@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from pushd import __version__
@@ -207,3 +207,30 @@ def test_a_legacy_error_is_its_traceback() -> None:
     assert "while reading" in record["message"], record
     assert "ValueError: bad value" in record["failure"], record
     assert not {"why", "isError", "failure_"} & set(record), record
+
+
+def test_the_libraries_chatter_is_left_out() -> None:
+    """What Twisted's and txredisapi's own code says in their words, through
+    the observer pushd's log uses (text or JSON), is left out; the rest stays."""
+    from twisted.internet.protocol import Factory
+    from twisted.logger import globalLogPublisher
+    from twisted.python import log as legacy
+
+    from pushd.logs import quiet
+
+    events: list[dict[str, Any]] = []
+    observer = quiet(events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        noisy = Factory()
+        noisy.noisy = True
+        noisy.doStart()
+        noisy.doStop()
+        legacy.msg("PushdSite starting on 8080")
+        legacy.msg("(TCP Port 8080 Closed)")
+        legacy.msg("Discarding dead connection.")
+        legacy.msg("Redis error: could not auth: WRONGPASS invalid username-password pair")
+        legacy.msg("kept")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [formatEvent(e) for e in events] == ["kept"], [formatEvent(e) for e in events]
