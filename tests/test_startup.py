@@ -108,9 +108,14 @@ def test_a_file_that_is_no_key_is_one_line(tmp_path: Path) -> None:
     assert line.startswith("pushd: error: --listen ") and "not a PEM private key" in line, line
 
 
-def test_the_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("twistd_options", [(), ("-n",)])
+def test_the_version(tmp_path: Path, twistd_options: tuple[str, ...]) -> None:
     run = subprocess.run(
-        [TWISTD, "pushd", "--version"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [TWISTD, *twistd_options, "pushd", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert run.returncode == 0, run
     assert run.stdout.startswith(f"pushd {__version__} (Twisted "), run.stdout
