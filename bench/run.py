@@ -765,21 +765,20 @@ class Pushd:
         self.workers = workers
         argv = [twistd_path(), "-n", "--pidfile=", "pushd",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1"]  # fmt: skip
-        ready = [rf"pushd listening on tcp:{self.port}:"]
+        ready = [rf"listening on http://127\.0\.0\.1:{self.port}/"]
         if workers > 1:
             # The workers listen on the socket the parent hands them (systemd's way).
             argv += ["--workers", str(workers)]
-            ready = [r"pushd listening on systemd:"]
         # `backlog`: a second listener, on backlog_port, with that listen queue
         # (Twisted's default is 50).
         self.backlog_port = 0
         if backlog is not None:
             self.backlog_port = free_port()
             argv += ["--listen", f"tcp:{self.backlog_port}:interface=127.0.0.1:backlog={backlog}"]
-            ready.append(rf"pushd listening on tcp:{self.backlog_port}:")
+            ready.append(rf"listening on http://127\.0\.0\.1:{self.backlog_port}/")
         if redis_port is not None:
             argv += ["--redis", f"redis://127.0.0.1:{redis_port}"]
-            ready.append(r"Redis subscriber connected")
+            ready.append(r"Redis \S+ connected \(subscriber connection")
         self.child = Child(name, [*argv, *(options or [])], cpu, env=pushd_env(src))
         self.child.wait_counts({rx: workers for rx in ready}, 30)
         self.child.collect = False
@@ -796,8 +795,8 @@ class Pushd:
             raise BenchError(f"{name}: a test POST answered {status}")
 
     def wait_healthy(self, name: str, need: int, timeout: float = 15) -> None:
-        """Until `need` GET /health in a row answer 200. "Redis subscriber connected"
-        comes before pushd's command pool is connected: a POST then answers 503."""
+        """Until `need` GET /health in a row answer 200. "Redis ... connected (subscriber
+        connection ...)" comes before pushd's command pool is connected: a POST then answers 503."""
         t0 = time.monotonic()
         ok = unhealthy = 0
         while ok < need:

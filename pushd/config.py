@@ -64,9 +64,24 @@ def _endpoint(text: str) -> str:
 
     if not text:
         raise ValueError("empty endpoint")
-    # Validates the description without listening.
-    endpoints._parseServer(text, None)
+    # Validates the description without listening; an `ssl:` one reads its key
+    # and certificate files here.
+    try:
+        endpoints._parseServer(text, None)
+    except OSError as e:
+        raise ValueError(f"cannot read {e.filename}: {e.strerror}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("OpenSSL"):
+            raise ValueError(f"not a PEM private key and its certificate ({_openssl(e)})") from None
+        raise
     return text
+
+
+def _openssl(error: Exception) -> str:
+    """OpenSSL's reasons, from pyOpenSSL's `[(library, function, reason), ...]`."""
+    reasons = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    words = [": ".join(p for p in r if p) for r in reasons if isinstance(r, tuple)]
+    return "; ".join(w for w in words if w) or str(error) or type(error).__name__
 
 
 def _positive_float(text: str) -> float:
@@ -110,6 +125,13 @@ def _channel_pattern(text: str) -> str:
     if not text or not CHANNEL_RE.fullmatch(text.replace("*", "a")):
         raise ValueError("expected a channel name, `*` wildcards allowed")
     return text
+
+
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return value
 
 
 def _non_empty(text: str) -> str:
@@ -391,6 +413,14 @@ OPTIONS: tuple[Option, ...] = (
         "on: log every HTTP request to the twistd log",
         metavar="on|off",
     ),
+    Option(
+        "log-format",
+        _log_format,
+        "text",
+        "text: twistd's lines; json: one JSON object a line (time, level, logger, "
+        "message, the event's fields)",
+        metavar="text|json",
+    ),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -437,6 +467,7 @@ class Config:
     workers: int = 1
     demo: bool | None = None
     access_log: bool = False
+    log_format: str = "text"
 
     def personal(self, user: str) -> str | None:
         """The personal channel of `user`, when the id fits in a channel name."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -13,9 +14,11 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
+from pushd import __version__
 from pushd.auth import Authenticator, Gate, OriginPolicy, make_verifier
 from pushd.auth_url import ConnectAuthorizer
 from pushd.broker import Broker
@@ -31,33 +34,88 @@ from pushd.web.site import make_site
 log = Logger()
 
 
+class StartupError(Exception):
+    """A start-up failure that is said in one line, its str (twistd's
+    traceback of it is replaced by that line: pushd.tap.one_line_failures)."""
+
+
+class ListenFailed(StartupError, CannotListenError):
+    """`description` (an endpoint string as given) cannot be listened on:
+    `reason` in a few words ("address already in use"). Still a
+    CannotListenError, which pushd.testing documents."""
+
+    def __init__(self, description: str, error: BaseException) -> None:
+        cause = error.socketError if isinstance(error, CannotListenError) else error
+        CannotListenError.__init__(self, None, description, cause)
+        self.description = description
+        self.reason = in_words(cause)
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.description}: {self.reason}"
+
+
+def in_words(error: BaseException) -> str:
+    """An OS error as its words, lower case ("address already in use",
+    "permission denied"); other errors as their message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def listening_url(port: Any, description: str) -> str:
+    """Where clients reach `port`: `http://127.0.0.1:8080/`, `https://...` for
+    a TLS endpoint (`ssl:`), `[::1]` for IPv6, the path of a unix socket."""
+    host = port.getHost()
+    path = getattr(host, "name", None)
+    if path is not None:
+        return os.fsdecode(path)
+    address = getattr(host, "host", "")
+    if ":" in address:
+        address = f"[{address}]"
+    scheme = "https" if description.split(":", 1)[0].lower() == "ssl" else "http"
+    return f"{scheme}://{address}:{getattr(host, 'port', '')}/"
+
+
 class Listener(Service):
     """Listens on one endpoint; `port` is the IListeningPort once listening.
 
     Unlike StreamServerEndpointService it exposes the port, which tests
-    started on `tcp:0` need.
+    started on `tcp:0` need. With `demo`, the banner also gives the demo
+    page's address.
     """
 
-    def __init__(self, endpoint: Any, factory: Any, description: str) -> None:
+    def __init__(self, endpoint: Any, factory: Any, description: str, demo: bool = False) -> None:
         self.endpoint = endpoint
         self.factory = factory
         self.description = description
+        self.demo = demo
         self.port: Any = None
         self.listening: Deferred[IListeningPort] = Deferred()
 
     def startService(self) -> None:
         Service.startService(self)
         self.listening = self.endpoint.listen(self.factory)
-        self.listening.addCallback(self._listening)
+        self.listening.addCallbacks(self._listening, self._failed)
         # twistd must fail at start-up, not log later, when a port is taken.
         failure: list[Any] = []
         self.listening.addErrback(failure.append)
         if failure:
             failure[0].raiseException()
 
+    def _failed(self, failure: Any) -> None:
+        raise ListenFailed(self.description, failure.value)
+
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
-        log.info("pushd listening on {where}", where=self.description)
+        url = listening_url(port, self.description)
+        log.info(
+            "pushd {version} listening on {url}",
+            version=__version__,
+            url=url,
+            endpoint=self.description,
+        )
+        if self.demo and "://" in url:
+            log.info("the demo page: {demo_url}", demo_url=url)
         return port
 
     def stopService(self) -> Deferred[None] | None:
@@ -254,9 +312,10 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         reactor=reactor,
         presence=presence,
     )
+    demo = config.demo if config.demo is not None else not config.uses_redis
     for description in config.listen:
         endpoint = endpoints.serverFromString(reactor, with_backlog(description))
-        listener = Listener(endpoint, site, description)
+        listener = Listener(endpoint, site, description, demo)
         Service.setServiceParent(listener, service)
         service.listeners.append(listener)
     if not config.api_key:

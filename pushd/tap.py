@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from types import TracebackType
 from typing import Any
 
 from twisted.python import usage
 
+from pushd import __version__, logs
 from pushd import config as _config
-from pushd.service import make_service
+from pushd.service import StartupError, make_service
 
 
 def _help(o: _config.Option) -> str:
@@ -35,6 +37,16 @@ class Options(usage.Options):
             if o.repeatable:
                 self[o.name] = []
 
+    def opt_version(self) -> None:
+        """pushd's version (and Twisted's, Python's), then exit"""
+        import platform
+
+        import twisted
+
+        python = platform.python_version()
+        print(f"pushd {__version__} (Twisted {twisted.__version__}, Python {python})")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         try:
             self.config = _config.load(self)
@@ -42,6 +54,12 @@ class Options(usage.Options):
             # twistd would print its whole usage text before a UsageError.
             sys.stderr.write(f"pushd: error: {e}\n")
             raise SystemExit(2) from None
+        twistd = getattr(self, "parent", None)
+        if twistd is not None:
+            # twistd sets its log up after this and before makeService runs.
+            from pushd.workers import secret_strings
+
+            logs.configure(twistd, self.config.log_format, secret_strings(self.config))
 
 
 def _repeatable(option: _config.Option) -> Any:
@@ -57,8 +75,23 @@ for _o in _config.OPTIONS:
         setattr(Options, f"opt_{_o.key}", _repeatable(_o))
 
 
+def one_line_failures(
+    kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+) -> None:
+    """sys.excepthook under twistd: a StartupError that ends twistd (it raises
+    out of startService) is one line on the real stderr (twistd has made
+    sys.stderr a log), not a traceback."""
+    if isinstance(error, StartupError):
+        real = sys.__stderr__ or sys.stderr
+        real.write(f"pushd: {error}\n")
+        real.flush()
+        return
+    sys.__excepthook__(kind, error, traceback)
+
+
 def makeService(options: Options) -> Any:
     config = options.config
+    sys.excepthook = one_line_failures
     if config.workers > 1:
         from twisted.application.service import MultiService, Service
         from twisted.internet import reactor

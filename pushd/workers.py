@@ -35,7 +35,7 @@ from pushd.config import (
     ConfigError,
     split_secrets,
 )
-from pushd.service import with_backlog
+from pushd.service import ListenFailed, StartupError, with_backlog
 
 log = Logger()
 
@@ -159,7 +159,12 @@ class WorkerPool(Service):
         # The workers' command lines have none; the parent's own loses what it had.
         mask_command_line(secret_strings(self._config))
         for description in self._config.listen:
-            sock, domain = open_socket(description)
+            try:
+                sock, domain = open_socket(description)
+            except OSError as e:
+                raise ListenFailed(description, e) from None
+            except ConfigError as e:
+                raise StartupError(str(e)) from None
             self._sockets.append(sock)
             self._domains.append(domain)
         log.info(

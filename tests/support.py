@@ -401,7 +401,7 @@ class Node:
         listening socket without accepting) and on its broker (ten health
         checks in a row, on new connections the kernel spreads, answer 200)."""
         await wait_for(
-            lambda: self.output().count("pushd listening on systemd:") >= workers,
+            lambda: self.output().count(f"listening on {self.url}/") >= workers,
             timeout=30,
             what="every worker to listen",
         )

@@ -77,6 +77,17 @@ Internal (library): pushd's use -> what it relies on
 - `SentinelConnectionFactory(sentinel_manager, service_name, is_master, uuid, dbid,
     poolsize, ...)` (txredisapi): broker/redis/shard.py (Shard, with Sentinel)
     -> a RedisFactory whose connections check the server's role
+- `_PoolSlot(factory, endpoint, reconnect)`, its `.service`, `_retryDelay`,
+    `_prepareConnection`, `_SlotFactory(factory, slot)`, `RedisFactory.startConnecting`,
+    `addConnection`, `delConnection` (txredisapi): broker/redis/reachability.py (QuietSlots,
+    _QuietSlot), broker/redis/pool.py (_Told)
+    -> `startConnecting` makes `poolsize` slots and starts them; a slot connects through the
+       ClientService in `.service`, made of those arguments; `add`/`delConnection` count `size`
+- `BaseRedisProtocol.connectionMade` calling `factory.connectionError("Redis error: could
+    not auth: ...")` (txredisapi): broker/redis/pool.py (KeepTrying.connectionError)
+    -> a refused AUTH or SELECT is told the factory, in those words
+- `ClientService._log` (Twisted): broker/redis/reachability.py (QuietClientService)
+    -> the Logger ClientService hands its state machine, which logs every retry through it
 - `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
     broker/redis/subscriber.py (_ConnectionFactory, _Connection)
     -> read at buildProtocol; `messageReceived(pattern, channel, message)` per message
@@ -636,6 +647,42 @@ def test_txredisapi_stops_trying_when_a_connection_cannot_start(txredisapi: Any)
     from pushd.broker.redis.pool import PoolFactory
 
     assert PoolFactory(None, 0, 1, isLazy=True).stopTrying().called, what
+
+
+def test_txredisapi_pool_slots(txredisapi: Any) -> None:
+    """QuietSlots makes txredisapi's slots as `startConnecting` does, each
+    with a quiet ClientService made of the slot's own arguments."""
+    import inspect
+
+    from twisted.application.internet import ClientService
+
+    what = _changed(TXREDISAPI, "_PoolSlot / _SlotFactory / RedisFactory.startConnecting")
+    _present(TXREDISAPI, txredisapi, "_PoolSlot", "_SlotFactory")
+    _present(TXREDISAPI, txredisapi._PoolSlot, "_retryDelay", "_prepareConnection", "start")
+    made = inspect.getsource(txredisapi.RedisFactory.startConnecting)
+    assert "_PoolSlot(self, endpoint, self.reconnect)" in made, what
+    slot_init = inspect.getsource(txredisapi._PoolSlot.__init__)
+    for part in (
+        "ClientService(endpoint, _SlotFactory(factory, self)",
+        "retryPolicy=self._retryDelay",
+        "prepareConnection=self._prepareConnection",
+    ):
+        assert part in slot_init, what + f": _PoolSlot makes its service without {part!r}"
+    from pushd.broker.redis.pool import PoolFactory
+    from pushd.broker.redis.reachability import QuietClientService
+
+    factory = PoolFactory(None, 0, 2, isLazy=True)
+    factory.startConnecting(endpoints.TCP4ClientEndpoint(MemoryReactorClock(), "h", 1))
+    assert [type(slot.service) for slot in factory.slots] == [QuietClientService] * 2, what
+    assert all(slot.service.running for slot in factory.slots), what
+    factory.disconnect()
+    what = _changed(TXREDISAPI, "BaseRedisProtocol.connectionMade -> factory.connectionError")
+    made = inspect.getsource(txredisapi.BaseRedisProtocol.connectionMade)
+    assert made.count("self.factory.connectionError(msg)") == 2, what
+    assert '"Redis error: could not auth: %s"' in made, what
+    assert '"Redis error: could not set dbid=%s: %s"' in made, what
+    what = _changed(TWISTED, "ClientService._log, handed to its state machine")
+    assert "log=self._log" in inspect.getsource(ClientService.__init__), what
 
 
 def test_txredisapi_sentinel_factory(txredisapi: Any) -> None:

@@ -91,7 +91,7 @@ async def test_json_log_lines(tmp_path: Path) -> None:
     finally:
         node.kill(signal.SIGTERM)
     events = [json.loads(line) for line in node.output().splitlines()]
-    admitted = [e for e in events if e.get("log_format", "").startswith("websocket client")]
+    admitted = [e for e in events if e["message"].startswith("websocket client 127.0.0.1 admit")]
     assert admitted and admitted[0]["peer"] == "127.0.0.1"
 
 

@@ -115,16 +115,32 @@ async def test_a_wrong_password_is_said_clearly_without_critical_tracebacks(
     node = Node(tmp_path, "--redis", f"redis://:wrong@127.0.0.1:{own_redis.port}")
     try:
         node.start()
-        await wait_for(
-            lambda: (
-                node.output().count("publish connection set-up failed: Redis refused AUTH") >= 2
-            ),
-            what="two refused handshakes",
-        )
+
+        def refused_auths() -> int:
+            """AUTH refused by Redis so far (ACL LOG groups alike entries, with a count)."""
+            with socket.create_connection(("127.0.0.1", own_redis.port)) as s:
+                s.sendall(hiredis.pack_command(("AUTH", "right")))
+                s.sendall(hiredis.pack_command(("ACL", "LOG")))
+                reader, replies = hiredis.Reader(), []
+                while len(replies) < 2:
+                    reader.feed(s.recv(65536))
+                    while (reply := reader.gets()) is not False:
+                        replies.append(reply)
+            entries = replies[1]
+            return sum(dict(zip(e[::2], e[1::2], strict=True))[b"count"] for e in entries)
+
+        # Each of the 12 connections (publish, 10 in the pool, subscriber) is
+        # refused once, then again: retried, and said once.
+        await wait_for(lambda: refused_auths() > 24, what="refused handshakes, retried")
+        said = "set-up failed: Redis refused AUTH: WRONGPASS invalid username-password pair"
+        for kind in ("publish connection", "command pool", "subscriber connection"):
+            lines = [line for line in node.output().splitlines() if said in line]
+            assert len([line for line in lines if f"({kind})" in line]) == 1, node.output()
         code, body = await post(node, "pw")
         assert code == 503, body
         assert "NoTransition" not in node.output()
         assert "#critical" not in node.output()
+        assert "Redis error: could not auth" not in node.output()
     finally:
         node.stop()
         redis_command(own_redis, "CONFIG", "SET", "requirepass", "")
@@ -151,7 +167,7 @@ async def test_a_reply_of_the_wrong_shape_is_not_a_500(tmp_path: Path) -> None:
     try:
         node.start()
         await wait_for(
-            lambda: "Redis publish connection ready" in node.output(), what="the handshake"
+            lambda: "connected (publish connection)" in node.output(), what="the handshake"
         )
 
         async def answered() -> bool:

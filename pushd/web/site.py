@@ -3,9 +3,11 @@ the Site that knows its connections, so that a stop can be graceful."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.web.http import combinedLogFormatter
 from twisted.web.server import Site
 
 from pushd.auth import Gate
@@ -27,11 +29,23 @@ from pushd.web.producer import ChannelsResource, Producing
 from pushd.web.resource import ProducerAuth
 from pushd.web.static import Root, StaticFile
 
+#: A token or key in a request's query (`/sse?token=...`): a credential, kept out of the log.
+_CREDENTIAL_IN_QUERY = re.compile(r"([?&](?:token|api_key|key)=)[^&\s\"]*", re.IGNORECASE)
+
+
+def access_log_line(timestamp: str, request: Any) -> str:
+    """--access-log's line: Twisted's combined log format, with the value of
+    a `token=` in the URL masked."""
+    line: str = combinedLogFormatter(timestamp, request)
+    return _CREDENTIAL_IN_QUERY.sub(r"\1***", line)
+
 
 class PushdSite(Site):
     """The Site of one pushd process; it knows its connections, so that a stop
     can be graceful (`begin_stop`, `channels_gone`)."""
 
+    #: No "Starting factory <PushdSite object at 0x...>": the banner says it (pushd.service).
+    noisy = False
     #: From `begin_stop` on: no request reaches a resource, every answer closes.
     stopping = False
     stop_grace = 1.0
@@ -40,6 +54,7 @@ class PushdSite(Site):
     streams: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("logFormatter", access_log_line)
         Site.__init__(self, *args, **kwargs)
         self.channels: OpenConnections[PushdChannel] = OpenConnections()
 

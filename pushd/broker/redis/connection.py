@@ -29,7 +29,7 @@ from functools import partial
 from typing import Any
 
 import hiredis
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushd.broker import BrokerUnavailable, OutcomeUnknown
+from pushd.broker.redis.reachability import QuietClientService, Reachability
 
 log = Logger()
 
@@ -127,6 +128,7 @@ class PublishConnection:
     connection runs first (RESP, in order), an error reply failing it;
     `timeout` (seconds, 0 for none) is the watchdog's tick; with
     `require_master` a connection to a replica fails its set-up (Sentinel).
+    `shard` names the Redis in the log (its description, without password).
     """
 
     def __init__(
@@ -138,7 +140,10 @@ class PublishConnection:
         *,
         require_master: bool = False,
         on_connected: Callable[[], object] = lambda: None,
+        shard: str = "",
     ) -> None:
+        self.reachability = Reachability(shard, "publish connection")
+        self._running = False
         self._handshake = handshake
         self._timeout = timeout
         self._require_master = require_master
@@ -154,8 +159,8 @@ class PublishConnection:
         # prepareConnection: a refused set-up must close the connection, and
         # ClientService cannot be told of a close while it is still preparing
         # one (automat's NoTransition).
-        self._service = ClientService(
-            endpoint,
+        self._service = QuietClientService(
+            self.reachability.watch(endpoint),
             factory,
             retryPolicy=lambda attempt: RETRY(max(attempt, self._failed_setups)),
             clock=reactor,
@@ -169,11 +174,13 @@ class PublishConnection:
         return self.current is not None
 
     def start(self) -> None:
+        self._running = True
         self._service.startService()
         if self._timeout:
             self._watchdog.start(self._timeout, now=False)
 
     def stop(self) -> Deferred[None]:
+        self._running = False
         if self._watchdog.running:
             self._watchdog.stop()
         self.current = None
@@ -210,7 +217,7 @@ class PublishConnection:
                 return
             self._failed_setups = 0
             self.current = proto
-            log.debug("Redis publish connection ready")
+            self.reachability.connected()
             self._on_connected()
 
         def failed(failure: Failure) -> None:
@@ -218,7 +225,7 @@ class PublishConnection:
                 return
             self._failed_setups += 1
             why = failure.getErrorMessage() or type(failure.value).__name__
-            log.warn("Redis publish connection set-up failed: {why}; retrying", why=why)
+            self.reachability.set_up_failed(why)
             proto._out().abortConnection()
 
         d = Deferred.fromCoroutine(self._set_up(proto))
@@ -228,8 +235,8 @@ class PublishConnection:
     def _lost(self, proto: RedisProtocol) -> None:
         if self.current is proto:
             self.current = None
-            if self._watchdog.running:
-                log.warn("Redis publish connection lost; reconnecting")
+            if self._running:
+                self.reachability.unreachable("connection lost")
 
     def reconnect(self) -> None:
         """Drop the connection of the moment (what waits on it: OutcomeUnknown);

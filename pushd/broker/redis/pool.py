@@ -9,6 +9,7 @@ this process at once, not the publish rate.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,27 +20,69 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from pushd.broker import BrokerUnavailable
 from pushd.broker.redis.address import RedisAddress
 from pushd.broker.redis.connection import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX
+from pushd.broker.redis.reachability import QuietSlots, Reachability
 from pushd.broker.redis.scripts import Script
 
 
-class KeepTrying:
+class KeepTrying(QuietSlots):
     """Mixed into pushd's txredisapi factories: txredisapi stops reconnecting
     for good when AUTH or SELECT fails as a connection starts (its protocol
     calls `factory.stopTrying()`), a timeout of a frozen Redis included, and
     a shard would then stay down until a restart. pushd's connections keep
     trying, with the backoff (`retry_alike`), until pushd stops them
     (`disconnect`, which does not go through `stopTrying`). A wrong password
-    is logged at every attempt (txredisapi's "could not auth")."""
+    is said once, by `reachability`, not at every attempt (txredisapi's
+    "could not auth" is left out of pushd's log: pushd.logs); nor are the
+    attempts themselves (QuietSlots)."""
+
+    #: Told of set-ups Redis refuses (CommandPool, Subscriber).
+    reachability: Reachability | None = None
 
     def stopTrying(self) -> Deferred[None]:
         return succeed(None)
 
+    def connectionError(self, why: str) -> None:
+        super().connectionError(why)  # type: ignore[misc]
+        if self.reachability is not None:
+            # txredisapi's words, as the publish connection says it.
+            refused = _TXREDISAPI_REFUSAL.match(why)
+            if refused is not None:
+                command = "AUTH" if refused["what"] == "auth" else "SELECT"
+                why = f"Redis refused {command}: {refused['reply']}"
+            self.reachability.set_up_failed(why)
 
-class PoolFactory(KeepTrying, txredisapi.RedisFactory):  # type: ignore[misc]
+
+#: What txredisapi says when Redis refuses a connection's AUTH or SELECT.
+_TXREDISAPI_REFUSAL = re.compile(
+    r"Redis error: could not (?P<what>auth|set dbid=\S*): (?P<reply>.*)", re.DOTALL
+)
+
+
+class _Told:
+    """Mixed into the command pool's factories: tells `reachability` when the
+    pool's first connection is made and its last one lost (txredisapi's
+    `addConnection` and `delConnection`, which count `size`)."""
+
+    reachability: Reachability | None
+    size: int
+    disconnectCalled: bool
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)  # type: ignore[misc]
+        if self.size and self.reachability is not None:
+            self.reachability.connected()
+
+    def delConnection(self, conn: Any) -> None:
+        super().delConnection(conn)  # type: ignore[misc]
+        if not self.size and not self.disconnectCalled and self.reachability is not None:
+            self.reachability.unreachable("connection lost")
+
+
+class PoolFactory(_Told, KeepTrying, txredisapi.RedisFactory):  # type: ignore[misc]
     """The command pool's factory (one Redis)."""
 
 
-class SentinelPoolFactory(KeepTrying, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+class SentinelPoolFactory(_Told, KeepTrying, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
     """The command pool's factory (a master the Sentinels name)."""
 
 
@@ -57,7 +100,7 @@ class CommandPool:
     SentinelConnectionFactory with Sentinel), made through `endpoint` and
     remade on their own. Every command fails fast with BrokerUnavailable while
     none is connected, and within `timeout` seconds (0: none) when Redis does
-    not answer."""
+    not answer. `shard` names the Redis in the log."""
 
     def __init__(
         self,
@@ -65,12 +108,16 @@ class CommandPool:
         factory: txredisapi.RedisFactory,
         endpoint: IStreamClientEndpoint,
         timeout: float,
+        shard: str = "",
     ) -> None:
         self._reactor = reactor
         self._timeout = timeout
         self._factory = factory
         retry_alike(factory)
-        self._endpoint = endpoint
+        self.reachability = Reachability(shard, "command pool")
+        factory.reachability = self.reachability
+        # A slot that cannot connect while another is connected is no outage.
+        self._endpoint = self.reachability.watch(endpoint, lambda: not factory.size)
         self.redis: Any = factory.handler
 
     @classmethod

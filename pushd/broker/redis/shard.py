@@ -104,7 +104,7 @@ class Shard:
         else:
             endpoint = endpoints.clientFromString(reactor, address.endpoint())
             factory = PoolFactory(None, address.db, settings.pool_size, **options)
-        self.pool = CommandPool(reactor, factory, endpoint, timeout)
+        self.pool = CommandPool(reactor, factory, endpoint, timeout, shard=self.name)
         self.connection = PublishConnection(
             reactor,
             endpoint,
@@ -112,6 +112,7 @@ class Shard:
             timeout,
             require_master=where.master is not None,
             on_connected=self._check_ready,
+            shard=self.name,
         )
         size, ttl = settings.history
         self.publisher = Publisher(
@@ -126,7 +127,9 @@ class Shard:
             reactor=reactor,
             meta_ttl=settings.meta_ttl,
         )
-        self.subscriber = Subscriber(address, endpoint, keys, self.commands.channels, self)
+        self.subscriber = Subscriber(
+            address, endpoint, keys, self.commands.channels, self, shard=self.name
+        )
         self._presence_listener = presence
         self.presence = ShardPresence(
             reactor,

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from pushd.broker.redis.address import RedisAddress
 from pushd.broker.redis.keys import Keys
 from pushd.broker.redis.pool import KeepTrying, retry_alike
+from pushd.broker.redis.reachability import Reachability
 
 log = Logger()
 
@@ -93,7 +94,8 @@ class _ConnectionFactory(KeepTrying, txredisapi.SubscriberFactory):  # type: ign
 
 class Subscriber:
     """The channels the hub wants, subscribed on the subscriber connection,
-    and pushd's own channels (`own`: commands and replies) besides."""
+    and pushd's own channels (`own`: commands and replies) besides. `shard`
+    names the Redis in the log."""
 
     def __init__(
         self,
@@ -102,9 +104,12 @@ class Subscriber:
         keys: Keys,
         own: tuple[str, ...],
         events: SubscriberEvents,
+        shard: str = "",
     ) -> None:
         self._factory = _ConnectionFactory(self, address)
-        self._endpoint = endpoint
+        self.reachability = Reachability(shard, "subscriber connection")
+        self._factory.reachability = self.reachability
+        self._endpoint = self.reachability.watch(endpoint)
         self._keys = keys
         self._prefix = keys.prefix.encode()
         self._own = own
@@ -172,7 +177,7 @@ class Subscriber:
             d.callback(None)
 
     def connection_made(self, connection: _Connection) -> None:
-        log.info("Redis subscriber connected; subscribing {n} channels", n=len(self._wanted))
+        self.reachability.connected(f"subscribing {len(self._wanted)} channels")
         self._connection = connection
         self._active.clear()
         for own in self._own:
@@ -184,7 +189,7 @@ class Subscriber:
     def connection_lost(self, connection: _Connection) -> None:
         if self._connection is connection:
             if self.running:
-                log.warn("Redis subscriber connection lost; reconnecting")
+                self.reachability.unreachable("connection lost")
             self._connection = None
             self._active.clear()
             self._sent.clear()
