@@ -165,3 +165,37 @@ async def test_two_names_of_one_redis_are_told(redis_server: RedisServer, prefix
     finally:
         globalLogPublisher.removeObserver(observe)
         await pushd.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_key_shard_answers_503_not_an_unbound_200(
+    redis_server: RedisServer, own_redis: RedisServer, prefix: str
+) -> None:
+    """An Idempotency-Key whose shard does not answer its binding: the request
+    is refused with 503 and publishes nothing, since another request may hold
+    the key (a publish then could be a reused key answered 200); once the
+    shard answers, the same request goes through."""
+    from pushd.broker.redis.sharding import shard_of
+
+    pushd = PushdUnderTest.config(
+        redis=(redis_server.address(), own_redis.address()), redis_prefix=prefix
+    )
+    await pushd.start()
+    assert own_redis.process is not None
+    key = next(f"k{n}" for n in range(1000) if shard_of(f"idempotency:k{n}", 2) == 1)
+    ((channel,), _) = channels_by_shard("healthy", 2)
+    headers = {"idempotency-key": [key]}
+    try:
+        own_redis.process.send_signal(signal.SIGSTOP)
+        response = await pushd.post(channel, "1", headers=headers)
+        assert (response.code, (await response.json())["error"]) == (503, "unavailable")
+        history = await treq.get(f"{pushd.url}/channels/{channel}/history", persistent=False)
+        assert (await history.json())["messages"] == []
+        own_redis.process.send_signal(signal.SIGCONT)
+        response = await pushd.post(channel, "1", headers=headers)
+        assert response.code == 200, await response.text()
+        other = await pushd.post(channel, "2", headers=headers)
+        assert other.code == 422
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+        await pushd.stop()

@@ -44,7 +44,7 @@ log = Logger()
 __all__ = ["RedisBroker", "ShardAddress"]
 
 #: Seconds a keyed request waits, at most, to bind its key on the key's shard.
-BIND_TIMEOUT = 0.5
+BIND_TIMEOUT = 2.0
 
 
 class RedisBroker(Broker):
@@ -209,18 +209,30 @@ class RedisBroker(Broker):
         shards it names, and publishes nothing. The channel's shard keeps the
         answer, as with one shard. While the key's shard is down the request
         goes on unbound (a shard that is down fails only its own channels):
-        the channel's shard still answers a repeat of the same request."""
+        the channel's shard still answers a repeat of the same request. A
+        binding that is not answered within BIND_TIMEOUT fails the request
+        with BrokerUnavailable (503, nothing published): whether the key is
+        bound to another request is not known, and a publish under it could
+        be a second request answered 200."""
         home = self._shard(f"idempotency:{key}")
         if not home.connected:
             return
         bind = [self._keys.idempotency_bind(key)]
         binding = Deferred.fromCoroutine(home.pool.run(BIND_KEY, bind, [bound, IDEMPOTENCY_TTL]))
         try:
-            # A frozen key's shard (not yet known to be down) delays its
-            # requests BIND_TIMEOUT at most, not --redis-timeout.
-            bound_here = int(await binding.addTimeout(BIND_TIMEOUT, self._reactor))
-        except (BrokerUnavailable, TimeoutError):
+            # A frozen key's shard (not yet known to be down) fails its
+            # requests after BIND_TIMEOUT, not --redis-timeout.
+            # Cancelled by the timeout, the pool's call answers BrokerUnavailable:
+            # said as what it is, a timeout.
+            bound_here = int(
+                await binding.addTimeout(
+                    BIND_TIMEOUT, self._reactor, onTimeoutCancel=_binding_timed_out
+                )
+            )
+        except BrokerUnavailable:
             return
+        except TimeoutError:
+            raise BrokerUnavailable("the Idempotency-Key's shard did not answer") from None
         if not bound_here:
             raise IdempotencyKeyReused("the Idempotency-Key was first used with another request")
 
@@ -375,6 +387,10 @@ def shard_map(shards: Sequence[ShardAddress]) -> str:
 
 
 @lru_cache(maxsize=65536)
+def _binding_timed_out(result: object, timeout: float) -> Failure:
+    return Failure(TimeoutError(f"no answer within {timeout} s"))
+
+
 def _shard_index(channel: str, shards: int) -> int:
     return shard_of(channel, shards)
 
