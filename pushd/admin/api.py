@@ -2,6 +2,7 @@
 
   POST   /admin/api/login                       {"password": ..} -> 204 + the cookie
   POST   /admin/api/logout                      -> 204, the cookie cleared
+  GET    /admin/api/session                     {"authenticated": bool} (no auth needed)
   GET    /admin/api/nodes                       the view of all nodes (pushd.admin.stats)
   GET    /admin/api/events                      text/event-stream: `event: stats` each second
   GET    /admin/api/channels/{channel}          last id, subscribers, last messages, presence
@@ -115,6 +116,16 @@ class Logout(AdminApi):
         if status != 200:
             return super()._answer(request, status, body)
         return _no_content(request)
+
+
+class Session(AdminApi):
+    """`GET /admin/api/session`: `{"authenticated": true|false}`, for the page
+    to know whether to show its login form (200 either way)."""
+
+    open = True
+
+    def handle_GET(self, request: Request) -> bytes:
+        return dump_json({"authenticated": self._auth.how(request) is not None})
 
 
 class Nodes(AdminApi):
@@ -306,6 +317,7 @@ class ApiRoot(Resource):
             simple: dict[bytes, Resource] = {
                 b"login": Login(auth),
                 b"logout": Logout(auth),
+                b"session": Session(auth),
                 b"nodes": Nodes(auth, self._events),
                 b"events": self._events,
             }
