@@ -17,6 +17,8 @@ The view (`View.body`, JSON)::
      "top_subscribers": [{"channel", "subscribers"}...],   (summed over nodes)
      "top_rates": [{"channel", "rate"}...]}                (max over nodes)
 
+A channel's rate is its messages per second over the last RATE_WINDOW seconds.
+
 A channel's subscribers add up over nodes; its rate does not: every node with
 subscribers of a channel sees each of its messages, so the channel's rate is
 the largest a node saw. Both lists are made of each node's top
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +53,8 @@ log = Logger()
 
 #: Channels each busiest list holds.
 TOP_CHANNELS = 10
+#: Ticks (seconds) a channel's rate is averaged over.
+RATE_WINDOW = 10
 
 
 def _sum_samples(metric: Any, suffix: str = "") -> dict[str, float]:
@@ -104,6 +109,8 @@ class NodeStats:
         self._last_totals = (self._published(), self._deliveries())
         #: What tells the addresses this node listens on (set by the service).
         self.addresses: Callable[[], list[str]] = lambda: list(config.listen)
+        self._window: deque[tuple[float, dict[str, int]]] = deque()
+        self._window_counts: dict[str, int] = {}
         hub.rates = {}
 
     def _published(self) -> float:
@@ -119,7 +126,8 @@ class NodeStats:
         self._last_tick = now
         published, deliveries = self._published(), self._deliveries()
         before, self._last_totals = self._last_totals, (published, deliveries)
-        rates, self._hub.rates = self._hub.rates or {}, {}
+        counted, self._hub.rates = self._hub.rates or {}, {}
+        rates = self._rates(counted, elapsed)
         channels = self._hub.channels()
         transports = {k: int(v) for k, v in _sum_samples(self._metrics.connections).items() if k}
         busiest = heapq.nlargest(TOP_CHANNELS, channels.items(), key=lambda kv: (kv[1], kv[0]))
@@ -145,8 +153,27 @@ class NodeStats:
             "deliveries_per_s": round((deliveries - before[1]) / elapsed, 2),
             "presence": self._presence.count() if self._presence is not None else None,
             "top_subscribers": [{"channel": c, "subscribers": n} for c, n in busiest],
-            "top_rates": [{"channel": c, "rate": round(n / elapsed, 2)} for c, n in fastest],
+            "top_rates": [{"channel": c, "rate": round(r, 2)} for c, r in fastest],
         }
+
+    def _rates(self, counted: dict[str, int], elapsed: float) -> dict[str, float]:
+        """Messages per second per channel over the last RATE_WINDOW ticks
+        (one busy second stays in the list a while rather than flicker): a
+        running sum, each tick's counts added once and taken off once."""
+        totals = self._window_counts
+        if len(self._window) == RATE_WINDOW:
+            _, gone = self._window.popleft()
+            for channel, n in gone.items():
+                left = totals[channel] - n
+                if left:
+                    totals[channel] = left
+                else:
+                    del totals[channel]
+        self._window.append((elapsed, counted))
+        for channel, n in counted.items():
+            totals[channel] = totals.get(channel, 0) + n
+        seconds = sum(e for e, _ in self._window)
+        return {channel: n / seconds for channel, n in totals.items()}
 
     async def exchange(self, ttl: float) -> bytes:
         """Write this node's snapshot, read every live node's: the view, as JSON."""
