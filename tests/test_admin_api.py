@@ -472,3 +472,26 @@ async def test_nodes_are_aggregated_and_a_dead_one_drops_out(two_nodes: list[Nod
     assert time.monotonic() - killed < 10
     for client in on_a:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_ends_the_event_streams_at_once() -> None:
+    from tests.support import connect_raw
+
+    server = PushdUnderTest.config(admin_key=(KEY,), shutdown_timeout=5.0)
+    await server.start()
+    try:
+        raw = await connect_raw(server.port)
+        raw.transport.write(
+            b"GET /admin/api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+        )
+        await raw.until(b"event: stats")
+        started = time.monotonic()
+        assert server.service is not None
+        await with_timeout(server.service.stopService())
+        # Not the --shutdown-timeout: the stream ended, as /sse's do.
+        assert time.monotonic() - started < 2.5
+        await with_timeout(raw.lost)
+    finally:
+        await server.stop()

@@ -21,12 +21,15 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, cast
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 from pushd.admin.auth import WRONG_PASSWORD, AdminAuth
 from pushd.broker import Broker
 from pushd.hub import Hub
+from pushd.limits import SendBound
 from pushd.message import dump_json, envelope, is_channel, load_json
 from pushd.presence import Presence
 from pushd.web import errors
@@ -37,6 +40,8 @@ from pushd.web.resource import ApiResource, NotFound
 
 #: Messages of a channel's history the channel view shows.
 LAST_MESSAGES = 20
+#: Bytes of events queued for a page that does not read before it is cut off.
+MAX_BACKLOG = 1 << 20
 BAD_BODY = (400, "bad_body", 'expected a JSON object, e.g. {"data": ...}')
 
 
@@ -137,6 +142,21 @@ class Nodes(AdminApi):
         return self._events.view
 
 
+@implementer(IPushProducer)
+class _Watcher(SendBound):
+    """An event stream's producer: counts what waits for a page that stopped reading."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._backlog = 0
+        self.replaying = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class Events(Resource):
     """`GET /admin/api/events`: the view of all nodes as `event: stats` once a
     second (`broadcast`), the latest at once. Ended with the service (`end_all`)."""
@@ -146,7 +166,7 @@ class Events(Resource):
     def __init__(self, auth: AdminAuth) -> None:
         Resource.__init__(self)
         self._auth = auth
-        self._requests: set[Request] = set()
+        self._requests: dict[Request, _Watcher] = {}
         #: The latest view (JSON).
         self.view = b'{"nodes":[]}'
 
@@ -160,8 +180,10 @@ class Events(Resource):
         request.setHeader(b"content-type", b"text/event-stream")
         request.setHeader(b"x-accel-buffering", b"no")
         request.write(b": ok\nretry: 2000\n\n" + self._event())
-        self._requests.add(request)
-        request.notifyFinish().addBoth(lambda _: self._requests.discard(request))
+        watcher = _Watcher()
+        request.registerProducer(watcher, True)
+        self._requests[request] = watcher
+        request.notifyFinish().addBoth(lambda _: self._requests.pop(request, None))
         return NOT_DONE_YET
 
     def _event(self) -> bytes:
@@ -170,7 +192,16 @@ class Events(Resource):
     def broadcast(self, view: bytes) -> None:
         self.view = view
         event = self._event()
-        for request in tuple(self._requests):
+        for request, watcher in tuple(self._requests.items()):
+            if request.finished or request._disconnected:
+                continue
+            if watcher.over(len(event), MAX_BACKLOG):
+                # A page that reads nothing is cut off, not queued for.
+                self._requests.pop(request, None)
+                transport = request.channel.transport
+                if transport is not None:
+                    transport.abortConnection()
+                continue
             request.write(event)
 
     def end_all(self) -> None:
