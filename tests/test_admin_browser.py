@@ -172,6 +172,34 @@ async def test_the_console_watches_and_steers(
 
     assert await browser.call(cancelled) == "unchanged"
 
+    # Unsubscribe a user from a channel, then delete the channel, from the page.
+    def confirmed(button: str, expected: str) -> str:
+        page.click(button)
+        page.wait_for_selector("#confirm[open]")
+        page.click("#confirm-ok")
+        expect(page.locator("#result")).to_have_text(re.compile("^" + re.escape(expected)))
+        return page.text_content("#result")
+
+    def unsubscribe() -> str:
+        page.fill("#user-name", "user-1")
+        page.fill("#unsubscribe-channel", "room")
+        return confirmed("#unsubscribe-button", "unsubscribe user-1 from room")
+
+    answer = await browser.call(unsubscribe)
+    assert answer == 'unsubscribe user-1 from room: 200 {"nodes":1}'
+    assert (await clients[1].next_of("unsubscribed"))["channel"] == "room"
+
+    answer = await browser.call(confirmed, "#delete-channel", "delete room")
+    assert answer == 'delete room: 200 {"nodes":1}'
+    for client in (clients[0], *clients[2:-1]):
+        assert (await client.next_of("unsubscribed"))["channel"] == "room"
+
+    def emptied() -> str:
+        expect(page.locator("#channel-messages li.none")).to_have_text("no history")
+        return page.text_content("#channel-subscribers")
+
+    assert await browser.call(emptied) == "0"
+
     # They all go: the page shows 0 within 3 s.
     for client in clients[:-1]:
         await client.close()
