@@ -165,12 +165,13 @@ async def test_a_wrong_password_is_refused(admin: PushdUnderTest) -> None:
 @pytest_twisted.ensureDeferred
 async def test_login_attempts_are_rate_limited(admin: PushdUnderTest) -> None:
     codes = []
-    for _ in range(6):
+    while 429 not in codes and len(codes) < 10:
         code, headers, body = await call(
             admin, "POST", "/admin/api/login", {"password": "guess"}, headers=ACTION
         )
         codes.append(code)
-    assert codes == [401] * 5 + [429]
+    # 5 at once, then one every 2 s: a slow machine may get one more in.
+    assert codes[:5] == [401] * 5 and codes[-1] == 429 and len(codes) <= 7, codes
     assert body["error"] == "rate_limited" and headers.getRawHeaders("retry-after")
     # Even the right password waits.
     code, _, _ = await call(
