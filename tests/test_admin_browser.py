@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from tests.support import SECRET, PushdUnderTest, WSClient, token, with_timeout
+from tests.support import (
+    SECRET,
+    Node,
+    PushdUnderTest,
+    RedisServer,
+    WSClient,
+    redis_options,
+    token,
+    with_timeout,
+)
 
 pytest.importorskip("playwright.sync_api")
 
@@ -222,3 +231,39 @@ async def test_the_console_watches_and_steers(
     sizes = await browser.call(narrow)
     assert sizes["width"] <= 390 and sizes["publish"] <= 390 and sizes["disconnect"] <= 390
     assert page.errors == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_nodes_on_redis_in_one_page(
+    browser: Browser, page: Any, redis_server: RedisServer, tmp_path: Path, prefix: str
+) -> None:
+    options = redis_options([redis_server], prefix, "--admin-password", PASSWORD)
+    nodes = [Node(tmp_path, *options) for _ in range(2)]
+    for node in nodes:
+        node.start()
+    try:
+        for node in nodes:
+            await node.ready()
+        a, b = nodes
+        on_b = [await b.connect("?channel=lobby") for _ in range(3)]
+        for client in on_b:
+            await client.next_of("subscribed")
+
+        def both() -> list[str]:
+            SCREENSHOTS.mkdir(exist_ok=True)
+            log_in(page, a.url)
+            page.wait_for_selector("#app:not([hidden])")
+            expect(page.locator("#total-nodes")).to_have_text("2")
+            expect(page.locator("#total-connections")).to_have_text("3")
+            expect(page.locator('#top-subscribers li[data-channel="lobby"] .n')).to_have_text("3")
+            page.screenshot(path=str(SCREENSHOTS / "admin-two-nodes.png"), full_page=True)
+            return page.locator("#nodes tbody td.connections").all_text_contents()
+
+        # The page is node a's; node b's connections are there, through Redis.
+        assert sorted(await browser.call(both)) == ["0", "3"]
+        for client in on_b:
+            await client.close()
+        assert page.errors == []
+    finally:
+        for node in nodes:
+            node.stop()
