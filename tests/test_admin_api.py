@@ -496,3 +496,22 @@ async def test_a_stop_ends_the_event_streams_at_once() -> None:
         await with_timeout(raw.lost)
     finally:
         await server.stop()
+
+
+def test_the_cookie_is_secure_over_tls() -> None:
+    class Stub:
+        def __init__(self, secure: bool) -> None:
+            self.secure = secure
+            self.headers: dict[bytes, bytes] = {}
+
+        def isSecure(self) -> bool:
+            return self.secure
+
+        def setHeader(self, name: bytes, value: bytes) -> None:
+            self.headers[name] = value
+
+    auth = AdminAuth(PASSWORD, (), Clock())
+    for secure in (True, False):
+        request = Stub(secure)
+        auth.set_cookie(request, auth.make_cookie(), MAX_AGE)  # type: ignore[arg-type]
+        assert request.headers[b"set-cookie"].endswith(b"; Secure") is secure
