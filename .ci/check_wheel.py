@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def needed() -> set[str]:
-    data = [*ROOT.glob("pushd/broker/redis/*.lua"), *ROOT.glob("pushd/static/*")]
+    data = [*ROOT.glob("pushd/broker/redis/*.lua"), *ROOT.glob("pushd/static/**/*")]
     if not data:
         raise SystemExit(f"check_wheel: no Lua scripts or static files under {ROOT}/pushd")
     names = {path.relative_to(ROOT).as_posix() for path in data if path.is_file()}

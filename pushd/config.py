@@ -365,6 +365,21 @@ OPTIONS: tuple[Option, ...] = (
         metavar="B",
     ),
     Option(
+        "admin-password",
+        _non_empty,
+        None,
+        "password of the admin console at /admin (absent, and no --admin-key: /admin is off)",
+        metavar="S",
+    ),
+    Option(
+        "admin-key",
+        _non_empty,
+        (),
+        "key of the admin JSON API (Authorization: Bearer), repeatable",
+        repeatable=True,
+        metavar="KEY",
+    ),
+    Option(
         "keepalive",
         _positive_float,
         15.0,
@@ -460,6 +475,8 @@ class Config:
     publish_rate: float = 10.0
     publish_burst: int = 20
     max_send_buffer: int = 1048576
+    admin_password: str | None = None
+    admin_key: tuple[str, ...] = ()
     keepalive: float = 15.0
     handshake_timeout: float = 10.0
     max_header_size: int = 16384
@@ -473,6 +490,11 @@ class Config:
         """The personal channel of `user`, when the id fits in a channel name."""
         channel = f"{self.personal_channel}#{user}"
         return channel if CHANNEL_RE.fullmatch(channel) else None
+
+    @property
+    def admin(self) -> bool:
+        """The admin console (/admin) is on."""
+        return self.admin_password is not None or bool(self.admin_key)
 
     @property
     def uses_redis(self) -> bool:
@@ -523,7 +545,7 @@ def _read_ini(path: str) -> dict[str, list[str]]:
 
 
 #: Options whose values are secrets; and those whose URLs may carry a password.
-SECRET_OPTIONS = frozenset(("api-key", "token-secret"))
+SECRET_OPTIONS = frozenset(("api-key", "token-secret", "admin-password", "admin-key"))
 URL_OPTIONS = frozenset(("redis", "auth-url", "token-jwks-url"))
 #: How `--workers` hands a worker the secrets: JSON in its environment (readable by
 #: its own user only, /proc/<pid>/environ), never on its command line (`ps`).

@@ -80,6 +80,9 @@ class Hub:
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Any]] = {}
+        #: Messages handed out per channel since the admin console last took
+        #: them (pushd.admin.stats); None, and not counted, while it is off.
+        self.rates: dict[str, int] | None = None
         broker.attach(self)
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> Deferred[None]:
@@ -161,10 +164,14 @@ class Hub:
         """Hand out the messages of this turn (the reactor calls it at its end)."""
         due, self._due = self._due, []
         self._flush_call = None
+        rates = self.rates
         for state in due:
             messages, state.turn = state.turn or [], None
             if not messages:
                 continue
+            if rates is not None:
+                channel = messages[0].channel
+                rates[channel] = rates.get(channel, 0) + len(messages)
             try:
                 delivery: Delivery = messages[0] if len(messages) == 1 else Burst(messages)
                 # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.

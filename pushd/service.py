@@ -318,6 +318,14 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         listener = Listener(endpoint, site, description, demo)
         Service.setServiceParent(listener, service)
         service.listeners.append(listener)
+    if site.admin is not None:
+        from pushd.admin.stats import describe_address
+
+        site.admin.stats.addresses = lambda: [
+            describe_address(lst.port) if lst.port is not None else lst.description
+            for lst in service.listeners
+        ]
+        Service.setServiceParent(site.admin, service)
     if not config.api_key:
         log.warn("no --api-key: the producer API answers loopback clients only")
     log.info(

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from pushd.waiting import Waiters
@@ -251,6 +251,14 @@ class Broker(Service):
     def shards(self) -> list[ShardState]:
         """The Redis servers behind the broker (none for memory)."""
         return []
+
+    def node_stats(self, snapshot: bytes, ttl: float) -> Deferred[list[bytes]]:
+        """The admin console's view of the nodes (pushd.admin.stats): write this
+        node's `snapshot` (a JSON object of at least one member), which lives
+        `ttl` seconds unless written again, and answer every live node's, each
+        a JSON object whose `until` (ms) is when it expires; b"" for a node
+        that leaves. The memory broker: this node's alone."""
+        return succeed([snapshot] if snapshot else [])
 
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         """Count `d` as a command in flight (a publish, a read) until it fires

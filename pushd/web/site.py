@@ -52,6 +52,8 @@ class PushdSite(Site):
     fast: FastPublish | None = None
     ws_factory: Any = None
     streams: list[Any]
+    #: The admin console (pushd.admin.Admin) when it is on.
+    admin: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("logFormatter", access_log_line)
@@ -116,6 +118,20 @@ def make_site(
         b"metrics": MetricsResource(metrics, producing.auth),
         b"pushd.js": StaticFile("pushd.js", b"text/javascript; charset=utf-8"),
     }
+    admin = None
+    if config.admin:
+        from pushd.admin import Admin
+
+        admin = Admin(
+            config=config,
+            broker=broker,
+            hub=hub,
+            metrics=metrics,
+            presence=presence,
+            producing=producing,
+            reactor=reactor,
+        )
+        children[b"admin"] = admin.resource
     for name, child in children.items():
         root.putChild(name, child)
 
@@ -146,4 +162,7 @@ def make_site(
     )
     site.ws_factory = ws_factory
     site.streams = [children[b"sse"], children[b"stream"]]
+    site.admin = admin
+    if admin is not None:
+        site.streams.append(admin.events)
     return site

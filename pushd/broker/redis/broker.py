@@ -34,7 +34,7 @@ from pushd.broker import (
 from pushd.broker.redis.address import ShardAddress, check_shards
 from pushd.broker.redis.counts import NODE_TTL
 from pushd.broker.redis.keys import Keys
-from pushd.broker.redis.scripts import BIND_KEY, READ_AFTER
+from pushd.broker.redis.scripts import BIND_KEY, NODE_STATS, READ_AFTER
 from pushd.broker.redis.shard import Shard, ShardSettings
 from pushd.broker.redis.sharding import shard_of
 from pushd.message import dump_json, load_json
@@ -326,6 +326,15 @@ class RedisBroker(Broker):
         else:
             shard = next((s for s in self._shards if s.connected), self._shards[0])
         return self.track(Deferred.fromCoroutine(shard.commands.control(command)))
+
+    def node_stats(self, snapshot: bytes, ttl: float) -> Deferred[list[bytes]]:
+        """On the first shard (node_stats.lua): BrokerUnavailable while it is down."""
+
+        async def run() -> list[bytes]:
+            args = [self.node, max(1, int(ttl * 1000)), snapshot]
+            return list(await self._shards[0].pool.run(NODE_STATS, [self._keys.stats], args))
+
+        return Deferred.fromCoroutine(run())
 
     # -- presence (presence.py, on the channel's shard)
 

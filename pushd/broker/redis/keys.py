@@ -3,7 +3,7 @@
 A channel's keys share the hash tag `{<channel>}`, so Redis Cluster would
 keep them on one slot; `!` is in no channel name, so pushd's own names
 (`!control`, `!reply:<node>`, `!epoch`, `!lost`, `!shards`, `!nodes`,
-`!reaping`, `!presence:<node>`) never meet a channel's.
+`!reaping`, `!presence:<node>`, `!stats`) never meet a channel's.
 """
 
 from __future__ import annotations
@@ -87,6 +87,11 @@ class Keys:
     def shard_map(self) -> str:
         """The shard list the nodes on this Redis use (shard_map.lua)."""
         return f"{self.prefix}!shards"
+
+    @property
+    def stats(self) -> str:
+        """Every node's admin stats (a hash on the first shard, node_stats.lua)."""
+        return f"{self.prefix}!stats"
 
     @property
     def lost(self) -> str:
