@@ -3,10 +3,24 @@
 
 from __future__ import annotations
 
+import platform
 from functools import partial
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+import twisted
+from pushd import __version__
+
+#: Buckets (s) of Redis commands: a round trip on a LAN is 0.1-1 ms.
+REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
 
 
 class Metrics:
@@ -48,6 +62,24 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
             registry=r,
         )
+        self.redis_seconds = Histogram(
+            "redis_command_seconds",
+            "Time from sending a command to Redis to its reply (errors included, lost "
+            "connections and timeouts not), by shard and command (a script: its .lua name)",
+            ["shard", "command"],
+            namespace="pushd",
+            buckets=REDIS_BUCKETS,
+            registry=r,
+        )
+        gauge(
+            "build_info",
+            "Always 1: the versions of pushd, Python and Twisted in its labels",
+            ["version", "python", "twisted"],
+        ).labels(__version__, platform.python_version(), twisted.__version__).set(1)
+        # process_* (memory, CPU seconds, file descriptors, start time; read from
+        # /proc when scraped) and python_info, in this registry, not the global one.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def watch(self, hub: Any, broker: Any) -> None:
         """Gauges read when scraped, not kept up to date on the hot path."""
@@ -57,6 +89,7 @@ class Metrics:
             self.redis_up.labels(shard=str(index), redis=shard.name).set_function(
                 partial(_shard_up, broker, index)
             )
+        broker.time_commands(self.redis_seconds)
 
 
 def _shard_up(broker: Any, index: int) -> int:

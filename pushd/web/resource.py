@@ -36,6 +36,17 @@ def request_host(request: Request, trusted_proxies: int) -> str:
     )
 
 
+def bearer_matches(authorization: bytes | None, keys: list[bytes]) -> bool:
+    """True when `Authorization: Bearer <key>` holds one of `keys`; every key is
+    compared, in constant time, so the time taken tells nothing of which."""
+    scheme, _, presented = (authorization or b"").partition(b" ")
+    presented = presented.strip()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented, key)
+    return ok and scheme.lower() == b"bearer"
+
+
 class ProducerAuth:
     """API keys, compared in constant time; none configured means loopback only
     (unix sockets count as loopback: whoever may open the socket is local)."""
@@ -44,16 +55,15 @@ class ProducerAuth:
         self._keys = [k.encode() for k in keys]
         self.trusted_proxies = trusted_proxies
 
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
     def refusal(self, authorization: bytes | None, host: Callable[[], str]) -> Refusal | None:
         """Why a producer may not ask (an error of pushd.web.errors), or None."""
         if not self._keys:
             return None if is_loopback_host(host()) else errors.LOOPBACK_ONLY
-        scheme, _, presented = (authorization or b"").partition(b" ")
-        presented = presented.strip()
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(presented, key)
-        return None if ok and scheme.lower() == b"bearer" else errors.UNAUTHORIZED
+        return None if bearer_matches(authorization, self._keys) else errors.UNAUTHORIZED
 
     def check(self, request: Request) -> None:
         refusal = self.refusal(
