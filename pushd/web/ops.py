@@ -90,7 +90,8 @@ class MetricsAuth:
             if bearer_matches(authorization, self._keys):
                 return None
         elif is_loopback_host(host) or (
-            self._producer.has_keys and self._producer.refusal(authorization, lambda: host) is None
+            self._producer.has_keys
+            and self._producer.refusal(authorization, lambda: host, None) is None
         ):
             return None
         if self._allow and _in_networks(host, self._allow):

@@ -137,6 +137,7 @@ class ChannelResource(_ChannelApi):
         refusal = auth.refusal(
             request.getHeader(b"authorization"),
             lambda: request_host(request, auth.trusted_proxies),
+            request.getHeader(b"x-forwarded-for"),
         )
         browser = None
         if refusal is not None:
