@@ -301,3 +301,39 @@ async def test_no_warning_without_a_proxy(warnings: list[str]) -> None:
         assert not [w for w in warnings if UNTRUSTED in w or LOOPBACK in w]
     finally:
         await server.stop()
+
+
+def test_the_systemd_unit_outwaits_a_graceful_stop() -> None:
+    # etc/pushd.service's stop must outlast pushd's own (--shutdown-timeout, in
+    # etc/pushd.ini or its default), or systemd kills pushd mid-goodbye.
+    from configparser import ConfigParser
+
+    from pushd.config import BY_KEY
+
+    unit = ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string(EXAMPLE.with_name("pushd.service").read_text())
+    service = unit["Service"]
+    ini = ConfigParser(interpolation=None)
+    ini.read_string(EXAMPLE.with_name("pushd.ini").read_text())
+    shutdown = float(ini["pushd"].get("shutdown-timeout", BY_KEY["shutdown_timeout"].default))
+    assert float(service["TimeoutStopSec"].removesuffix("s")) > shutdown
+    assert service["KillSignal"] == "SIGTERM"
+    assert service["Restart"] == "on-failure"
+    assert int(service["LimitNOFILE"]) >= 65536
+    assert service["User"] == "pushd"
+    argv = service["ExecStart"].split()
+    assert argv[argv.index("pushd") :] == ["pushd", "--config", "/etc/pushd/pushd.ini"]
+    assert "--nodaemon" in argv and "--pidfile=" in argv
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_reads_the_unit_without_complaint() -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(EXAMPLE.with_name("pushd.service"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # systemd ignores what it cannot parse with a warning and exit status 0.
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
