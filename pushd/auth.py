@@ -255,19 +255,16 @@ class ProxyWarnings:
 
 def untrusted_forward() -> None:
     """A request carries X-Forwarded-For while --trusted-proxies is 0."""
-    if "untrusted-forward" not in ProxyWarnings.said:
-        ProxyWarnings.once(
-            "untrusted-forward",
-            "requests carry X-Forwarded-For but --trusted-proxies is 0: every client looks "
-            "like the proxy; set --trusted-proxies 1 behind one proxy",
-        )
+    ProxyWarnings.once(
+        "untrusted-forward",
+        "requests carry X-Forwarded-For but --trusted-proxies is 0: every client looks "
+        "like the proxy; set --trusted-proxies 1 behind one proxy",
+    )
 
 
 def loopback_via_proxy(host: str, forwarded_for: str, trusted_proxies: int) -> None:
     """A producer request that came through a proxy was admitted as a loopback
     client, with no --api-key: the proxy may be serving anyone."""
-    if "loopback-via-proxy" in ProxyWarnings.said:
-        return
     if trusted_proxies:
         text = (
             "a producer request through a proxy was admitted as loopback ({host}, from "

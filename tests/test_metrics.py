@@ -144,7 +144,6 @@ async def test_process_version_and_redis_series(
         assert info.labels["version"] == pushd.__version__
         assert re.fullmatch(r"3\.\d+\.\d+", info.labels["python"])
         assert re.fullmatch(r"\d+\.\d+\.\d+.*", info.labels["twisted"])
-        assert node.process is not None
         assert sample(found, "process_resident_memory_bytes", "process_resident_memory_bytes")
         assert sample(found, "process_open_fds", "process_open_fds")
         started = sample(found, "process_start_time_seconds", "process_start_time_seconds")

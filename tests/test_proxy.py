@@ -337,3 +337,21 @@ def test_systemd_reads_the_unit_without_complaint() -> None:
     )
     # systemd ignores what it cannot parse with a warning and exit status 0.
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loopback_producer_named_by_the_proxy_is_warned_once(warnings: list[str]) -> None:
+    # --trusted-proxies 1, no --api-key: the proxy's word makes a producer local.
+    server = PushdUnderTest.config(trusted_proxies=1)
+    await server.start()
+    try:
+        for client in ("127.0.0.1", "127.0.0.1", "198.51.100.7"):
+            response = await server.post("c", "x", headers={"x-forwarded-for": [client]})
+            await response.content()
+            assert response.code == (200 if client.startswith("127.") else 403)
+        said = [w for w in warnings if LOOPBACK in w]
+        assert len(said) == 1, warnings
+        assert "the proxies' header is all that vouches for it; set --api-key" in said[0]
+        assert not [w for w in warnings if UNTRUSTED in w]
+    finally:
+        await server.stop()
