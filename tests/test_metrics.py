@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pushd
 from pushd.config import ConfigError, load, split_secrets
+from pushd.metrics import Metrics
 from tests.support import Node, PushdUnderTest, RedisServer, redis_options
 
 DASHBOARD = Path(__file__).parent.parent / "etc" / "grafana-pushd.json"
@@ -159,6 +161,25 @@ async def test_process_version_and_redis_series(
         assert sample(found, redis, f"{redis}_sum", shard="0", command="publish.lua")
     finally:
         node.stop()
+
+
+def test_command_seconds_is_a_prometheus_histogram() -> None:
+    # pushd's own histogram (no locks on the publish path), as Prometheus reads it.
+    metrics = Metrics()
+    series = metrics.redis_seconds.labels(shard="1", command="publish.lua")
+    for seconds in (0.0001, 0.0003, 0.0003, 0.02, 7.0):
+        series.observe(seconds)
+    found = families(generate_latest(metrics.registry).decode())
+    family = found["pushd_redis_command_seconds"]
+    assert family.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    # Cumulative, each bound counting what equals it.
+    assert (buckets["0.0001"], buckets["0.00025"], buckets["0.0005"]) == (1, 1, 3)
+    assert (buckets["0.025"], buckets["2.5"], buckets["+Inf"]) == (4, 4, 5)
+    name = "pushd_redis_command_seconds"
+    labels = {"shard": "1", "command": "publish.lua"}
+    assert sample(found, name, f"{name}_count", **labels) == 5
+    assert sample(found, name, f"{name}_sum", **labels) == pytest.approx(7.0207)
 
 
 # PromQL words that are not metric names.
