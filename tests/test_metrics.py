@@ -71,7 +71,8 @@ async def test_a_producer_key_still_scrapes_until_metrics_keys_are_given() -> No
 
 @pytest_twisted.ensureDeferred
 async def test_a_metrics_key_scrapes_and_nothing_else_does() -> None:
-    allowed = load({"metrics-allow": ["10.0.0.0/8"]}, {}).metrics_allow
+    # As pushd.testing's make_config takes it: strings.
+    allowed = ("10.0.0.0/8",)
     got = await scrapes(api_key=("producer",), metrics_key=("prometheus",), metrics_allow=allowed)
     for client in (None, "10.1.2.3", "192.0.2.7"):
         assert got["prometheus", client] == 200

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -77,11 +77,12 @@ class MetricsAuth:
     def __init__(
         self,
         keys: tuple[str, ...],
-        allow: tuple[IPv4Network | IPv6Network, ...],
+        allow: tuple[IPv4Network | IPv6Network | str, ...],
         producer: ProducerAuth,
     ) -> None:
         self._keys = [k.encode() for k in keys]
-        self._allow = allow
+        # Networks from pushd.config, or strings from pushd.testing's make_config.
+        self._allow = tuple(ip_network(str(network), strict=False) for network in allow)
         self._producer = producer
 
     def refusal(self, authorization: bytes | None, host: str) -> Refusal | None:
