@@ -63,7 +63,9 @@ _METRICS_UNAUTHORIZED = Refusal(
     401, "unauthorized", "a valid metrics key is required (Authorization: Bearer <key>)"
 )
 _METRICS_FORBIDDEN = Refusal(
-    403, "forbidden", "/metrics answers loopback and --metrics-allow clients, or a key"
+    403,
+    "forbidden",
+    "no --metrics-key is configured: /metrics answers loopback and --metrics-allow clients only",
 )
 
 
