@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.logger import Logger
 
 from pushd.config import Config, ConfigError
 from pushd.message import dump_json
@@ -35,6 +36,8 @@ from pushd.token_keys import (
     UnknownKey,
     read_public_key,
 )
+
+log = Logger()
 
 
 class AuthError(Refused):
@@ -361,11 +364,55 @@ def client_host(peer: Any, forwarded_for: str | None, trusted_proxies: int) -> s
     host = getattr(peer, "host", None)
     if not isinstance(host, str):
         host = "local"
-    if trusted_proxies and forwarded_for:
+    if forwarded_for:
+        if not trusted_proxies:
+            untrusted_forward()
+            return host
         hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
         if hops:
             host = hops[-min(trusted_proxies, len(hops))]
     return host
+
+
+class ProxyWarnings:
+    """What pushd says, once per process, when a proxy seems misconfigured: each
+    warning would otherwise repeat on every request. Tests reset `said`."""
+
+    said: set[str] = set()
+
+    @classmethod
+    def once(cls, what: str, text: str, **fields: Any) -> None:
+        if what not in cls.said:
+            cls.said.add(what)
+            log.warn(text, **fields)
+
+
+def untrusted_forward() -> None:
+    """A request carries X-Forwarded-For while --trusted-proxies is 0."""
+    ProxyWarnings.once(
+        "untrusted-forward",
+        "requests carry X-Forwarded-For but --trusted-proxies is 0: every client looks "
+        "like the proxy; set --trusted-proxies 1 behind one proxy",
+    )
+
+
+def loopback_via_proxy(host: str, forwarded_for: str, trusted_proxies: int) -> None:
+    """A producer request that came through a proxy was admitted as a loopback
+    client, with no --api-key: the proxy may be serving anyone."""
+    if trusted_proxies:
+        text = (
+            "a producer request through a proxy was admitted as loopback ({host}, from "
+            "X-Forwarded-For: {forwarded_for}) for want of --api-key: the proxies' header "
+            "is all that vouches for it; set --api-key"
+        )
+    else:
+        text = (
+            "a producer request through a proxy (X-Forwarded-For: {forwarded_for}) was "
+            "admitted as loopback for want of --api-key: the proxy connects from {host} and "
+            "--trusted-proxies is 0, so through it ANYONE may publish; set --api-key "
+            "(and --trusted-proxies 1)"
+        )
+    ProxyWarnings.once("loopback-via-proxy", text, host=host, forwarded_for=forwarded_for)
 
 
 @lru_cache(maxsize=4096)

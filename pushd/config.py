@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -134,6 +135,14 @@ def _log_format(text: str) -> str:
     return value
 
 
+def _network(text: str) -> IPv4Network | IPv6Network:
+    try:
+        # Host bits are dropped (10.1.2.3/8 is 10.0.0.0/8); a bare address is its own network.
+        return ip_network(text.strip(), strict=False)
+    except ValueError:
+        raise ValueError("expected an address or a network (10.0.0.0/8, fd00::/8)") from None
+
+
 def _non_empty(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -218,6 +227,23 @@ OPTIONS: tuple[Option, ...] = (
         "producer key, repeatable; absent: the producer API answers loopback clients only",
         repeatable=True,
         metavar="KEY",
+    ),
+    Option(
+        "metrics-key",
+        _non_empty,
+        (),
+        "key of GET /metrics (Bearer), repeatable, apart from producer keys; absent: "
+        "/metrics answers loopback and --metrics-allow clients (and producer keys)",
+        repeatable=True,
+        metavar="KEY",
+    ),
+    Option(
+        "metrics-allow",
+        _network,
+        (),
+        "network that may GET /metrics without a key (10.0.0.0/8, 192.0.2.7), repeatable",
+        repeatable=True,
+        metavar="CIDR",
     ),
     Option(
         "max-message-size",
@@ -451,6 +477,8 @@ class Config:
     redis_timeout: float = 5.0
     node_ttl: float = 6.0
     api_key: tuple[str, ...] = ()
+    metrics_key: tuple[str, ...] = ()
+    metrics_allow: tuple[IPv4Network | IPv6Network, ...] = ()
     max_message_size: int = 65536
     max_batch_size: int = 1048576
     push_event_list: str = "message_gateway_event"
@@ -545,7 +573,9 @@ def _read_ini(path: str) -> dict[str, list[str]]:
 
 
 #: Options whose values are secrets; and those whose URLs may carry a password.
-SECRET_OPTIONS = frozenset(("api-key", "token-secret", "admin-password", "admin-key"))
+SECRET_OPTIONS = frozenset(
+    ("api-key", "metrics-key", "token-secret", "admin-password", "admin-key")
+)
 URL_OPTIONS = frozenset(("redis", "auth-url", "token-jwks-url"))
 #: How `--workers` hands a worker the secrets: JSON in its environment (readable by
 #: its own user only, /proc/<pid>/environ), never on its command line (`ps`).

@@ -260,6 +260,10 @@ class Broker(Service):
         that leaves. The memory broker: this node's alone."""
         return succeed([snapshot] if snapshot else [])
 
+    def time_commands(self, histogram: Any) -> None:
+        """Observe the seconds each command to a Redis server takes in
+        `histogram` (labels `shard`, `command`); the memory broker has none."""
+
     def track(self, d: Deferred[Any]) -> Deferred[Any]:
         """Count `d` as a command in flight (a publish, a read) until it fires
         (see `drain`)."""

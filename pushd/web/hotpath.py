@@ -161,11 +161,13 @@ class FastPublish:
         if len(body) > self._max_size:
             return None
         auth = self._p.auth
+        forwarded = headers.get(b"x-forwarded-for")
         if auth.refusal(
             headers.get(b"authorization"),
             lambda: client_host(
-                peer, headers.get(b"x-forwarded-for", b"").decode("latin-1"), auth.trusted_proxies
+                peer, forwarded.decode("latin-1") if forwarded else None, auth.trusted_proxies
             ),
+            forwarded,
         ):
             return None
         key = headers.get(b"idempotency-key")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.server import Request
 
+from pushd.auth import is_loopback_host
 from pushd.broker import Broker
 from pushd.message import dump_json
 from pushd.metrics import Metrics
-from pushd.web.resource import ApiResource, ProducerAuth
+from pushd.web.errors import ApiError, Refusal
+from pushd.web.resource import ApiResource, ProducerAuth, bearer_matches, request_host
 
 
 class HealthResource(ApiResource):
@@ -56,12 +59,75 @@ class HealthResource(ApiResource):
         return super()._answer(request, request.code if status == 200 else status, body)
 
 
+_METRICS_UNAUTHORIZED = Refusal(
+    401, "unauthorized", "a valid metrics key is required (Authorization: Bearer <key>)"
+)
+_METRICS_FORBIDDEN = Refusal(
+    403,
+    "forbidden",
+    "no --metrics-key is configured: /metrics answers loopback and --metrics-allow clients only",
+)
+
+
+class MetricsAuth:
+    """Who may scrape `/metrics`. With `--metrics-key`: a metrics key, or a
+    client in a `--metrics-allow` network; producer keys and loopback no longer
+    count (a key asked for authenticated scrapes; behind a proxy loopback may
+    be anyone). Without: loopback and `--metrics-allow` clients, and, as before
+    metrics keys existed, a producer key."""
+
+    def __init__(
+        self,
+        keys: tuple[str, ...],
+        allow: tuple[IPv4Network | IPv6Network | str, ...],
+        producer: ProducerAuth,
+    ) -> None:
+        self._keys = [k.encode() for k in keys]
+        # Networks from pushd.config, or strings from pushd.testing's make_config.
+        self._allow = tuple(ip_network(str(network), strict=False) for network in allow)
+        self._producer = producer
+
+    def refusal(self, authorization: bytes | None, host: str) -> Refusal | None:
+        """Why a scrape from `host` (pushd.auth.client_host's) may not read, or None."""
+        if self._keys:
+            if bearer_matches(authorization, self._keys):
+                return None
+        elif is_loopback_host(host) or (
+            self._producer.has_keys
+            and self._producer.refusal(authorization, lambda: host, None) is None
+        ):
+            return None
+        if self._allow and _in_networks(host, self._allow):
+            return None
+        if self._keys or self._producer.has_keys:
+            return _METRICS_UNAUTHORIZED
+        return _METRICS_FORBIDDEN
+
+    def check(self, request: Request) -> None:
+        host = request_host(request, self._producer.trusted_proxies)
+        refusal = self.refusal(request.getHeader(b"authorization"), host)
+        if refusal is not None:
+            if refusal is _METRICS_UNAUTHORIZED:
+                request.setHeader(b"www-authenticate", b'Bearer realm="pushd metrics"')
+            raise ApiError(*refusal)
+
+
+def _in_networks(host: str, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    try:
+        address = ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # "local": a unix socket's client
+    # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return any(address in net or (mapped is not None and mapped in net) for net in networks)
+
+
 class MetricsResource(ApiResource):
-    """The Prometheus text format; protected like the producer API."""
+    """The Prometheus text format, for whom MetricsAuth admits."""
 
     content_type = CONTENT_TYPE_LATEST.encode()
 
-    def __init__(self, metrics: Metrics, auth: ProducerAuth) -> None:
+    def __init__(self, metrics: Metrics, auth: MetricsAuth) -> None:
         super().__init__()
         self._metrics = metrics
         self._auth = auth

@@ -148,6 +148,7 @@ class ChannelResource(_ChannelApi):
         refusal = auth.refusal(
             request.getHeader(b"authorization"),
             lambda: request_host(request, auth.trusted_proxies),
+            request.getHeader(b"x-forwarded-for"),
         )
         if refusal is not None:
             return self._browser_publish(request, refusal)

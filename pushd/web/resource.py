@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from pushd.auth import client_host, is_loopback_host
+from pushd.auth import client_host, is_loopback_host, loopback_via_proxy, untrusted_forward
 from pushd.message import dump_json
 from pushd.web import errors
 from pushd.web.errors import ApiError, Refusal
@@ -36,6 +36,17 @@ def request_host(request: Request, trusted_proxies: int) -> str:
     )
 
 
+def bearer_matches(authorization: bytes | None, keys: list[bytes]) -> bool:
+    """True when `Authorization: Bearer <key>` holds one of `keys`; every key is
+    compared, in constant time, so the time taken tells nothing of which."""
+    scheme, _, presented = (authorization or b"").partition(b" ")
+    presented = presented.strip()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented, key)
+    return ok and scheme.lower() == b"bearer"
+
+
 class ProducerAuth:
     """API keys, compared in constant time; none configured means loopback only
     (unix sockets count as loopback: whoever may open the socket is local)."""
@@ -44,21 +55,31 @@ class ProducerAuth:
         self._keys = [k.encode() for k in keys]
         self.trusted_proxies = trusted_proxies
 
-    def refusal(self, authorization: bytes | None, host: Callable[[], str]) -> Refusal | None:
-        """Why a producer may not ask (an error of pushd.web.errors), or None."""
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    def refusal(
+        self, authorization: bytes | None, host: Callable[[], str], forwarded: bytes | None
+    ) -> Refusal | None:
+        """Why a producer may not ask (an error of pushd.web.errors), or None.
+        `host()` is the client's address, `forwarded` its X-Forwarded-For."""
         if not self._keys:
-            return None if is_loopback_host(host()) else errors.LOOPBACK_ONLY
-        scheme, _, presented = (authorization or b"").partition(b" ")
-        presented = presented.strip()
-        ok = False
-        for key in self._keys:
-            ok |= hmac.compare_digest(presented, key)
-        return None if ok and scheme.lower() == b"bearer" else errors.UNAUTHORIZED
+            address = host()
+            if not is_loopback_host(address):
+                return errors.LOOPBACK_ONLY
+            if forwarded:
+                loopback_via_proxy(address, forwarded.decode("latin-1"), self.trusted_proxies)
+            return None
+        if forwarded and not self.trusted_proxies:
+            untrusted_forward()
+        return None if bearer_matches(authorization, self._keys) else errors.UNAUTHORIZED
 
     def check(self, request: Request) -> None:
         refusal = self.refusal(
             request.getHeader(b"authorization"),
             lambda: request_host(request, self.trusted_proxies),
+            request.getHeader(b"x-forwarded-for"),
         )
         if refusal is not None:
             if refusal is errors.UNAUTHORIZED:

@@ -24,7 +24,7 @@ from pushd.web.batch import PublishResource, PushResource
 from pushd.web.channel import PushdChannel, PushdRequest
 from pushd.web.control import UsersResource
 from pushd.web.hotpath import FastPublish
-from pushd.web.ops import HealthResource, MetricsResource
+from pushd.web.ops import HealthResource, MetricsAuth, MetricsResource
 from pushd.web.producer import ChannelsResource, Producing
 from pushd.web.resource import ProducerAuth
 from pushd.web.static import Root, StaticFile
@@ -115,7 +115,9 @@ def make_site(
         b"users": UsersResource(producing),
         b"push": PushResource(producing),
         b"health": HealthResource(broker, "redis" if config.uses_redis else "memory"),
-        b"metrics": MetricsResource(metrics, producing.auth),
+        b"metrics": MetricsResource(
+            metrics, MetricsAuth(config.metrics_key, config.metrics_allow, producing.auth)
+        ),
         b"pushd.js": StaticFile("pushd.js", b"text/javascript; charset=utf-8"),
     }
     admin = None

@@ -156,6 +156,10 @@ class RedisBroker(Broker):
     def shards(self) -> list[ShardState]:
         return [ShardState(s.name, s.connected, s.map_agrees) for s in self._shards]
 
+    def time_commands(self, histogram: Any) -> None:
+        for shard in self._shards:
+            shard.time_commands(histogram)
+
     def when_ready(self) -> Deferred[None]:
         """Fires once every shard is connected."""
         d = gatherResults([shard.when_ready() for shard in self._shards])

@@ -56,6 +56,20 @@ ReplyError = hiredis.ReplyError
 SETUP_TIMEOUT = 5.0
 
 
+class _NotTimed:
+    def observe(self, seconds: float) -> None:
+        pass
+
+
+#: What a command is timed with until metrics ask (RedisBroker.time_commands).
+NOT_TIMED = _NotTimed()
+
+
+def not_timed(command: str) -> Any:
+    """A timer (`observe(seconds)`) of commands named `command`: none."""
+    return NOT_TIMED
+
+
 def command(*args: str | int | bytes) -> bytes:
     """A Redis command in RESP (hiredis.pack_command, whose stub types a 1-tuple)."""
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]

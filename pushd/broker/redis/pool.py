@@ -10,7 +10,8 @@ this process at once, not the publish rate.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from time import monotonic
 from typing import Any
 
 import txredisapi
@@ -19,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 from pushd.broker import BrokerUnavailable
 from pushd.broker.redis.address import RedisAddress
-from pushd.broker.redis.connection import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX
+from pushd.broker.redis.connection import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, not_timed
 from pushd.broker.redis.reachability import QuietSlots, Reachability
 from pushd.broker.redis.scripts import Script
 
@@ -119,6 +120,8 @@ class CommandPool:
         # A slot that cannot connect while another is connected is no outage.
         self._endpoint = self.reachability.watch(endpoint, lambda: not factory.size)
         self.redis: Any = factory.handler
+        self._timer: Callable[[str], Any] = not_timed
+        self._timers: dict[str, Any] = {}
 
     @classmethod
     def options(cls, address: RedisAddress, timeout: float) -> dict[str, Any]:
@@ -145,21 +148,44 @@ class CommandPool:
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """txredisapi's `method` on a free connection (e.g. "publish", "execute_command")."""
+        name = str(args[0]).lower() if method == "execute_command" and args else method
+        return await self._call(name, method, *args, **kwargs)
+
+    async def _call(self, name: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`call`, timed as command `name` when Redis answers (an error reply
+        included; not a lost connection or a timeout, which are no round trip)."""
         if not self.connected:
             raise BrokerUnavailable("Redis is not connected")
+        started = monotonic()
         d: Deferred[Any] = getattr(self.redis, method)(*args, **kwargs)
         d.addTimeout(self._timeout or 3600, self._reactor)
         try:
-            return await d
-        except txredisapi.ScriptDoesNotExist:
-            raise
+            reply = await d
+        except txredisapi.ResponseError as e:
+            self._timed(name).observe(monotonic() - started)
+            if isinstance(e, txredisapi.ScriptDoesNotExist):
+                raise
+            raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
         except (txredisapi.RedisError, TimeoutError, CancelledError) as e:
             raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
+        self._timed(name).observe(monotonic() - started)
+        return reply
+
+    def time(self, timer: Callable[[str], Any]) -> None:
+        """Time commands with `timer(name)`, which gives what `observe(seconds)`."""
+        self._timer = timer
+        self._timers.clear()
+
+    def _timed(self, name: str) -> Any:
+        timer = self._timers.get(name)
+        if timer is None:
+            timer = self._timers[name] = self._timer(name)
+        return timer
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA of `script`, loaded first when Redis does not have it."""
         try:
-            return await self.call("evalsha", script.sha, keys=keys, args=args)
+            return await self._call(script.name, "evalsha", script.sha, keys=keys, args=args)
         except txredisapi.ScriptDoesNotExist:
             await self.call("script_load", script.source)
-            return await self.call("evalsha", script.sha, keys=keys, args=args)
+            return await self._call(script.name, "evalsha", script.sha, keys=keys, args=args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import groupby
 from operator import itemgetter
+from time import monotonic
 from typing import Any, TypeVar
 
 from hiredis import pack_command
@@ -32,12 +33,15 @@ from pushd.broker import (
     Published,
     fingerprint,
 )
-from pushd.broker.redis.connection import PublishConnection, ReplyError
+from pushd.broker.redis.connection import NOT_TIMED, PublishConnection, ReplyError
 from pushd.broker.redis.keys import Keys
 from pushd.broker.redis.scripts import PUBLISH, PUBLISH_MANY, PUSH, Script
 from pushd.message import envelope_prefix
 
 T = TypeVar("T")
+
+#: The scripts the publish connection runs (and times).
+_SCRIPTS = (PUBLISH, PUBLISH_MANY, PUSH)
 
 
 class Publisher:
@@ -59,6 +63,12 @@ class Publisher:
         # A channel's publish and push commands, in pieces around what each
         # call gives (see `_template`).
         self._commands: dict[tuple[str, str | None], tuple[bytes, ...]] = {}
+        self._timers: dict[Script, Any] = dict.fromkeys(_SCRIPTS, NOT_TIMED)
+
+    def time(self, timer: Callable[[str], Any]) -> None:
+        """Time each script's round trip (the first EVALSHA: a NOSCRIPT's EVAL
+        again is rare) with `timer(script's name)`, which gives what `observe(seconds)`."""
+        self._timers = {script: timer(script.name) for script in _SCRIPTS}
 
     def _publish_args(
         self, channel: str, data: bytes, idempotency_key: str | None, bound: str
@@ -86,10 +96,11 @@ class Publisher:
             # The hot path: everything but the data is the same for every
             # publish to a channel.
             pieces = self._commands.get((channel, None)) or self._template(channel, None)
+            started = monotonic()
             d = self._connection.execute(_fill(pieces, data))
             args_of = self._publish_args
             return d.addCallback(
-                self._answered, PUBLISH, _published, args_of, channel, data, None, ""
+                self._answered, started, PUBLISH, _published, args_of, channel, data, None, ""
             )
         bound = fingerprint(b"1", [(channel, data)])
         args = self._publish_args(channel, data, idempotency_key, bound)
@@ -157,30 +168,40 @@ class Publisher:
         self, channel: str, entry: bytes, event_list: str, data: bytes
     ) -> Deferred[tuple[bool, Published]]:
         pieces = self._commands.get((channel, event_list)) or self._template(channel, event_list)
+        started = monotonic()
         d = self._connection.execute(_fill(pieces, entry, data))
         args_of = self._push_args
         return d.addCallback(
-            self._answered, PUSH, _pushed, args_of, channel, entry, event_list, data
+            self._answered, started, PUSH, _pushed, args_of, channel, entry, event_list, data
         )
 
     def _answered(
         self,
         reply: Any,
+        started: float,
         script: Script,
         then: Callable[[Any], T],
         args_of: Callable[..., tuple[Any, ...]],
         *given: Any,
     ) -> Any:
-        """The reply to a templated command: as `_evaluated`'s, the command's
-        arguments made (`args_of(*given)`) only when it must be sent again."""
+        """The reply to a templated command sent at `started` (time.monotonic):
+        as `_evaluated`'s, the command's arguments made (`args_of(*given)`)
+        only when it must be sent again."""
+        self._timers[script].observe(monotonic() - started)
         if isinstance(reply, ReplyError):
             return self._evaluated(reply, script, args_of(*given), then)
         return _answer(then, reply)
 
     def _eval(self, script: Script, args: tuple[Any, ...], then: Callable[[Any], T]) -> Deferred[T]:
         """`then(reply)` of EVALSHA `script` `args` (numkeys, KEYS, ARGV)."""
+        started = monotonic()
         d = self._connection.execute(pack_command(("EVALSHA", script.sha, *args)))
+        d.addCallback(self._timed, script, started)
         return d.addCallback(self._evaluated, script, args, then)
+
+    def _timed(self, reply: Any, script: Script, started: float) -> Any:
+        self._timers[script].observe(monotonic() - started)
+        return reply
 
     def _evaluated(
         self, reply: Any, script: Script, args: tuple[Any, ...], then: Callable[[Any], T]

@@ -13,8 +13,11 @@ from importlib.resources import files
 
 
 class Script:
-    def __init__(self, source: str) -> None:
+    """A script's source and SHA1; `name` is its file's (`publish.lua`), for metrics."""
+
+    def __init__(self, source: str, name: str) -> None:
         self.source = source
+        self.name = name
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
@@ -25,19 +28,21 @@ def source(name: str) -> str:
 
 _PUBLISH_LUA = source("publish")
 
-PUBLISH = Script(_PUBLISH_LUA)
-PUBLISH_MANY = Script(source("publish_many"))
+PUBLISH = Script(_PUBLISH_LUA, "publish.lua")
+PUBLISH_MANY = Script(source("publish_many"), "publish_many.lua")
 # push.lua calls publish.lua as a function.
-PUSH = Script("local function publish(KEYS, ARGV)\n" + _PUBLISH_LUA + "end\n" + source("push"))
-READ_AFTER = Script(source("read_after"))
-DESTROY = Script(source("destroy"))
-EPOCH = Script(source("epoch"))
-REPORT_COUNTS = Script(source("report_counts"))
-COUNT = Script(source("count"))
-SHARD_MAP = Script(source("shard_map"))
-BIND_KEY = Script(source("bind_key"))
-PRESENCE_UPDATE = Script(source("presence_update"))
-PRESENCE_READ = Script(source("presence_read"))
-PRESENCE_CLAIM = Script(source("presence_claim"))
-PRESENCE_DROP = Script(source("presence_drop"))
-NODE_STATS = Script(source("node_stats"))
+PUSH = Script(
+    "local function publish(KEYS, ARGV)\n" + _PUBLISH_LUA + "end\n" + source("push"), "push.lua"
+)
+READ_AFTER = Script(source("read_after"), "read_after.lua")
+DESTROY = Script(source("destroy"), "destroy.lua")
+EPOCH = Script(source("epoch"), "epoch.lua")
+REPORT_COUNTS = Script(source("report_counts"), "report_counts.lua")
+COUNT = Script(source("count"), "count.lua")
+SHARD_MAP = Script(source("shard_map"), "shard_map.lua")
+BIND_KEY = Script(source("bind_key"), "bind_key.lua")
+PRESENCE_UPDATE = Script(source("presence_update"), "presence_update.lua")
+PRESENCE_READ = Script(source("presence_read"), "presence_read.lua")
+PRESENCE_CLAIM = Script(source("presence_claim"), "presence_claim.lua")
+PRESENCE_DROP = Script(source("presence_drop"), "presence_drop.lua")
+NODE_STATS = Script(source("node_stats"), "node_stats.lua")

@@ -156,6 +156,17 @@ class Shard:
         commands += (command("SCRIPT", "LOAD", s.source) for s in _PUBLISHING)
         return commands
 
+    def time_commands(self, histogram: Any) -> None:
+        """Time the pool's commands and the publish connection's scripts in
+        `histogram`, labelled with this shard's index (as pushd_redis_up)."""
+        shard = str(self.index)
+
+        def timer(command: str) -> Any:
+            return histogram.labels(shard=shard, command=command)
+
+        self.pool.time(timer)
+        self.publisher.time(timer)
+
     # -- life cycle
 
     def start(self) -> None:
