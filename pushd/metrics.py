@@ -88,6 +88,17 @@ class Metrics:
             )
         broker.time_commands(self.redis_seconds)
 
+    def watch_presence(self, presence: Any) -> None:
+        """The node's presence (pushd.presence), when it has some."""
+        gauge = partial(Gauge, namespace="pushd", registry=self.registry)
+        members = gauge("presence_members", "Presence members on this node")
+        members.set_function(presence.count)
+        waiting = gauge(
+            "presence_events_waiting",
+            "Join and leave events waiting to be sent (coalesced, JOIN_LEAVE_BURST a window)",
+        )
+        waiting.set_function(presence.events_waiting)
+
 
 class _Series:
     """One (shard, command) of CommandSeconds: a count per bucket (the last: over

@@ -172,6 +172,10 @@ class Presence:
         """This node's members, all channels."""
         return sum(len(m) for m in self._local.values())
 
+    def events_waiting(self) -> int:
+        """Join and leave events waiting for their window."""
+        return self._events.waiting()
+
     def departed(self, channel: str, values: list[bytes]) -> None:
         """PresenceListener.departed: announce the leaves of members gone unseen."""
         self._announce(channel, b"leave", values)

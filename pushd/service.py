@@ -299,6 +299,8 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
             clock=reactor,
         )
     service.presence = presence
+    if presence is not None:
+        metrics.watch_presence(presence)
     ws_factory = PushdServerFactory(
         hub, broker, config, reactor=reactor, gate=gate, metrics=metrics, presence=presence
     )

@@ -217,3 +217,17 @@ async def test_a_thousand_members(start_pushd: StartPushd) -> None:
     await wait_for(lambda: server.hub.count("big") == 0)
     code, body = await _presence(server, "big")
     assert body["count"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_gauges(start_pushd: StartPushd) -> None:
+    server = await start_pushd(join_leave=("room:*",))
+    clients = [await server.connect("?channel=room:1") for _ in range(3)]
+    for client in clients:
+        await client.next_of("subscribed")
+    response = await treq.get(f"{server.url}/metrics", persistent=False)
+    text = (await response.content()).decode()
+    assert "pushd_presence_members 3.0" in text
+    assert "pushd_presence_events_waiting" in text
+    for client in clients:
+        await client.close()
