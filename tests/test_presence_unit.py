@@ -182,3 +182,44 @@ def test_presence_payloads_round_trip(kinds: list[bytes]) -> None:
     assert [e.event for e in events if isinstance(e, PresenceEvent)] == kinds
     # On another channel's bus, the same bytes are foreign data.
     assert type(Message.from_bus("room:2", payload)[0]) is Message
+
+
+class CountingBroker(MemoryBroker):
+    reads = 0
+
+    def presence(self, channel: str, limit: int) -> Any:
+        self.reads += 1
+        return super().presence(channel, limit)
+
+
+def test_queries_share_a_read_for_a_second_unless_this_node_changed_the_channel() -> None:
+    from pushd.presence import QUERY_CACHE
+
+    clock = Clock()
+    broker = CountingBroker(clock, 100, 3600)
+    presence = Presence(broker, patterns=("room:*",), clock=clock)
+    presence.join("room:1", "n.1", "ann", b"null")
+    clock.advance(0)
+    assert answer(presence, "room:1", clock)["count"] == 1
+    assert answer(presence, "room:1", clock)["count"] == 1
+    assert broker.reads == 1
+    # Another node's change (written straight to the broker): seen after QUERY_CACHE.
+    from pushd.broker import PresenceChange
+    from pushd.broker.members import stored as stored_member
+
+    broker.update_presence(
+        {"room:1": PresenceChange(joins={"m.1": stored_member("m.1", "bo", b"null")})}
+    )
+    assert answer(presence, "room:1", clock)["count"] == 1
+    clock.advance(QUERY_CACHE)
+    assert answer(presence, "room:1", clock)["count"] == 2
+    assert broker.reads == 2
+    # This node's own change: read again at once.
+    presence.leave("room:1", "n.1")
+    assert answer(presence, "room:1", clock)["count"] == 1
+    assert broker.reads == 3
+    # Another channel's change does not throw this one's answer away.
+    presence.join("room:2", "n.2", None, b"null")
+    clock.advance(0)
+    assert answer(presence, "room:1", clock)["count"] == 1
+    assert broker.reads == 3
