@@ -5,9 +5,16 @@ and lets it go when the last one leaves. Each message reaches the hub once and
 is handed, as one Message object (its envelope serialised once, its frame made
 once), to every local subscriber. Nothing here knows about sockets.
 
-Messages are handed out at the end of the reactor turn they arrived in: those
-of a channel that came together (one read of the bus, one batch) go to each
-subscriber as one Burst, which its transport writes with one send.
+Messages are handed out from the end of the reactor turn they arrived in, a
+walk over the channel's subscribers, FANOUT_CHUNK deliveries a reactor turn:
+between chunks the reactor reads its sockets, and messages that came meanwhile
+join what the subscribers not yet reached get. So each subscriber is handed,
+as one Burst (one send), every message of the channel it has not had yet:
+those that came together (one read of the bus, one batch), and, while a large
+fan-out is being written, those that came during it. A busy node writes fewer,
+larger frames per connection instead of falling behind (the subscribers
+already passed get the newcomers in the next walk, in order). Each subscriber
+keeps how far it got (`_Receiver.next`, an index into the channel's `log`).
 
 The hub remembers the last id it handed out per channel. When the broker's bus
 connection comes back after an outage, the hub fills the gap from the history
@@ -19,9 +26,9 @@ and moves nothing.
 A message's path, one name a step: the broker's bus connection receives a
 payload (`RedisBroker._bus_received`; the memory broker's publish makes it)
 and hands it to the BusListener attached to the broker (pushd.broker), that
-is `Hub.receive`; `Message.from_bus` makes messages of it; `Hub._take` queues
-each for the turn (or holds it back while a gap is filled); `Hub.flush` hands
-the turn's messages to each subscriber's `deliver`. `receive` and every
+is `Hub.receive`; `Message.from_bus` makes messages of it; `Hub._take` appends
+each to the channel's log (or holds it back while a gap is filled); `Hub.flush`
+walks the subscribers and hands each what it has not had to its `deliver`. `receive` and every
 `deliver` call sit behind an exception boundary: what raises is logged with
 its channel and counted (`pushd_bus_errors_total`, `pushd_delivery_errors_total`),
 and the other messages and subscribers go on.
@@ -40,6 +47,9 @@ from pushd.message import Burst, Delivery, Message, envelope, format_id, is_chan
 
 log = Logger()
 
+#: Deliveries one reactor turn makes at most, before it reads its sockets again.
+FANOUT_CHUNK = 1000
+
 
 def _ignore(n: int) -> None:
     pass
@@ -54,18 +64,43 @@ class Subscriber(Protocol):
         """Leave `channel` (the application destroyed it); `tell` the client."""
 
 
+class _Receiver:
+    """A subscriber of a channel as the hub walks them: what takes its
+    deliveries (None once it left) and the index of the first message of the
+    channel's log it has not been handed."""
+
+    __slots__ = ("deliver", "next")
+
+    def __init__(self, deliver: Callable[[Delivery], None], next: int) -> None:
+        self.deliver: Callable[[Delivery], None] | None = deliver
+        self.next = next
+
+
 class _Channel:
-    __slots__ = ("buffer", "last", "subscribers", "turn")
+    __slots__ = ("base", "buffer", "last", "log", "made", "subscribers", "walk", "walked")
 
     def __init__(self) -> None:
         # Each subscriber, with what the hub calls to hand it a delivery: its
         # `deliver`, or what it named with `deliver_directly`.
-        self.subscribers: dict[Subscriber, Callable[[Delivery], None]] = {}
+        self.subscribers: dict[Subscriber, _Receiver] = {}
         self.last: tuple[int, int] | None = None
         # Live messages held back while the gap after an outage is filled.
         self.buffer: list[Message] | None = None
-        # Messages of this reactor turn, handed out at its end.
-        self.turn: list[Message] | None = None
+        # Messages not yet handed to every subscriber; log[i] is message base + i.
+        self.log: list[Message] = []
+        self.base = 0
+        # The walk under way: the receivers when it began, and how far it got.
+        self.walk: list[_Receiver] | None = None
+        self.walked = 0
+        # The deliveries made for the current end of the log, by starting
+        # point: one Burst (one frame) for all the subscribers that share it,
+        # whichever chunk reaches them.
+        self.made: tuple[int, dict[int, Delivery]] = (0, {})
+
+    @property
+    def end(self) -> int:
+        """The index the next message will have."""
+        return self.base + len(self.log)
 
 
 class Hub:
@@ -93,14 +128,18 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel()
-        state.subscribers[subscriber] = subscriber.deliver
+        old = state.subscribers.get(subscriber)
+        if old is None:
+            state.subscribers[subscriber] = _Receiver(subscriber.deliver, state.end)
         return self._broker.subscribe(channel)
 
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         state = self._channels.get(channel)
         if state is None:
             return
-        state.subscribers.pop(subscriber, None)
+        receiver = state.subscribers.pop(subscriber, None)
+        if receiver is not None:
+            receiver.deliver = None  # a walk under way passes it by
         if not state.subscribers:
             del self._channels[channel]
             self._broker.unsubscribe(channel)
@@ -112,8 +151,9 @@ class Hub:
         messages: a session whose subscription is plainly live hands the hub its
         transport's own method, one call less per delivery."""
         state = self._channels.get(channel)
-        if state is not None and subscriber in state.subscribers:
-            state.subscribers[subscriber] = deliver
+        receiver = state.subscribers.get(subscriber) if state is not None else None
+        if receiver is not None:
+            receiver.deliver = deliver
 
     def receive(self, channel: str, payload: bytes) -> None:
         """BusListener.receive: a bus payload of `channel` in, its messages
@@ -152,38 +192,80 @@ class Hub:
             if state.last is not None and key <= state.last:
                 return  # already handed out while filling a gap
             state.last = key
-        if state.turn is None:
-            state.turn = [message]
+        if self.rates is not None:
+            self.rates[message.channel] = self.rates.get(message.channel, 0) + 1
+        if not state.log:
             self._due.append(state)
             if self._flush_call is None:
                 self._flush_call = self._clock.callLater(0, self.flush)
-        else:
-            state.turn.append(message)
+        state.log.append(message)
 
     def flush(self) -> None:
-        """Hand out the messages of this turn (the reactor calls it at its end)."""
-        due, self._due = self._due, []
+        """Walk the subscribers of the channels with messages (the reactor
+        calls it at the end of the turn they came in), FANOUT_CHUNK deliveries
+        at most; the rest in the next turns."""
         self._flush_call = None
-        rates = self.rates
-        for state in due:
-            messages, state.turn = state.turn or [], None
-            if not messages:
-                continue
-            if rates is not None:
-                channel = messages[0].channel
-                rates[channel] = rates.get(channel, 0) + len(messages)
+        budget = FANOUT_CHUNK
+        due, self._due = self._due, []
+        for index, state in enumerate(due):
+            if budget <= 0:
+                self._due[:0] = due[index:]
+                break
             try:
-                delivery: Delivery = messages[0] if len(messages) == 1 else Burst(messages)
-                # A delivery may unsubscribe (a slow consumer is dropped): iterate a copy.
-                receivers = tuple(state.subscribers.values())
-                for deliver in receivers:
-                    try:
-                        deliver(delivery)
-                    except Exception:
-                        self._delivery_failed(messages[0].channel)
-                self._delivered(len(receivers) * len(messages))
+                budget -= self._walk(state, budget)
             except Exception:
-                self._delivery_failed(messages[0].channel)
+                state.walk = None
+                self._delivery_failed(state.log[0].channel if state.log else "?")
+            if state.log and state.subscribers:
+                self._due.append(state)
+            else:
+                state.log, state.base, state.walk = [], state.end, None
+        if self._due and self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self.flush)
+
+    def _walk(self, state: _Channel, budget: int) -> int:
+        """Hand up to `budget` subscribers of `state` what they have not had;
+        how many were handed something."""
+        walk = state.walk
+        if walk is None:
+            walk = state.walk = list(state.subscribers.values())
+            state.walked = 0
+        log, base = state.log, state.base
+        end = base + len(log)
+        made_for, made = state.made
+        if made_for != end:
+            made = {}
+            state.made = (end, made)
+        handed = messages = 0
+        position, stop = state.walked, min(len(walk), state.walked + budget)
+        while position < stop:
+            receiver = walk[position]
+            position += 1
+            first, deliver = receiver.next, receiver.deliver
+            if deliver is None or first >= end:
+                continue
+            delivery = made.get(first)
+            if delivery is None:
+                batch = log[first - base :]
+                delivery = made[first] = batch[0] if len(batch) == 1 else Burst(batch)
+            receiver.next = end
+            handed += 1
+            messages += end - first
+            try:
+                deliver(delivery)
+            except Exception:
+                self._delivery_failed(log[0].channel)
+        state.walked = position
+        self._delivered(messages)
+        if position >= len(walk):
+            # Walked: what every subscriber has had leaves the log; those
+            # passed before the last messages came get them in the next walk.
+            state.walk = None
+            low = min((r.next for r in state.subscribers.values()), default=end)
+            del log[: low - base]
+            state.base = low
+            state.made = (0, {})
+        return max(handed, 1)
 
     def _delivery_failed(self, channel: str) -> None:
         """A subscriber raised taking a delivery: logged, counted; the others go on."""
