@@ -43,7 +43,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pushd.broker import Broker, BrokerUnavailable
-from pushd.message import Burst, Delivery, Message, envelope, format_id, is_channel, parse_id
+from pushd.message import (
+    Burst,
+    Delivery,
+    Message,
+    PresenceEvent,
+    envelope,
+    format_id,
+    is_channel,
+    parse_id,
+)
 
 log = Logger()
 
@@ -53,6 +62,10 @@ FANOUT_CHUNK = 1000
 
 def _ignore(n: int) -> None:
     pass
+
+
+def _never(channel: str) -> bool:
+    return False
 
 
 class Subscriber(Protocol):
@@ -104,13 +117,24 @@ class _Channel:
 
 
 class Hub:
-    def __init__(self, broker: Broker, metrics: Any = None, *, clock: Any = None) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Any = None,
+        *,
+        clock: Any = None,
+        announced: Callable[[str], bool] | None = None,
+    ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
         self._due: list[_Channel] = []
         self._flush_call: Any = None
         self._broker = broker
+        #: Whether this node's subscribers of a channel hear joins and leaves
+        #: (pushd.presence, --join-leave): on another channel, a payload in
+        #: the presence events' format is data like any other.
+        self._announced = announced or _never
         self._delivered = metrics.deliveries.inc if metrics is not None else _ignore
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
@@ -164,6 +188,8 @@ class Hub:
         try:
             messages = Message.from_bus(channel, payload)
             first = messages[0]
+            if isinstance(first, PresenceEvent) and not self._announced(channel):
+                messages = [first := Message.foreign(channel, payload)]
             # Foreign data: no id, and not a presence event (a Message subclass).
             if first.id is None and type(first) is Message and self._metrics is not None:
                 self._metrics.bus_foreign.inc()

@@ -349,6 +349,8 @@ class PresenceEvent(Message):
 # and anything else is foreign data, whole.
 PRESENCE_MARKER = b"\x00pushd-presence/1\n"
 _PRESENCE_KINDS = {"join": b"join", "leave": b"leave"}
+_EVENT_KEYS = {"type", "channel", "member"}
+_MEMBER_KEYS = {"client", "user", "info"}
 
 
 def presence_event(kind: bytes, channel: str, member: bytes) -> bytes:
@@ -370,15 +372,18 @@ def _presence_events(channel: str, payload: bytes) -> list[Message] | None:
             event = load_json(line)
         except ValueError:
             return None
-        if not isinstance(event, dict) or event.get("channel") != channel:
+        if not isinstance(event, dict) or event.keys() != _EVENT_KEYS:
             return None
-        kind = event.get("type")
+        kind = event["type"]
         kind = _PRESENCE_KINDS.get(kind) if isinstance(kind, str) else None
-        member = event.get("member")
+        member = event["member"]
         if (
             kind is None
+            or event["channel"] != channel
             or not isinstance(member, dict)
+            or not member.keys() <= _MEMBER_KEYS
             or not isinstance(member.get("client"), str)
+            or not isinstance(member.get("user"), str | None)
         ):
             return None
         events.append(PresenceEvent(channel, kind, line))

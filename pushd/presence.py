@@ -29,15 +29,16 @@ own leave, in the answer. Other nodes' changes show within QUERY_CACHE.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushd.auth import matches
 from pushd.broker import Broker, BrokerUnavailable, PresenceChange, PresenceRead
-from pushd.broker.members import split, stored
+from pushd.broker.members import split, stored, tombstone
 from pushd.message import dump_json, load_json, presence_event, presence_payload
 
 log = Logger()
@@ -88,7 +89,9 @@ class Presence:
         self._answers: dict[str, tuple[float, int, bytes]] = {}
         self._queries: dict[str, tuple[int, list[Deferred[bytes]]]] = {}
         self._clients = itertools.count(1)
-        self._events = Announcer(broker, clock, window, burst)
+        #: channel -> clients whose leave waits to be announced (stored as tombstones).
+        self._tombstones: dict[str, set[str]] = {}
+        self._events = Announcer(broker, clock, window, burst, said=self._said)
         self._stopping = False
         broker.attach_presence(self)
 
@@ -132,11 +135,33 @@ class Presence:
         if not members:
             del self._local[channel]
         change = self._change(channel)
-        if change.joins.pop(client, None) is None:
-            change.leaves.add(client)
-        change.present = channel in self._local
         if self.announces(channel):
+            # Until its leave is announced, the member stays stored as a
+            # tombstone (not counted): should this node die first, the node
+            # that reaps it announces the leave (pushd.broker.members).
+            change.joins[client] = tombstone(value)
+            self._tombstones.setdefault(channel, set()).add(client)
             self._events.add(channel, client, b"leave", split(value)[1])
+        elif change.joins.pop(client, None) is None:
+            change.leaves.add(client)
+        change.present = channel in self._local or channel in self._tombstones
+        self._write_soon()
+
+    def _said(self, channel: str, clients: list[str]) -> None:
+        """The leaves of `clients` were announced (or need not be): their
+        tombstones go."""
+        tombstones = self._tombstones.get(channel)
+        if tombstones is None or self._stopping:
+            return
+        change = self._change(channel)
+        for client in clients:
+            if client in tombstones:
+                tombstones.discard(client)
+                change.joins.pop(client, None)
+                change.leaves.add(client)
+        if not tombstones:
+            del self._tombstones[channel]
+        change.present = channel in self._local or channel in self._tombstones
         self._write_soon()
 
     def _change(self, channel: str) -> PresenceChange:
@@ -288,7 +313,7 @@ class Presence:
         node know this node's members are gone (their leaves are announced by
         another node)."""
         self._stopping = True
-        self._events.stop()
+        await self._events.stop()
         if self._write_call is not None and self._write_call.active():
             self._write_call.cancel()
         self._write_call = None
@@ -327,46 +352,84 @@ def _member(value: bytes) -> tuple[str, bytes] | None:
 
 class Announcer:
     """Join and leave events waiting to be sent, per channel (see the module's
-    docstring): at most `burst` events of a channel every `window` seconds."""
+    docstring): at most `burst` events of a channel every `window` seconds.
 
-    def __init__(self, broker: Broker, clock: Any, window: float, burst: int) -> None:
+    What subscribers may have heard decides what may be left unsaid: a join
+    and the leave of the same client cancel out only when that join was the
+    first word of the client on the channel (nobody can have heard of it);
+    otherwise the latest event of a client replaces the one waiting, so a
+    subscriber's list, kept by `client`, ends up as the members are."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        clock: Any,
+        window: float,
+        burst: int,
+        said: Callable[[str, list[str]], None] = lambda channel, clients: None,
+    ) -> None:
+        self._said = said
         self._broker = broker
         self._clock = clock
         self._window = window
         self._burst = burst
-        #: channel -> client -> (event, member JSON), in the order they came.
-        self._queues: dict[str, dict[str, tuple[bytes, bytes]]] = {}
+        #: channel -> client -> (event, member JSON, first word), in the order they came.
+        self._queues: dict[str, dict[str, tuple[bytes, bytes, bool]]] = {}
+        #: channel -> the clients this node has said something of (joins waiting
+        #: or sent, until a leave of theirs is sent or cancels their first join).
+        self._spoken: dict[str, set[str]] = {}
         self._call: Any = None
 
     def add(self, channel: str, client: str, kind: bytes, member: bytes) -> None:
         queue = self._queues.setdefault(channel, {})
+        spoken = self._spoken.setdefault(channel, set())
         pending = queue.pop(client, None)
-        if pending is not None and pending[0] == b"join" and kind == b"leave":
-            # Came and went unannounced: nobody needs to hear of it.
-            if not queue:
-                del self._queues[channel]
+        if kind == b"leave" and pending is not None and pending[0] == b"join" and pending[2]:
+            # Came and went before a word was sent: nobody heard of it.
+            spoken.discard(client)
+            self._tidy(channel)
+            self._said(channel, [client])
             return
-        queue[client] = (kind, member)
+        first = kind == b"join" and client not in spoken
+        if kind == b"join":
+            spoken.add(client)
+        queue[client] = (kind, member, first)
         self._schedule()
+
+    def _tidy(self, channel: str) -> None:
+        if not self._queues.get(channel, True):
+            del self._queues[channel]
+        if not self._spoken.get(channel, True):
+            del self._spoken[channel]
 
     def _schedule(self) -> None:
         if self._call is None and self._queues:
             self._call = self._clock.callLater(self._window, self.flush)
 
-    def flush(self) -> None:
-        """Send each channel's next `burst` events (the clock calls it)."""
+    def flush(self) -> list[Deferred[None]]:
+        """Send each channel's next `burst` events (the clock calls it);
+        the Deferreds of the sends."""
         self._call = None
+        sends = []
         for channel in list(self._queues):
             queue = self._queues[channel]
             taken = list(itertools.islice(queue.items(), self._burst))
-            for client, _ in taken:
+            for client, (kind, _, _) in taken:
                 del queue[client]
-            if not queue:
-                del self._queues[channel]
-            events = [presence_event(kind, channel, member) for _, (kind, member) in taken]
+                if kind == b"leave":
+                    self._spoken.get(channel, set()).discard(client)
+            self._tidy(channel)
+            events = [presence_event(kind, channel, member) for _, (kind, member, _) in taken]
+            left = [client for client, (kind, _, _) in taken if kind == b"leave"]
             d = self._broker.announce(channel, presence_payload(events))
-            d.addErrback(self._failed, channel, taken)
+            if left:
+                d.addCallback(self._sent, channel, left)
+            sends.append(d.addErrback(self._failed, channel, taken))
         self._schedule()
+        return sends
+
+    def _sent(self, _: object, channel: str, left: list[str]) -> None:
+        self._said(channel, left)
 
     def _failed(self, failure: Failure, channel: str, taken: list[Any]) -> None:
         """Not sent (the bus is down): back in front of the queue, unless a
@@ -378,13 +441,27 @@ class Announcer:
         merged.update(queue)
         if merged:
             self._queues[channel] = merged
+            spoken = self._spoken.setdefault(channel, set())
+            spoken.update(c for c, (kind, _, _) in merged.items() if kind == b"leave")
         self._schedule()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Send what waits, all of it, now (a stopping node's last words), and
+        send nothing more."""
         if self._call is not None and self._call.active():
             self._call.cancel()
-        self._call = None
+        sends: list[Deferred[None]] = []
+        # Each flush sends `burst` events of each channel; a send that fails
+        # puts its events back, and is not tried again.
+        for _ in range(-(-self.waiting() // self._burst)):
+            sends += self.flush()
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._call = None
         self._queues.clear()
+        self._spoken.clear()
+        if sends:
+            await gatherResults(sends, consumeErrors=True)
 
     def waiting(self) -> int:
         """Events waiting, all channels."""

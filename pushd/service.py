@@ -274,7 +274,21 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         from twisted.internet import reactor
     broker = make_broker(config, reactor)
     metrics = Metrics()
-    hub = Hub(broker, metrics, clock=reactor)
+    presence = None
+    if config.presence or config.join_leave:
+        presence = Presence(
+            broker,
+            patterns=config.presence,
+            join_leave=config.join_leave,
+            max_list=config.max_presence_list,
+            clock=reactor,
+        )
+    hub = Hub(
+        broker,
+        metrics,
+        clock=reactor,
+        announced=presence.announces if presence is not None else None,
+    )
     metrics.watch(hub, broker)
     service = PushdService(config, broker, hub, metrics, reactor)
     Service.setServiceParent(broker, service)
@@ -289,15 +303,6 @@ def make_service(config: Config, reactor: Any = None) -> PushdService:
         ConnectionCounter(config.max_connections_per_ip),
         metrics,
     )
-    presence = None
-    if config.presence or config.join_leave:
-        presence = Presence(
-            broker,
-            patterns=config.presence,
-            join_leave=config.join_leave,
-            max_list=config.max_presence_list,
-            clock=reactor,
-        )
     service.presence = presence
     if presence is not None:
         metrics.watch_presence(presence)

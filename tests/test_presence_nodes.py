@@ -3,6 +3,7 @@ with several connections, a node SIGKILLed or stopped, Redis losing its data."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -208,3 +209,24 @@ async def test_garbage_in_a_presence_hash_is_not_listed(  # type: ignore[no-unty
     body = await presence(a, "room:x")
     assert len(body["clients"]) == 1 and body["clients"][0]["client"].startswith(node + ".")
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_leave_is_announced_though_its_node_dies_before_it_could(cluster) -> None:  # type: ignore[no-untyped-def]
+    """The leave is stored as a tombstone until announced: a node killed in
+    the window (its leave stored, not yet sent) is reaped by another, which
+    announces it. Whatever the node got to before the kill, the watcher
+    hears the leave."""
+    a, b = await cluster(2)
+    watcher = await a.connect(f"?channel=room:k&token={ANYONE}")
+    await watcher.next_of("subscribed")
+    goer = await b.connect(f"?channel=room:k&token={token('goer', ['*'])}")
+    await frames_until(goer, lambda f: f["type"] == "subscribed" and f["channel"] == "room:k")
+    await frames_until(watcher, lambda f: f["type"] == "join" and f["member"]["user"] == "goer")
+    await goer.close()
+    assert b.process is not None
+    b.process.send_signal(signal.SIGSTOP)  # within the window, as a kill would be
+    b.kill()
+    await frames_until(watcher, lambda f: f["type"] == "leave" and f["member"]["user"] == "goer")
+    await wait_for(lambda: everyone_sees((a,), "room:k", 1, 0), what="the watcher alone")
+    await watcher.close()

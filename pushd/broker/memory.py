@@ -8,7 +8,6 @@ remembered past that (pushd.broker); idempotency keys bound to their request.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from typing import Any
 
@@ -26,7 +25,7 @@ from pushd.broker import (
     fingerprint,
     meta_ttl,
 )
-from pushd.broker.members import split
+from pushd.broker.members import TOMBSTONE, split
 from pushd.message import bus_payload, envelope, format_id, parse_id
 
 
@@ -220,10 +219,9 @@ class MemoryBroker(Broker):
         return succeed(None)
 
     def presence(self, channel: str, limit: int) -> Deferred[PresenceRead]:
-        members = self._members.get(channel, {})
-        users = {user for user, _ in map(split, members.values()) if user}
-        values = list(itertools.islice(members.values(), limit))
-        return succeed(PresenceRead(len(members), len(users), values))
+        members = [v for v in self._members.get(channel, {}).values() if v[:1] != TOMBSTONE]
+        users = {user for user, _ in map(split, members) if user}
+        return succeed(PresenceRead(len(members), len(users), members[:limit]))
 
     def announce(self, channel: str, payload: bytes) -> Deferred[None]:
         if channel in self._subscribed:

@@ -94,7 +94,11 @@ class ShardPresence:
         self._waiting: list[Deferred[None]] = []
         self._writing = False
         #: Write everything again before anything else (see the module's docstring).
-        self._rewrite = True
+        self._rewrite = False
+        #: Whether a write made this node's entry already.
+        self._registered = False
+        #: Keys of another type where a presence hash should be (logged once).
+        self._foreign: set[str] = set()
         self._refresh_due = False
         #: Set once the node stops: nothing more is written.
         self._left = False
@@ -169,11 +173,21 @@ class ShardPresence:
     async def _write(self, changes: dict[str, PresenceChange]) -> bool:
         """Write `changes` (and refresh this node's entry); True when the node
         had no entry."""
+        calls = list(self._calls(changes)) or [(self._fixed_keys(), self._head())]
         new = False
-        for keys, args in self._calls(changes):
-            new |= bool(int(await self._pool.run(PRESENCE_UPDATE, keys, args)))
-        if not changes:
-            new = bool(int(await self._pool.run(PRESENCE_UPDATE, self._fixed_keys(), self._head())))
+        for keys, args in calls:
+            answer = await self._pool.run(PRESENCE_UPDATE, keys, args)
+            new |= bool(int(answer[0]))
+            for key in map(_text, answer[1] or ()):
+                if key not in self._foreign:
+                    self._foreign.add(key)
+                    log.warn(
+                        "{key} holds another type than pushd's presence hash: its channel "
+                        "has no presence until it is deleted",
+                        key=key,
+                    )
+        # The first write of this node makes its entry: nothing to write again.
+        new, self._registered = new and self._registered, True
         return new
 
     def _fixed_keys(self) -> list[str]:
@@ -259,6 +273,14 @@ class ShardPresence:
                 {_text(pairs[i]): _bytes(pairs[i + 1]) for i in range(0, len(pairs) - 1, 2)}
             )
         return removed
+
+    def rewrite(self) -> None:
+        """Write all of this node's members again, soon: Redis may have lost
+        them or come back from an older copy (another server answers)."""
+        if self._listener() is None:
+            return  # no presence kept here
+        self._rewrite = True
+        self._kick()
 
     # -- reads and events
 

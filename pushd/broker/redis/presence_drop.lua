@@ -16,7 +16,9 @@ local removed = {}
 for k = 4, #KEYS do
   local gone = {}
   local fields = {}
-  local all = redis.call('HGETALL', KEYS[k])
+  local kind = redis.call('TYPE', KEYS[k]).ok
+  local all = {}
+  if kind == 'hash' then all = redis.call('HGETALL', KEYS[k]) end
   for i = 1, #all, 2 do
     if string.sub(all[i], 1, #head) == head then
       gone[#gone + 1] = all[i]

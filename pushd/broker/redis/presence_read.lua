@@ -21,8 +21,9 @@ for i = 1, #all, 2 do
       alive[node] = live
     end
   end
-  if live then
-    local value = all[i + 1]
+  local value = all[i + 1]
+  -- A tombstone (`~...`): a member whose leave is not announced yet.
+  if live and string.byte(value, 1) ~= 126 then
     count = count + 1
     -- `<n>:<user key><member>`: the user key is the n bytes after the colon.
     local colon = string.find(value, ':', 1, true)

@@ -235,7 +235,11 @@ class Shard:
                 EPOCH, [keys.epoch, keys.lost], [self.epoch, uuid.uuid4().hex, settings.meta_ttl]
             )
             info = await self.pool.call("execute_command", "INFO", "server")
-            self.run_id = _run_id(info)
+            run_id, self.run_id = self.run_id, _run_id(info)
+            if run_id and run_id != self.run_id:
+                # Another Redis process answers (a restart, a failover): it may
+                # hold an older copy of this node's members than the node has.
+                self.presence.rewrite()
             await self.check_map()
 
     async def check_map(self) -> None:
