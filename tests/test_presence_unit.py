@@ -223,3 +223,20 @@ def test_queries_share_a_read_for_a_second_unless_this_node_changed_the_channel(
     clock.advance(0)
     assert answer(presence, "room:1", clock)["count"] == 1
     assert broker.reads == 3
+
+
+def test_a_leave_stays_a_tombstone_until_it_is_announced() -> None:
+    from pushd.broker.members import TOMBSTONE
+
+    presence, broker, bus, clock = node()
+    presence.join("room:1", "n.1", "ann", b"null")
+    clock.advance(JOIN_LEAVE_WINDOW)  # the join is said
+    presence.leave("room:1", "n.1")
+    clock.advance(0)
+    stored_now = broker._members["room:1"]["n.1"]
+    assert stored_now.startswith(TOMBSTONE)  # kept, for a reaper to announce
+    assert answer(presence, "room:1", clock)["count"] == 0  # but not counted
+    clock.advance(JOIN_LEAVE_WINDOW)  # the leave is said...
+    clock.advance(0)
+    assert "room:1" not in broker._members  # ...and the tombstone goes
+    assert bus.events() == [("join", "n.1"), ("leave", "n.1")]
