@@ -54,8 +54,12 @@ Internal (library): pushd's use -> what it relies on
 - `send_queue` (Autobahn): transports/autobahn_diet.py (shrink)
     -> appended to only for sync or chopsize writes: an empty tuple in its place is never
        touched
-- `is_closed`, `is_open` (Autobahn): transports/autobahn_diet.py (drop_cycles)
-    -> instance attributes (futures) made per connection, `is_closed` resolved with the protocol
+- `is_closed`, `is_open` (Autobahn): transports/autobahn_diet.py (drop_cycles, shrink)
+    -> instance attributes (futures) made per connection, `is_closed` resolved with the protocol;
+       resolved through txaio.resolve/reject, which call `callback`/`errback` (shrink swaps them
+       for one shared future), `is_open` after onOpen
+- `trafficStats` (Autobahn): transports/autobahn_diet.py (shrink)
+    -> per connection, only added to (never read for behaviour): shared by a factory's connections
 - frames written straight to the transport (Autobahn): transports/websocket.py
     (message, _reply, text_frame)
     -> `sendMessage` writes exactly `text_frame(payload)` (no compression unless negotiated)
@@ -528,6 +532,37 @@ def test_autobahn_is_closed_is_open() -> None:
     seen: list[Any] = []
     p.is_closed.addCallback(seen.append)
     assert seen == [p], what + ": is_closed is not resolved with the protocol (the cycle)"
+
+
+def test_txaio_resolves_with_callback_and_autobahn_only_adds_to_traffic_stats() -> None:
+    import inspect
+
+    import txaio
+    from autobahn.websocket import protocol as ws_protocol
+
+    class Future:
+        got: list[Any] = []
+
+        def callback(self, result: object = None) -> None:
+            self.got.append(("callback", result))
+
+        def errback(self, failure: object = None) -> None:
+            self.got.append(("errback", failure))
+
+    future = Future()
+    txaio.resolve(future, 1)
+    txaio.reject(future, ValueError("x"))
+    what = _changed(AUTOBAHN, "txaio.resolve/reject or trafficStats")
+    assert [kind for kind, _ in future.got] == ["callback", "errback"], what
+    source = inspect.getsource(ws_protocol)
+    reads = [
+        line.strip()
+        for line in source.splitlines()
+        if "trafficStats" in line
+        and "+=" not in line
+        and "self.trafficStats = TrafficStats()" not in line
+    ]
+    assert reads == [], what + f": trafficStats read for more than counting: {reads}"
 
 
 def test_autobahn_frames_equal_text_frame() -> None:

@@ -192,3 +192,26 @@ async def test_connections_leave_nothing_to_the_cycle_collector(pushd: PushdUnde
         assert pushd_garbage() == []  # closed
     finally:
         gc.enable()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_connection_holds_no_futures_nor_traffic_counters_of_its_own(
+    pushd: PushdUnderTest,
+) -> None:
+    """The Autobahn diet (pushd.transports.autobahn_diet): an open connection
+    shares one future and its factory's traffic counters, and still opens,
+    delivers and closes as before."""
+    from pushd.transports.autobahn_diet import UNHEARD
+
+    clients = [await pushd.connect("?channel=diet") for _ in range(2)]
+    for client in clients:
+        await client.next_of("subscribed")
+    assert pushd.service is not None
+    a, b = tuple(pushd.service.site.ws_factory.clients)
+    assert a.is_open is UNHEARD and a.is_closed is UNHEARD
+    assert a.trafficStats is b.trafficStats
+    await pushd.publish("diet", 1)
+    for client in clients:
+        assert (await client.next_of("message"))["data"] == 1
+        await client.close()
+    await wait_for(lambda: not pushd.service.site.ws_factory.clients)  # type: ignore[union-attr]

@@ -10,9 +10,12 @@ the library here, in four ways, each with a canary in tests/test_canaries.py:
   that class, where connections read them (Autobahn copies only what a
   connection lacks);
 - `shrink`: once open, a connection drops what only the handshake reads
-  (`_HANDSHAKE_ONLY`), swaps its send queue for an immutable empty one, moves
-  its plain values (`_SHAREABLE`) that equal the class's to the class, and gets
-  a fresh `__dict__` sized to what is left;
+  (`_HANDSHAKE_ONLY`), swaps its send queue for an immutable empty one, its
+  `is_open`/`is_closed` futures (which nothing of pushd awaits) for one shared
+  future that takes results and keeps none, and its traffic counters (which
+  nothing reads) for one object its factory's connections share, moves its
+  plain values (`_SHAREABLE`) that equal the class's to the class, and gets a
+  fresh `__dict__` sized to what is left;
 - `drop_cycles`: a closed connection lets go of what points back at it.
 """
 
@@ -39,6 +42,28 @@ _HANDSHAKE_ONLY = (
     "_wskey",
 )
 _SHAREABLE = (type(None), bool, int, float, str)
+
+
+class _Unheard:
+    """A future nobody listens to: Autobahn resolves a connection's `is_open`
+    and `is_closed` (txaio.resolve and reject call these), and nothing of
+    pushd's waits for them. One for all connections: two Deferreds less each."""
+
+    called = True
+
+    def callback(self, result: object = None) -> None:
+        pass
+
+    def errback(self, failure: object = None) -> None:
+        pass
+
+    def addCallbacks(self, *args: object, **kwargs: object) -> _Unheard:
+        raise TypeError("nothing waits for this connection's open or close: use onOpen/onClose")
+
+    addCallback = addErrback = addBoth = addCallbacks
+
+
+UNHEARD = _Unheard()
 _UNSET = object()
 
 P = TypeVar("P", bound=type)
@@ -71,7 +96,14 @@ def shrink(connection: WebSocketServerProtocol, also: tuple[str, ...] = ()) -> N
     # chopsize writes, which pushd does not use): an immutable empty one
     # would fail loudly if it ever did.
     own["send_queue"] = ()
+    own["is_open"] = own["is_closed"] = UNHEARD
     cls = type(connection)
+    shared_stats = cls.__dict__.get("_shared_traffic_stats")
+    if shared_stats is None:
+        # Autobahn adds to these per frame and reads them for nothing pushd uses.
+        shared_stats = own.get("trafficStats")
+        cls._shared_traffic_stats = shared_stats  # type: ignore[attr-defined]
+    own["trafficStats"] = shared_stats
     for name, value in list(own.items()):
         if type(value) not in _SHAREABLE or name == "state":  # read per delivery
             continue
