@@ -11,8 +11,6 @@ that watch (`GET /admin/api/events`).
 
 from __future__ import annotations
 
-from functools import lru_cache
-from importlib.resources import files
 from typing import Any
 
 from twisted.application.service import Service
@@ -33,6 +31,7 @@ from pushd.metrics import Metrics
 from pushd.presence import Presence
 from pushd.web.producer import Producing
 from pushd.web.resource import NotFound
+from pushd.web.static import StaticFile
 
 log = Logger()
 
@@ -55,27 +54,6 @@ SECURITY_HEADERS = {
 }
 
 
-@lru_cache(maxsize=8)
-def _file(name: str) -> bytes:
-    return (files("pushd") / "static" / "admin" / name).read_bytes()
-
-
-class PageFile(Resource):
-    isLeaf = True
-
-    def __init__(self, name: str, content_type: bytes) -> None:
-        Resource.__init__(self)
-        self._name = name
-        self._content_type = content_type
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", self._content_type)
-        request.setHeader(b"cache-control", b"no-cache")
-        for name, value in SECURITY_HEADERS.items():
-            request.setHeader(name, value)
-        return _file(self._name)
-
-
 class AdminRoot(Resource):
     """`/admin`: redirects to `/admin/` (the page's own URLs are relative)."""
 
@@ -87,7 +65,8 @@ class AdminRoot(Resource):
         if path == b"api":
             return self._api
         if path in FILES and not request.postpath:
-            return PageFile(*FILES[path])
+            name, content_type = FILES[path]
+            return StaticFile(f"admin/{name}", content_type, SECURITY_HEADERS)
         return NotFound()
 
     def render_GET(self, request: Request) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib.resources import files
 
@@ -33,16 +34,22 @@ class Root(Resource):
 
 
 class StaticFile(Resource):
-    """A file shipped in pushd/static, read once."""
+    """A file shipped in pushd/static (`name` a path below it, e.g.
+    "admin/index.html"), read once, sent with `headers` besides its type."""
 
     isLeaf = True
 
-    def __init__(self, name: str, content_type: bytes) -> None:
+    def __init__(
+        self, name: str, content_type: bytes, headers: Mapping[bytes, bytes] | None = None
+    ) -> None:
         Resource.__init__(self)
         self._name = name
         self._content_type = content_type
+        self._headers = headers or {}
 
     def render_GET(self, request: Request) -> bytes:
+        for name, value in self._headers.items():
+            request.setHeader(name, value)
         return static_file(request, self._name, self._content_type)
 
 
@@ -52,6 +59,6 @@ def static_file(request: Request, name: str, content_type: bytes) -> bytes:
     return _static(name)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=16)
 def _static(name: str) -> bytes:
-    return (files("pushd") / "static" / name).read_bytes()
+    return (files("pushd") / "static").joinpath(*name.split("/")).read_bytes()
