@@ -219,7 +219,8 @@ def _key_refusal(error: BaseException) -> BaseException:
     if isinstance(error, UnknownKey):
         return AuthError(401, "bad_token", f"invalid token: no key {error.args[0]!r} in the JWKS")
     if isinstance(error, KeyUnavailable):
-        return AuthError(503, "auth_unavailable", f"token keys unavailable: {error}")
+        # The why is in pushd's log; a stranger learns nothing of the key server.
+        return AuthError(503, "auth_unavailable", "the token keys are unavailable; retry later")
     return error
 
 
@@ -420,6 +421,9 @@ def is_loopback_host(host: str) -> bool:
     if host == "local":
         return True
     try:
-        return ip_address(host.split("%", 1)[0]).is_loopback
+        address = ip_address(host.split("%", 1)[0])
     except ValueError:
         return False
+    # A dual-stack listener sees 127.0.0.1 as ::ffff:127.0.0.1.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)

@@ -315,7 +315,10 @@ def describe_grants(grants: Any, claims: dict[str, Any], now: float) -> list[str
     if "aud" in claims:
         lines.append(f"aud: {claims['aud']}")
     if grants.expires is not None:
-        when = datetime.fromtimestamp(grants.expires, UTC).isoformat()
+        try:
+            when = datetime.fromtimestamp(grants.expires, UTC).isoformat()
+        except (OverflowError, ValueError, OSError):
+            when = f"{grants.expires:.0f} s after the epoch, past any calendar date"
         lines.append(f"expires: {when} ({max(0, int(grants.expires - now))} s left)")
     return lines
 

@@ -559,6 +559,8 @@ def _read_ini(path: str) -> dict[str, list[str]]:
             parser.read_file(f)
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not UTF-8 (byte {e.start})") from None
     except configparser.Error as e:
         raise ConfigError(f"--config: {path}: {str(e).splitlines()[0]}") from None
     if not parser.has_section("pushd"):
@@ -590,6 +592,23 @@ def without_password(url: str) -> str:
     user, _, host = parts.netloc.rpartition("@")
     name = user.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{name}@{host}" if name else host))
+
+
+def _unsecret(option: Option, value: str, why: str) -> tuple[str, str]:
+    """What an error about `value` of `option` may show of it, and of `why`:
+    a secret as stars, a URL without its password (a typo in a Redis URL
+    must not put its password in the journal)."""
+    if option.name in SECRET_OPTIONS:
+        return "'********'", why.replace(value, "********") if value else why
+    if option.name in URL_OPTIONS:
+        try:
+            password = urlsplit(value).password
+        except ValueError:
+            password = None
+        if password:
+            hidden = value.replace(password, "***")
+            return repr(hidden), why.replace(password, "***")
+    return repr(value), why
 
 
 def split_secrets(given: Mapping[str, tuple[str, ...]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -657,7 +676,8 @@ def load(
             try:
                 parsed.append(option.parse(item))
             except (ValueError, TypeError) as e:
-                raise ConfigError(f"--{option.name} {item!r} ({where}): {e}") from None
+                shown, why = _unsecret(option, item, str(e))
+                raise ConfigError(f"--{option.name} {shown} ({where}): {why}") from None
         values[option.key] = tuple(parsed) if option.repeatable else parsed[0]
         given[option.key] = tuple(raw)
     config = Config(**values, given=given, sources=sources)

@@ -8,14 +8,18 @@ a weaker algorithm (`none`, or HS256 with the public key as its secret).
 
 from __future__ import annotations
 
+import base64
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jwt import PyJWK, PyJWKClient
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -99,13 +103,23 @@ class JwksKeys:
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
+        # Credentials in the URL go as Basic auth (urllib takes none from a
+        # URL), and never into a log line or an answer: `url` is without them.
+        parts = urlsplit(url)
+        headers = None
+        if parts.username is not None or parts.password is not None:
+            userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            token = base64.b64encode(userinfo.encode()).decode()
+            headers = {"Authorization": f"Basic {token}"}
+            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.url = url
+        self._timeout = timeout
         self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._lifespan = lifespan
         self._refresh_interval = refresh_interval
         # PyJWKClient's own set cache is off: this class decides when to fetch.
-        self._client = PyJWKClient(url, cache_jwk_set=False, timeout=timeout)
+        self._client = PyJWKClient(url, cache_jwk_set=False, timeout=timeout, headers=headers)
         self._keys: dict[str, PyJWK] = {}
         self._fetched_at: float | None = None
         self._attempted_at = -math.inf
@@ -163,12 +177,12 @@ class JwksKeys:
         self._waiting = []
         self._attempted_at = self._clock.seconds()
         self.fetches += 1
-        from twisted.internet.threads import deferToThreadPool
-
         done = self._after_fetch()
-        fetching: Deferred[list[PyJWK]] = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._client.get_signing_keys
-        )
+        fetching = _in_daemon_thread(self._reactor, self._client.get_signing_keys)
+        # `timeout` bounds each read of urllib's, not the fetch: a server that
+        # trickles bytes would hold every token client. The thread may go on;
+        # its answer, late, is dropped.
+        fetching.addTimeout(self._timeout, self._reactor)
         fetching.addCallbacks(self._fetched, self._failed)
         return done
 
@@ -196,3 +210,30 @@ class JwksKeys:
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             fire(d)
+
+
+def _in_daemon_thread(reactor: Any, work: Callable[[], list[PyJWK]]) -> Deferred[list[PyJWK]]:
+    """`work()` in a thread of its own, off the reactor's: a key server that
+    trickles its answer holds that thread, which must hold neither the
+    reactor's pool nor a stop (the reactor joins its pool's threads as it
+    stops; a daemon thread it leaves behind)."""
+    d: Deferred[list[PyJWK]] = Deferred()
+
+    def settle(outcome: list[PyJWK] | Failure) -> None:
+        if d.called:
+            return  # timed out meanwhile: too late
+        if isinstance(outcome, Failure):
+            d.errback(outcome)
+        else:
+            d.callback(outcome)
+
+    def run() -> None:
+        outcome: list[PyJWK] | Failure
+        try:
+            outcome = work()
+        except BaseException:
+            outcome = Failure()
+        reactor.callFromThread(settle, outcome)
+
+    threading.Thread(target=run, name="pushd-jwks", daemon=True).start()
+    return d
