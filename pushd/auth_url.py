@@ -19,6 +19,7 @@ import json
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import treq
 from twisted.internet.defer import Deferred
@@ -56,6 +57,13 @@ def cookies_of(header: str | None) -> dict[str, str]:
 
 class ConnectAuthorizer:
     def __init__(self, url: str, timeout: float, reactor: Any) -> None:
+        # Credentials in the URL go as Basic auth (treq takes none from a
+        # URL), and `url` is without them: it may be logged.
+        parts = urlsplit(url)
+        self._credentials: tuple[str, str] | None = None
+        if parts.username is not None or parts.password is not None:
+            self._credentials = (unquote(parts.username or ""), unquote(parts.password or ""))
+            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.url = url
         self._timeout = timeout
         self._reactor = reactor
@@ -88,6 +96,7 @@ class ConnectAuthorizer:
         response = await treq.post(
             self.url,
             json=body,
+            auth=self._credentials,
             pool=self._pool,
             reactor=self._reactor,
             timeout=self._timeout,

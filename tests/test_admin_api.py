@@ -271,7 +271,7 @@ async def test_bad_requests(admin: PushdUnderTest) -> None:
         ("GET", "/admin/api/channels/bad%20name", None, 400, "bad_channel"),
         ("POST", "/admin/api/channels/ok/publish", {"nodata": 1}, 400, "bad_body"),
         ("POST", "/admin/api/channels/ok/publish", [1], 400, "bad_body"),
-        ("POST", "/admin/api/users/bad%20user/disconnect", None, 400, "bad_user"),
+        ("POST", "/admin/api/users/bad%01user/disconnect", None, 400, "bad_user"),
         ("POST", "/admin/api/users/u/unsubscribe", {"channel": "a b"}, 400, "bad_channel"),
         ("GET", "/admin/api/users/u/disconnect", None, 405, "method_not_allowed"),
         ("GET", "/admin/api/nothing", None, 404, "not_found"),
@@ -506,6 +506,9 @@ def test_the_cookie_is_secure_over_tls() -> None:
 
         def isSecure(self) -> bool:
             return self.secure
+
+        def getHeader(self, name: bytes) -> bytes | None:
+            return None
 
         def setHeader(self, name: bytes, value: bytes) -> None:
             self.headers[name] = value

@@ -106,7 +106,7 @@ class AdminAuth:
         return bool(int(expiry) > self._clock.seconds())
 
     def set_cookie(self, request: Request, value: bytes, max_age: int) -> None:
-        secure = b"; Secure" if request.isSecure() else b""
+        secure = b"; Secure" if self._over_tls(request) else b""
         request.setHeader(
             b"set-cookie",
             COOKIE
@@ -115,6 +115,14 @@ class AdminAuth:
             + b"; HttpOnly; SameSite=Strict; Path=/admin; Max-Age=%d" % max_age
             + secure,
         )
+
+    def _over_tls(self, request: Request) -> bool:
+        """Over TLS, or behind --trusted-proxies that say they took TLS
+        (`X-Forwarded-Proto: https`, as the nginx example sets it)."""
+        if request.isSecure():
+            return True
+        proto = request.getHeader(b"x-forwarded-proto")
+        return bool(self._trusted_proxies and proto and proto.strip().lower() == b"https")
 
     # -- requests
 

@@ -26,8 +26,10 @@ from pushd.web.errors import ApiError
 from pushd.web.producer import Collection, Producing, idempotency_key, message_data, read_body
 from pushd.web.resource import ApiResource
 
-USER_RE = re.compile(r"[A-Za-z0-9_.@=+-]{1,64}")
-BAD_USER = (400, "bad_user", "user ids match [A-Za-z0-9_.@=+-]{1,64}")
+#: A user id as tokens carry it (`sub`): any text of 1 to 256 characters but
+#: control characters (an identity provider's `auth0|5f7c...` included).
+USER_RE = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+BAD_USER = (400, "bad_user", "a user id is 1 to 256 characters, none a control character")
 COMMANDS = (b"subscribe", b"unsubscribe", b"disconnect")
 
 
@@ -69,7 +71,9 @@ class UserResource(_UserApi):
         self._checked(request)
         channel = self._p.config.personal(self._user)
         if channel is None:
-            raise ApiError(*BAD_USER)
+            raise ApiError(
+                400, "bad_user", "this user id fits no channel name: no personal channel"
+            )
         key = idempotency_key(request)
         data = message_data(request, self._p.config.max_message_size)
         return self._publish(channel, data, key)
