@@ -159,7 +159,8 @@ class _Watcher(SendBound):
 
 class Events(Resource):
     """`GET /admin/api/events`: the view of all nodes as `event: stats` once a
-    second (`broadcast`), the latest at once. Ended with the service (`end_all`)."""
+    second (`broadcast`), the latest at once. Ended with the service (`end_all`),
+    and when the cookie it was opened with expires."""
 
     isLeaf = True
 
@@ -194,6 +195,15 @@ class Events(Resource):
         event = self._event()
         for request, watcher in tuple(self._requests.items()):
             if request.finished or request._disconnected:
+                continue
+            if self._auth.how(request) is None:
+                # Its cookie expired: the stream ends with it, as a token's does.
+                self._requests.pop(request, None)
+                request.channel.persistent = False  # the page's next request asks anew
+                request.finish()
+                transport: Any = request.channel.transport
+                if transport is not None:
+                    transport.loseConnection()
                 continue
             if watcher.over(len(event), MAX_BACKLOG):
                 # A page that reads nothing is cut off, not queued for.

@@ -103,6 +103,7 @@ class RedisBroker(Broker):
         self._map_check.clock = reactor
         self._map_every = node_ttl
         self._same_server_said = False
+        self._stats_foreign_said = False
 
     def _shard(self, channel: str) -> Shard:
         return self._shards[_shard_index(channel, len(self._shards))]
@@ -336,7 +337,17 @@ class RedisBroker(Broker):
 
         async def run() -> list[bytes]:
             args = [self.node, max(1, int(ttl * 1000)), snapshot]
-            return list(await self._shards[0].pool.run(NODE_STATS, [self._keys.stats], args))
+            answer = await self._shards[0].pool.run(NODE_STATS, [self._keys.stats], args)
+            if not isinstance(answer, list):
+                if not self._stats_foreign_said:
+                    self._stats_foreign_said = True
+                    log.error(
+                        "{key} holds another type than pushd's stats hash: the admin "
+                        "console shows this node alone until it is deleted",
+                        key=self._keys.stats,
+                    )
+                raise BrokerUnavailable(f"{self._keys.stats} holds another type")
+            return list(answer)
 
         return Deferred.fromCoroutine(run())
 

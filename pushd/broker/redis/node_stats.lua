@@ -4,6 +4,11 @@
 -- object of at least one member), or "" for a node that leaves.
 -- Writes this node's snapshot, then answers every live one; those whose
 -- `until` passed (a dead node's) are deleted.
+-- Answers -1 when the key holds another type (another process wrote there).
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  return -1
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[3] == '' then
