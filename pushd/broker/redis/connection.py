@@ -30,7 +30,7 @@ from typing import Any
 
 import hiredis
 from twisted.application.internet import backoffPolicy
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, TimeoutError, fail
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
@@ -210,11 +210,18 @@ class PublishConnection:
     async def _set_up(self, proto: RedisProtocol) -> None:
         commands = self._handshake()
         replies = [proto.execute(command) for command in commands]
-        for sent, d in zip(commands, replies, strict=True):
-            reply = await d
-            if isinstance(reply, ReplyError):
-                name = sent.split(b"\r\n", 3)[2].decode("ascii", "replace")
-                raise BrokerUnavailable(f"Redis refused {name}: {reply}")
+        try:
+            for sent, d in zip(commands, replies, strict=True):
+                reply = await d
+                if isinstance(reply, ReplyError):
+                    name = sent.split(b"\r\n", 3)[2].decode("ascii", "replace")
+                    raise BrokerUnavailable(f"Redis refused {name}: {reply}")
+        finally:
+            # A set-up that ends early (refused, timed out) leaves the rest of
+            # its replies to fail with the connection: nobody waits for them.
+            for d in replies:
+                if not d.called:
+                    d.addErrback(lambda _: None)
         if self._require_master:
             # With Sentinel: a replica (a failover under way) fails the set-up: retry.
             role = await proto.execute(command("ROLE"))
@@ -238,7 +245,10 @@ class PublishConnection:
             if proto.lost:
                 return
             self._failed_setups += 1
-            why = failure.getErrorMessage() or type(failure.value).__name__
+            if failure.check(TimeoutError):
+                why = f"no answer within {self._timeout or SETUP_TIMEOUT:g} s"
+            else:
+                why = failure.getErrorMessage() or type(failure.value).__name__
             self.reachability.set_up_failed(why)
             proto._out().abortConnection()
 

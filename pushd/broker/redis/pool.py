@@ -49,7 +49,11 @@ class KeepTrying(QuietSlots):
             refused = _TXREDISAPI_REFUSAL.match(why)
             if refused is not None:
                 command = "AUTH" if refused["what"] == "auth" else "SELECT"
-                why = f"Redis refused {command}: {refused['reply']}"
+                if "Not received Redis response" in refused["reply"]:
+                    # txredisapi's reply timeout: Redis said nothing at all.
+                    why = f"no answer to {command}"
+                else:
+                    why = f"Redis refused {command}: {refused['reply']}"
             self.reachability.set_up_failed(why)
 
 
