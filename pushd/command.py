@@ -526,6 +526,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(check_config(rest, os.environ, sys.stdout))
     except CommandError as e:
         _fail(command, e)
+    except BrokenPipeError:
+        # `pushdctl check-token ... | head -1`: the reader left; no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     top = _top_parser().parse_args(args)  # --help, --version, or an unknown command
     if top.version:
         print("\n".join(version_lines()))
