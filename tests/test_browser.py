@@ -110,28 +110,32 @@ def browser() -> Iterator[Browser]:
     b.stop()
 
 
+def new_page(browser: Browser) -> Any:
+    """A page in a context of its own (run on the browser's thread); its uncaught
+    exceptions and console errors end up in `page.problems` (not the browser's own
+    lines about failed requests: refusals are part of the tests)."""
+    context = browser.chromium.new_context()
+    p = context.new_page()
+    p.problems = []
+    p.on("pageerror", lambda e: p.problems.append(f"pageerror: {e}"))
+    p.on(
+        "console",
+        lambda m: (
+            m.type == "error"
+            and not m.text.startswith(("Failed to load resource", "WebSocket connection to"))
+            and p.problems.append(f"console: {m.text}")
+        ),
+    )
+    p.set_default_timeout(WAIT_MS)
+    return p
+
+
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Any]:
     """A fresh page; its uncaught exceptions and console errors end up in `page.problems`
     (not the browser's own lines about failed requests: refusals are part of the tests)."""
 
-    def new() -> Any:
-        context = browser.chromium.new_context()
-        p = context.new_page()
-        p.problems = []
-        p.on("pageerror", lambda e: p.problems.append(f"pageerror: {e}"))
-        p.on(
-            "console",
-            lambda m: (
-                m.type == "error"
-                and not m.text.startswith(("Failed to load resource", "WebSocket connection to"))
-                and p.problems.append(f"console: {m.text}")
-            ),
-        )
-        p.set_default_timeout(WAIT_MS)
-        return p
-
-    p = browser.run(new)
+    p = browser.run(lambda: new_page(browser))
     yield p
     browser.run(p.context.close)
 

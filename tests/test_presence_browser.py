@@ -13,7 +13,7 @@ import pytest
 import pytest_twisted
 
 from tests.support import Node
-from tests.test_browser import WAIT_MS, Browser
+from tests.test_browser import Browser, new_page
 
 PRESENCE = ("--presence", "room:*", "--join-leave", "room:*")
 
@@ -33,19 +33,7 @@ def pages(browser: Browser) -> Iterator[Callable[[], Any]]:
     made: list[Any] = []
 
     def new() -> Any:
-        context = browser.chromium.new_context()
-        p = context.new_page()
-        p.problems = []
-        p.on("pageerror", lambda e: p.problems.append(f"pageerror: {e}"))
-        p.on(
-            "console",
-            lambda m: (
-                m.type == "error"
-                and not m.text.startswith(("Failed to load resource", "WebSocket connection to"))
-                and p.problems.append(f"console: {m.text}")
-            ),
-        )
-        p.set_default_timeout(WAIT_MS)
+        p = new_page(browser)
         made.append(p)
         return p
 
