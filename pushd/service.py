@@ -170,12 +170,14 @@ class PushdService(MultiService):
         # connection has written its last answer (or close frame) and is lost:
         # `close_all` and `channels_gone` fire from the transports' connectionLost.
         websockets = self.site.ws_factory.close_all()
+        streams = [s.all_gone() for s in self.site.streams if hasattr(s, "all_gone")]
         if await self._within(
             self.config.shutdown_timeout,
             websockets,
             leaving,
             self.broker.drain(),
             self.site.channels_gone(),
+            *streams,
         ):
             return
         log.warn("shutdown timeout: closing what is left")
@@ -183,15 +185,20 @@ class PushdService(MultiService):
         # before their connections close (a moment for that, no more).
         self.broker.abandon()
         if await self._within(
-            self.answer_grace, websockets, self.broker.drain(), self.site.channels_gone()
+            self.answer_grace,
+            websockets,
+            self.broker.drain(),
+            self.site.channels_gone(),
+            *streams,
         ):
             return
         # Connections that still have not gone (a client that reads nothing) are
         # dropped, so that a stopped service holds no transport.
-        for connection in (*self.site.channels, *self.site.ws_factory.clients):
+        held = [c for s in self.site.streams if hasattr(s, "connections") for c in s.connections()]
+        for connection in (*self.site.channels, *self.site.ws_factory.clients, *held):
             if connection.transport is not None:
                 connection.transport.abortConnection()
-        await self._within(self.answer_grace, websockets, self.site.channels_gone())
+        await self._within(self.answer_grace, websockets, self.site.channels_gone(), *streams)
 
     async def _within(self, seconds: float, *waits: Deferred[Any]) -> bool:
         """True once every one of `waits` fired, False when `seconds` passed

@@ -13,7 +13,7 @@ import re
 import pytest
 import pytest_twisted
 from twisted.internet import defer
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.internet.testing import StringTransport
 
 from pushd.message import Message, envelope, parse_id
 from pushd.transports.sse import SseStream
@@ -135,9 +135,9 @@ async def test_ndjson_subscribed_line_carries_the_position(pushd: PushdUnderTest
 # -- the SSE framing of positions, without a network
 
 
-def sse_events(request: DummyRequest) -> list[dict[str, str]]:
+def sse_events(transport: StringTransport) -> list[dict[str, str]]:
     """The events written, as {field: value} (an `id:` only where one was sent)."""
-    text = b"".join(request.written).decode()
+    text = transport.value().decode()
     events = []
     for block in text.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
@@ -146,10 +146,13 @@ def sse_events(request: DummyRequest) -> list[dict[str, str]]:
     return events
 
 
-def sse_stream(channels: list[str]) -> tuple[SseStream, DummyRequest]:
-    request = DummyRequest([b"sse"])
-    request._disconnected = False
-    return SseStream(request, 1 << 20, channels, lambda: None), request
+def sse_stream(channels: list[str]) -> tuple[SseStream, StringTransport]:
+    """A stream writing unchunked (HTTP/1.0's framing) to a StringTransport."""
+    transport = StringTransport()
+    transport.connected = True  # type: ignore[attr-defined]
+    stream = SseStream(False, 1 << 20, channels, lambda: None)
+    stream._transport = transport
+    return stream, transport
 
 
 def test_sse_one_channel_id_lines() -> None:

@@ -314,9 +314,10 @@ def test_stopping_ends_every_stream(node: Node) -> None:
 def test_a_stream_that_stops_reading_is_cut_off_past_the_bound() -> None:
     node = Node(max_send_buffer=1000)
     stream = Stream(node, "/stream?channel=a")
-    # Twisted's buffer is full: the channel pauses the request's producer, the Stream.
+    # Twisted's buffer is full: the transport pauses its producer, the Stream.
     (open_stream,) = node.site.streams[1]._streams
-    stream.conn.protocol.pauseProducing()
+    assert stream.conn.transport.producer is open_stream
+    stream.conn.transport.producer.pauseProducing()
     assert open_stream._paused
     payload = b'"' + b"x" * 200 + b'"'
     for _ in range(3):

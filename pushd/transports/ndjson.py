@@ -10,8 +10,6 @@ stream machinery is pushd.transports.stream).
 
 from __future__ import annotations
 
-from twisted.web.server import Request
-
 from pushd.message import Burst, Delivery, dump_json
 from pushd.transports.stream import Stream, StreamResource
 
@@ -44,5 +42,5 @@ class NdjsonResource(StreamResource):
     transport = "stream"
     content_type = b"application/x-ndjson"
 
-    def _stream(self, request: Request, channels: list[str], cursor: dict[str, str]) -> Stream:
-        return NdjsonStream(request, self._config.max_send_buffer, channels, self._slow_consumer)
+    def _stream(self, chunked: bool, channels: list[str], cursor: dict[str, str]) -> Stream:
+        return NdjsonStream(chunked, self._config.max_send_buffer, channels, self._slow_consumer)

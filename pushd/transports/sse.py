@@ -23,8 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.web.server import Request
-
 from pushd.message import Burst, Delivery, PresenceEvent, dump_json
 from pushd.transports.stream import Stream, StreamResource, encode_cursor
 
@@ -34,8 +32,8 @@ class SseStream(Stream):
 
     __slots__ = ("_last",)
 
-    def __init__(self, request: Request, limit: int, channels: list[str], on_slow: Any) -> None:
-        super().__init__(request, limit, channels, on_slow)
+    def __init__(self, chunked: bool, limit: int, channels: list[str], on_slow: Any) -> None:
+        super().__init__(chunked, limit, channels, on_slow)
         # Each channel's resume point (its position, then its last id), for
         # `id:`: that id itself with one channel, the cursor of all with several.
         self._last: dict[str, str] = {}
@@ -95,7 +93,7 @@ class SseResource(StreamResource):
     content_type = b"text/event-stream"
     preamble = b": ok\n\n"
 
-    def _stream(self, request: Request, channels: list[str], cursor: dict[str, str]) -> Stream:
-        stream = SseStream(request, self._config.max_send_buffer, channels, self._slow_consumer)
+    def _stream(self, chunked: bool, channels: list[str], cursor: dict[str, str]) -> Stream:
+        stream = SseStream(chunked, self._config.max_send_buffer, channels, self._slow_consumer)
         stream._last.update(cursor)
         return stream

@@ -20,10 +20,12 @@ import hashlib
 import json
 from typing import Any
 
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -36,6 +38,8 @@ from pushd.limits import SendBound
 from pushd.message import Delivery, is_channel, parse_id
 from pushd.presence import Presence
 from pushd.session import Session
+from pushd.transports.sending import write_now
+from pushd.waiting import OpenConnections
 from pushd.web import errors
 from pushd.web.errors import ApiError, write_error
 from pushd.web.resource import request_host
@@ -131,10 +135,13 @@ class Stream(SendBound):
     """One open stream: the Session's outlet, the transport's producer. Its
     format is a subclass's (SseStream, NdjsonStream)."""
 
-    __slots__ = ("_channels", "_limit", "_on_slow", "_request", "session")
+    __slots__ = ("_channels", "_chunked", "_limit", "_on_slow", "_transport", "session")
 
-    def __init__(self, request: Request, limit: int, channels: list[str], on_slow: Any) -> None:
-        self._request = request
+    def __init__(self, chunked: bool, limit: int, channels: list[str], on_slow: Any) -> None:
+        #: The connection's transport once the stream holds it (`StreamConnection`).
+        self._transport: Any = None
+        #: HTTP/1.1: each write is a chunk; HTTP/1.0: the body ends with the connection.
+        self._chunked = chunked
         self._on_slow = on_slow
         self.replaying = False
         self._limit = limit
@@ -167,17 +174,16 @@ class Stream(SendBound):
         self.end()
 
     def _write(self, data: bytes) -> None:
-        if self._request.finished or self._request._disconnected:
-            return
+        transport = self._transport
+        if not data or transport is None or transport.disconnecting or not transport.connected:
+            return  # (an empty chunk would end the body)
         if self.over(len(data), self._limit):
             log.info("dropping a slow stream consumer")
             self._on_slow()
             self.close()
-            transport = self._request.channel.transport
-            if transport is not None:
-                transport.abortConnection()
+            transport.abortConnection()
             return
-        self._request.write(data)
+        write_now(transport, b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
 
     def close(self) -> None:
         if self.session is not None:
@@ -185,11 +191,67 @@ class Stream(SendBound):
             self.session = None
 
     def end(self) -> None:
+        """The stream is over (the application's doing, or the token's expiry,
+        or the node stops): its last chunk, and the connection closes."""
         self.close()
-        _end(self._request)
+        transport = self._transport
+        if transport is not None and transport.connected and not transport.disconnecting:
+            if self._chunked:
+                write_now(transport, b"0\r\n\r\n")
+            transport.loseConnection()
 
     def stopProducing(self) -> None:
         self.close()
+
+
+class StreamConnection(Protocol):
+    """A stream's connection once its response head is written: twisted.web's
+    channel and request are let go (an idle stream then holds this, its
+    Stream and its Session), as a WebSocket upgrade lets them go for
+    Autobahn's protocol. The client has nothing more to say: what it sends
+    is read and dropped (MAX_TRAILING bytes at most)."""
+
+    #: Bytes a client may send once its stream is open, before it is cut off.
+    MAX_TRAILING = 65536
+
+    def __init__(self, stream: Stream, gone: Any) -> None:
+        self.stream = stream
+        self._gone = gone
+        self._received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.MAX_TRAILING and self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        gone, self._gone = self._gone, None
+        if gone is not None:
+            gone()
+
+
+def take_over(request: Request, protocol: Protocol) -> Any:
+    """Hand `request`'s connection to `protocol`, as Autobahn's WebSocket
+    upgrade does (twisted.web's channel and request are done with): the
+    transport, now `protocol`'s."""
+    channel: Any = request.channel
+    transport, channel.transport = channel.transport, None
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol  # type: ignore[assignment]  # TLS
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+    # The channel paused reading while it served the request: reads tell of a
+    # client gone, so they go on.
+    transport.unregisterProducer()
+    transport.resumeProducing()
+    channel.requests.clear()
+    gone = getattr(channel.site, "channel_gone", None)
+    if gone is not None:
+        gone(channel)
+    return transport
 
 
 class StreamResource(Resource):
@@ -222,10 +284,11 @@ class StreamResource(Resource):
         self._clock = clock
         self._metrics = metrics
         self._streams: set[Stream] = set()
+        self._connections: OpenConnections[StreamConnection] = OpenConnections()
         self._keepalive = LoopingCall(self._beat)
         self._keepalive.clock = clock
 
-    def _stream(self, request: Request, channels: list[str], cursor: dict[str, str]) -> Stream:
+    def _stream(self, chunked: bool, channels: list[str], cursor: dict[str, str]) -> Stream:
         """A new stream of this resource's format, resuming from `cursor`."""
         raise NotImplementedError
 
@@ -315,26 +378,38 @@ class StreamResource(Resource):
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
-        stream = self._stream(request, channels, cursor)
+        chunked = request.clientproto == b"HTTP/1.1"
+        head = _response_head(request, chunked)
+        stream = self._stream(chunked, channels, cursor)
         stream.session = Session(self._hub, self._broker, stream, self._presence)
         stream.session.present_as(grants.sub, grants.info)
-        request.registerProducer(stream, True)
         self._streams.add(stream)
         if not self._keepalive.running:
             self._keepalive.start(self._config.keepalive, now=False)
-        request.write(self.preamble)
+        ending: Any = None
 
-        log.info("{transport} client {peer} admitted", transport=self.transport, peer=address)
-
-        def gone(_: object) -> None:
+        def gone() -> None:
             log.info("{transport} client {peer} gone", transport=self.transport, peer=address)
             stream.close()
+            stream._transport = None
             self._streams.discard(stream)
+            self._connections.discard(connection)
             self._gate.release(address, self.transport)
+            if ending is not None and ending.active():
+                ending.cancel()
             if not self._streams and self._keepalive.running:
                 self._keepalive.stop()
 
-        request.notifyFinish().addBoth(gone)
+        connection = StreamConnection(stream, gone)
+        transport = take_over(request, connection)
+        self._connections.add(connection)
+        stream._transport = transport
+        transport.registerProducer(stream, True)
+        write_now(transport, head)
+        stream._write(self.preamble)
+
+        log.info("{transport} client {peer} admitted", transport=self.transport, peer=address)
+
         joining = [stream.session.subscribe(channel, cursor.get(channel)) for channel in channels]
         if grants.sub is not None:
             joining.append(stream.session.identify(grants.sub, self._config.personal(grants.sub)))
@@ -342,8 +417,7 @@ class StreamResource(Resource):
         DeferredList(joining).addCallback(lambda _: stream.live())
         if grants.expires is not None:
             delay = max(0.0, grants.expires - self._clock.seconds())
-            ending = self._clock.callLater(delay, _end, request)
-            request.notifyFinish().addBoth(lambda _: ending.active() and ending.cancel())
+            ending = self._clock.callLater(delay, stream.end)
 
     def _slow_consumer(self) -> None:
         self._metrics.slow_consumers.labels(self.transport).inc()
@@ -353,10 +427,22 @@ class StreamResource(Resource):
         for stream in tuple(self._streams):
             stream.end()
 
+    def all_gone(self) -> Deferred[None]:
+        """Fires once every stream's connection is gone."""
+        return self._connections.all_gone()
 
-def _end(request: Request) -> None:
-    if not request.finished and not request._disconnected:
-        request.finish()
+    def connections(self) -> tuple[StreamConnection, ...]:
+        return tuple(self._connections)
+
+
+def _response_head(request: Request, chunked: bool) -> bytes:
+    """The stream's status line and headers, those set on `request` (its type,
+    CORS) and how its body is framed."""
+    lines = [b"HTTP/1.1 200 OK"]
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        lines += (name + b": " + value for value in values)
+    lines.append(b"transfer-encoding: chunked" if chunked else b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def _header(request: Request, name: bytes) -> str | None:
