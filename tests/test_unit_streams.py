@@ -427,3 +427,51 @@ def test_an_id_of_non_ascii_digits_is_bad_since(node: Node, since: str) -> None:
         decode_cursor(since, ["a"])
     answer = Stream(node, f"/stream?channel=a&since={quote(since)}").conn.one()
     assert answer.contract[0] == 400
+
+
+# -- the stream's own connection (pushd.transports.stream.StreamConnection)
+
+
+def test_an_open_stream_holds_no_twisted_web_channel_nor_request(node: Node) -> None:
+    import gc
+    import weakref
+
+    from pushd.transports.stream import StreamConnection
+
+    stream = Stream(node, "/sse?channel=a")
+    assert isinstance(stream.conn.transport.protocol, StreamConnection)
+    assert not node.site.channels  # the site let it go, as after an upgrade
+    channel = weakref.ref(stream.conn.protocol)
+    stream.conn.protocol = None
+    gc.collect()
+    assert channel() is None  # nothing else held twisted.web's channel (and its request)
+    node.publish("a", b'"after"')
+    assert b'"data":"after"' in stream.body()
+    stream.conn.close()
+    assert node.hub.channels() == {} and not node.site.streams[0].connections()
+
+
+def test_an_http_1_0_stream_is_not_chunked_and_ends_with_its_connection(node: Node) -> None:
+    conn = node.connect()
+    conn.send(b"GET /stream?channel=a HTTP/1.0\r\nHost: x\r\n\r\n")
+    node.publish("a", b"1")
+    head, _, body = conn.raw().partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower() and b"chunked" not in head.lower()
+    assert (
+        body.splitlines()[-1]
+        == b'{"type":"message","channel":"a","id":"'
+        + (body.splitlines()[-1].split(b'"id":"')[1].split(b'"')[0])
+        + b'","data":1}'
+    )
+    node.hub.control({"cmd": "destroy", "channel": "a"})
+    assert conn.transport.disconnecting
+
+
+def test_a_stream_client_that_keeps_talking_is_cut_off(node: Node) -> None:
+    from pushd.transports.stream import StreamConnection
+
+    stream = Stream(node, "/sse?channel=a")
+    stream.conn.send(b"x" * StreamConnection.MAX_TRAILING)
+    assert not stream.conn.transport.aborted
+    stream.conn.send(b"x")
+    assert stream.conn.transport.aborted
