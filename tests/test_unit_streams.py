@@ -471,3 +471,11 @@ def test_a_stream_client_that_keeps_talking_is_cut_off(node: Node) -> None:
     assert not stream.conn.transport.aborted
     stream.conn.send(b"x")
     assert stream.conn.transport.aborted
+
+
+def test_a_head_request_gets_a_head_and_no_stream(node: Node) -> None:
+    conn = node.connect()
+    conn.send(b"HEAD /sse?channel=a HTTP/1.1\r\nHost: x\r\n\r\n")
+    (response,) = conn.responses()
+    assert response.status == 200 and response.header("content-type") == "text/event-stream"
+    assert node.hub.channels() == {} and not node.site.streams[0].connections()

@@ -313,6 +313,11 @@ class StreamResource(Resource):
 
     def render_GET(self, request: Request) -> Any:
         self._cors(request)
+        if request.method == b"HEAD":
+            # What a stream would be, without one: its head is not the start of a body.
+            request.setHeader(b"content-type", self.content_type)
+            request.setHeader(b"cache-control", b"no-cache")
+            return b""
         try:
             channels, cursor = self._parse(request)
         except ApiError as e:
