@@ -119,8 +119,9 @@ class Presence:
             return succeed(None)
         value = stored(client, user, info)
         self._local.setdefault(channel, {})[client] = value
+        self._untomb(channel, client)  # back before its leave was said
         change = self._change(channel)
-        change.joins[client] = value
+        change.join(client, value)
         change.present = True
         if self.announces(channel):
             self._events.add(channel, client, b"join", split(value)[1])
@@ -139,30 +140,35 @@ class Presence:
             # Until its leave is announced, the member stays stored as a
             # tombstone (not counted): should this node die first, the node
             # that reaps it announces the leave (pushd.broker.members).
-            change.joins[client] = tombstone(value)
+            change.join(client, tombstone(value))
             self._tombstones.setdefault(channel, set()).add(client)
             self._events.add(channel, client, b"leave", split(value)[1])
-        elif change.joins.pop(client, None) is None:
-            change.leaves.add(client)
+        else:
+            change.leave(client)
         change.present = channel in self._local or channel in self._tombstones
         self._write_soon()
 
     def _said(self, channel: str, clients: list[str]) -> None:
         """The leaves of `clients` were announced (or need not be): their
         tombstones go."""
-        tombstones = self._tombstones.get(channel)
-        if tombstones is None or self._stopping:
+        if self._stopping:
             return
         change = self._change(channel)
         for client in clients:
-            if client in tombstones:
-                tombstones.discard(client)
-                change.joins.pop(client, None)
-                change.leaves.add(client)
-        if not tombstones:
-            del self._tombstones[channel]
+            if self._untomb(channel, client):
+                change.leave(client)
         change.present = channel in self._local or channel in self._tombstones
         self._write_soon()
+
+    def _untomb(self, channel: str, client: str) -> bool:
+        """`client` is no tombstone of `channel` (any more); whether it was."""
+        tombstones = self._tombstones.get(channel)
+        if tombstones is None or client not in tombstones:
+            return False
+        tombstones.discard(client)
+        if not tombstones:
+            del self._tombstones[channel]
+        return True
 
     def _change(self, channel: str) -> PresenceChange:
         change = self._changes.get(channel)

@@ -231,3 +231,31 @@ async def test_presence_gauges(start_pushd: StartPushd) -> None:
     assert "pushd_presence_events_waiting" in text
     for client in clients:
         await client.close()
+
+
+@pytest.mark.parametrize("option", ["presence", "join_leave"])
+@pytest_twisted.ensureDeferred
+async def test_a_member_that_leaves_and_comes_back_at_once_is_counted(
+    start_pushd: StartPushd, option: str
+) -> None:
+    """Unsubscribe and subscribe again in one read: the leave and the join
+    reach the broker in one write, and the member stays (Redis ran the
+    write's HSETs before its HDELs: the member was deleted though present).
+    With join/leave, the leave's tombstone goes with the join, not with the
+    member when the leave is said."""
+    server = await start_pushd(**{option: ("room:*",)})
+    # Another member keeps the channel subscribed at the bus: the join then
+    # comes in the same reactor turn as the leave.
+    stays = await server.connect("?channel=room:1")
+    await stays.next_of("subscribed")
+    client = await server.connect("?channel=room:1")
+    await client.next_of("subscribed")
+    for _ in range(3):
+        client.sendMessage(b'{"type":"unsubscribe","channel":"room:1"}')
+        client.sendMessage(b'{"type":"subscribe","channel":"room:1"}')
+        await _frame(client, "unsubscribed", "room:1")
+        await _frame(client, "subscribed", "room:1")
+        code, body = await _presence(server, "room:1")
+        assert (code, body["count"]) == (200, 2), body
+    await client.close()
+    await stays.close()

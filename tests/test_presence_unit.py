@@ -240,3 +240,25 @@ def test_a_leave_stays_a_tombstone_until_it_is_announced() -> None:
     clock.advance(0)
     assert "room:1" not in broker._members  # ...and the tombstone goes
     assert bus.events() == [("join", "n.1"), ("leave", "n.1")]
+
+
+def test_a_member_back_while_its_leave_is_being_said_stays() -> None:
+    """The leave goes out (its PUBLISH in flight), the client joins again, then
+    the PUBLISH is answered: the tombstone it clears is gone already, and the
+    member it would have deleted stays."""
+    from twisted.internet.defer import Deferred
+
+    presence, broker, _, clock = node()
+    sending: list[Deferred[None]] = []
+    broker.announce = lambda channel, payload: sending.append(Deferred()) or sending[-1]  # type: ignore[method-assign]
+    presence.join("room:1", "n.1", "ann", b"null")
+    clock.advance(JOIN_LEAVE_WINDOW)
+    sending.pop().callback(None)  # the join is said
+    presence.leave("room:1", "n.1")
+    clock.advance(JOIN_LEAVE_WINDOW)  # the leave goes out...
+    presence.join("room:1", "n.1", "ann", b"null")  # ...and the client is back
+    clock.advance(0)
+    sending.pop().callback(None)  # the leave's PUBLISH answered
+    clock.advance(0)
+    assert not broker._members["room:1"]["n.1"].startswith(b"~")
+    assert answer(presence, "room:1", clock)["count"] == 1

@@ -129,6 +129,27 @@ class PresenceChange:
     leaves: set[str] = field(default_factory=set)
     present: bool = True
 
+    # A client is in one of `joins` and `leaves` at most, its latest: a
+    # writer may apply a change's joins and leaves in either order.
+
+    def join(self, client: str, value: bytes) -> None:
+        self.leaves.discard(client)
+        self.joins[client] = value
+
+    def leave(self, client: str) -> None:
+        """Always a leave, even after a join of the same change: an earlier
+        write may have stored the client."""
+        self.joins.pop(client, None)
+        self.leaves.add(client)
+
+    def merge(self, later: PresenceChange) -> None:
+        """Add what changed after this (`later`), whose word is the last."""
+        for client in later.leaves:
+            self.leave(client)
+        for client, value in later.joins.items():
+            self.join(client, value)
+        self.present = later.present
+
 
 class PresenceListener(Protocol):
     """What a broker calls on this node's presence (pushd.presence.Presence),

@@ -120,17 +120,7 @@ class ShardPresence:
         """Write `changes` after what is waiting; fires once written (a
         failure is not passed on: everything is written again later)."""
         for channel, change in changes.items():
-            pending = self._pending.get(channel)
-            if pending is None:
-                self._pending[channel] = PresenceChange(
-                    dict(change.joins), set(change.leaves), change.present
-                )
-                continue
-            for client in change.leaves:
-                if pending.joins.pop(client, None) is None:
-                    pending.leaves.add(client)
-            pending.joins.update(change.joins)
-            pending.present = change.present
+            self._pending.setdefault(channel, PresenceChange()).merge(change)
         d: Deferred[None] = Deferred()
         self._waiting.append(d)
         self._kick()
