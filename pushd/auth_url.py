@@ -19,7 +19,6 @@ import json
 from collections.abc import Mapping
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import treq
 from twisted.internet.defer import Deferred
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from pushd.auth import AuthError, Grants
+from pushd.config import split_credentials
 
 log = Logger()
 
@@ -57,14 +57,8 @@ def cookies_of(header: str | None) -> dict[str, str]:
 
 class ConnectAuthorizer:
     def __init__(self, url: str, timeout: float, reactor: Any) -> None:
-        # Credentials in the URL go as Basic auth (treq takes none from a
-        # URL), and `url` is without them: it may be logged.
-        parts = urlsplit(url)
-        self._credentials: tuple[str, str] | None = None
-        if parts.username is not None or parts.password is not None:
-            self._credentials = (unquote(parts.username or ""), unquote(parts.password or ""))
-            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self.url = url
+        # Credentials in the URL go as Basic auth; `url` is without them.
+        self.url, self._credentials = split_credentials(url)
         self._timeout = timeout
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pushd.broker.redis.address import (
     RedisAddress,
@@ -592,6 +592,18 @@ def without_password(url: str) -> str:
     user, _, host = parts.netloc.rpartition("@")
     name = user.partition(":")[0]
     return urlunsplit(parts._replace(netloc=f"{name}@{host}" if name else host))
+
+
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """`url` without its user part, and that part's (user, password), unquoted,
+    when it has one: HTTP clients (treq, urllib) send none from a URL, and a
+    URL that may be logged must not hold them. `http://u:p@h/x` ->
+    (`http://h/x`, ("u", "p"))."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, (unquote(parts.username or ""), unquote(parts.password or ""))
 
 
 def _unsecret(option: Option, value: str, why: str) -> tuple[str, str]:

@@ -14,12 +14,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jwt import PyJWK, PyJWKClient
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from pushd.config import split_credentials
 
 log = Logger()
 
@@ -103,15 +104,13 @@ class JwksKeys:
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
-        # Credentials in the URL go as Basic auth (urllib takes none from a
-        # URL), and never into a log line or an answer: `url` is without them.
-        parts = urlsplit(url)
+        # Credentials in the URL go as Basic auth, and never into a log line
+        # or an answer: `url` is without them.
+        url, credentials = split_credentials(url)
         headers = None
-        if parts.username is not None or parts.password is not None:
-            userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
-            token = base64.b64encode(userinfo.encode()).decode()
+        if credentials is not None:
+            token = base64.b64encode(":".join(credentials).encode()).decode()
             headers = {"Authorization": f"Basic {token}"}
-            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.url = url
         self._timeout = timeout
         self._reactor = reactor
