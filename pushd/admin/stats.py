@@ -26,8 +26,8 @@ TOP_CHANNELS, so a channel below every node's top ten is missed.
 
 Cost: a script call a second per node (a hash of a field per node, some
 hundreds of bytes each); while the console is on, the hub adds one dict
-increment per channel with messages per reactor turn (not per message nor per
-subscriber), and the per-channel counts are sorted once a second.
+increment per message it takes in (not per subscriber), and the per-channel
+counts are sorted once a second.
 """
 
 from __future__ import annotations
