@@ -35,6 +35,13 @@ NODE_TTL = 6.0
 COUNTS_BATCH = 500
 
 
+def refresh_every(ttl: float, most: float = COUNTS_REFRESH) -> float:
+    """Seconds between refreshes of a node's entries that outlive it by `ttl`
+    seconds (its counts, its presence): `most`, or a third of `ttl` when that
+    is shorter, so two refreshes may be missed before the entries expire."""
+    return min(most, ttl / 3)
+
+
 class NodeCounts:
     """This node's counts (`local`: the hub's, per channel), reported every
     `refresh` seconds; all nodes' counts, read."""
@@ -54,7 +61,7 @@ class NodeCounts:
         self._node = node
         self._local = local
         self._ttl_ms = int(ttl * 1000)
-        self._refresh = min(refresh, ttl / 3)
+        self._refresh = refresh_every(ttl, refresh)
         self._reported: dict[str, int] = {}
         self._ticks = 0
         self._reporter = LoopingCall(self._tick)

@@ -28,7 +28,7 @@ from pushd.broker import IDEMPOTENCY_TTL, BrokerUnavailable, BusListener, Presen
 from pushd.broker.redis.address import SentinelMaster, ShardAddress
 from pushd.broker.redis.commands import NodeCommands
 from pushd.broker.redis.connection import PublishConnection, command
-from pushd.broker.redis.counts import COUNTS_REFRESH, NodeCounts
+from pushd.broker.redis.counts import NodeCounts, refresh_every
 from pushd.broker.redis.keys import Keys
 from pushd.broker.redis.pool import CommandPool, PoolFactory, SentinelPoolFactory
 from pushd.broker.redis.presence import ShardPresence
@@ -137,7 +137,7 @@ class Shard:
             keys,
             settings.node,
             ttl=settings.node_ttl,
-            refresh=min(COUNTS_REFRESH, settings.node_ttl / 3),
+            refresh=refresh_every(settings.node_ttl),
             members=members,
             listener=presence,
         )
