@@ -41,6 +41,7 @@ from pushd.session import Session
 from pushd.transports.sending import write_now
 from pushd.waiting import OpenConnections
 from pushd.web import errors
+from pushd.web.channel import let_go
 from pushd.web.errors import ApiError, write_error
 from pushd.web.resource import request_host
 
@@ -247,10 +248,7 @@ def take_over(request: Request, protocol: Protocol) -> Any:
     # client gone, so they go on.
     transport.unregisterProducer()
     transport.resumeProducing()
-    channel.requests.clear()
-    gone = getattr(channel.site, "channel_gone", None)
-    if gone is not None:
-        gone(channel)
+    let_go(channel)
     return transport
 
 

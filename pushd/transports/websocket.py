@@ -66,6 +66,7 @@ from pushd.session import AlreadySubscribed, Session
 from pushd.transports import autobahn_diet
 from pushd.transports.sending import write_now
 from pushd.waiting import OpenConnections
+from pushd.web.channel import let_go
 
 log = Logger()
 
@@ -507,12 +508,6 @@ class WebSocketEndpoint(WebSocketResource):
             return dump_json({"error": "upgrade_required", "message": "this is a WebSocket"})
         result = WebSocketResource.render(self, request)
         channel = request.channel
-        if channel.transport is None:
-            # Upgraded: Twisted Web's channel and request are done with, but hold
-            # each other; let go of one side, so both go now, not at a full GC.
-            channel.requests.clear()
-            # The WebSocket factory closes it on a stop, not the site.
-            gone = getattr(channel.site, "channel_gone", None)  # type: ignore[attr-defined]
-            if gone is not None:
-                gone(channel)
+        if channel.transport is None:  # upgraded
+            let_go(channel)
         return result

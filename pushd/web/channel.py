@@ -495,5 +495,17 @@ class PushdChannel(_HTTPChannel):
 _REQUEST_LINE = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/1\.[01]")
 
 
+def let_go(channel: Any) -> None:
+    """Twisted Web's `channel` is done with: its connection is another
+    protocol's now (a WebSocket upgrade, a stream's own connection). It and its
+    request hold each other: one side is let go, so both go now, not at a full
+    GC; and the site stops counting it (what took the connection closes it on
+    a stop)."""
+    channel.requests.clear()
+    gone = getattr(channel.site, "channel_gone", None)
+    if gone is not None:
+        gone(channel)
+
+
 def _bad_request_line(line: bytes) -> bool:
     return _REQUEST_LINE.fullmatch(line) is None
