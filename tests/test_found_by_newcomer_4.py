@@ -709,6 +709,8 @@ async def test_presence_on_user_channels(cluster, own_redis: RedisServer) -> Non
     frame = await next_type(alice, "presence")
     assert (frame["count"], frame["users"]) == (3, 2)
     carol = await a.connect(f"?token={token('carol', ['*'])}")
+    # Her personal channel's acknowledgement first: it may come after the error.
+    await subscribed(carol, "user#carol")
     carol.send({"type": "presence", "channel": chan})
     error = await next_type(carol, "error")
     assert error["code"] == "forbidden", error
