@@ -22,6 +22,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.web.client import ResponseNeverReceived
 
 from pushd.broker.redis.address import RedisAddress
 from pushd.broker.redis.sharding import shard_of
@@ -390,7 +391,8 @@ class Node:
         async def up() -> bool:
             try:
                 response = await treq.get(f"{self.url}/channels/ready", persistent=False)
-            except ConnectError:
+            except (ConnectError, ResponseNeverReceived):
+                # Not listening yet; or, on a port just freed, what still held it.
                 return False
             return response.code == 200
 
