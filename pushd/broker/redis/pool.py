@@ -166,11 +166,13 @@ class CommandPool:
         try:
             reply = await d
         except txredisapi.ResponseError as e:
+            _let_go_of_frames(e)
             self._timed(name).observe(monotonic() - started)
-            if isinstance(e, txredisapi.ScriptDoesNotExist):
-                raise
+            if str(e).startswith("NOSCRIPT"):
+                raise _NoScript from None
             raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
         except (txredisapi.RedisError, TimeoutError, CancelledError) as e:
+            _let_go_of_frames(e)
             raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
         self._timed(name).observe(monotonic() - started)
         return reply
@@ -188,8 +190,30 @@ class CommandPool:
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA of `script`, loaded first when Redis does not have it."""
+        # EVALSHA as a plain command, not txredisapi's `evalsha`: that one
+        # swaps a NOSCRIPT's error for its own ScriptDoesNotExist in an errback
+        # and drops it uncleaned, its cycle (`_let_go_of_frames`) with it.
+        evalsha = ("execute_command", "EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self._call(script.name, "evalsha", script.sha, keys=keys, args=args)
-        except txredisapi.ScriptDoesNotExist:
+            return await self._call(script.name, *evalsha)
+        except _NoScript:
             await self.call("script_load", script.source)
-            return await self._call(script.name, "evalsha", script.sha, keys=keys, args=args)
+            return await self._call(script.name, *evalsha)
+
+
+class _NoScript(Exception):
+    """Redis answered NOSCRIPT: it does not have the script (restarted, SCRIPT FLUSH)."""
+
+
+def _let_go_of_frames(error: BaseException) -> None:
+    """Forget where `error` was raised. txredisapi hands an error reply (a
+    ResponseError, a lost connection, its reply timeout) to the command's
+    Deferred as a value and raises it in a callback (`handle_reply`), so the
+    traceback's frames hold the error (as `r`, and `reply`, `obj`, `result` in
+    the frames under it): error -> traceback -> frames -> error, a cycle left
+    to the cycle collector, and with it every frame under it down to the
+    reactor's, whatever their locals held (the connection the reactor read
+    last, a closed WebSocket's included) until a full collection. Twisted
+    clears this (`Failure.cleanFailure`) only for a Deferred that ends with an
+    unhandled failure, not for one awaited and caught."""
+    error.__traceback__ = None
