@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from pushd import __version__, logs
+from pushd import __version__, collector, logs
 from pushd import config as _config
 from pushd.service import StartupError, make_service
 
@@ -102,4 +102,6 @@ def makeService(options: Options) -> Any:
         pool: Service = WorkerPool(config, reactor)
         pool.setServiceParent(parent)
         return parent
-    return make_service(config)
+    service = make_service(config)
+    collector.tune()
+    return service

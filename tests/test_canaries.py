@@ -38,7 +38,7 @@ Internal (library): pushd's use -> what it relies on
 - `WebSocketServerProtocol.CONFIG_ATTRS`, copy in `_connectionMade` (Autobahn):
     transports/autobahn_diet.py (options_on_class)
     -> options set on the protocol class are read from it: Autobahn copies only what a
-       connection lacks
+       connection lacks, and only the names the class lists (read nowhere else)
 - `WebSocketServerFactory.reactor` (Autobahn): transports/websocket.py
     (_admitted: `factory.reactor`)
     -> the reactor given to the factory, kept as `.reactor`
@@ -428,6 +428,22 @@ def test_autobahn_config_attrs_read_from_the_class() -> None:
     assert p.maxMessagePayloadSize == 1234, what + ": the factory's value overrode the class's"
     assert "maxMessagePayloadSize" not in p.__dict__, what + ": copied to every connection"
     assert "autoPingInterval" in p.__dict__, what + ": options lacking are no longer copied"
+    # options_on_class empties the list: a connection then copies nothing and
+    # reads every option from the class (the list is read nowhere else).
+    import inspect
+
+    from autobahn.websocket import protocol
+
+    assert inspect.getsource(protocol).count(".CONFIG_ATTRS:") == 1, what + ": read elsewhere"
+    from pushd.transports.autobahn_diet import options_on_class
+
+    factory.maxMessagePayloadSize = 4321
+    options_on_class(factory)
+    assert Protocol.CONFIG_ATTRS == []
+    p = factory.buildProtocol(None)
+    p.makeConnection(StringTransport())
+    assert p.maxMessagePayloadSize == 4321, what + ": an empty list broke the connect"
+    assert "autoPingInterval" not in p.__dict__, what + ": copied though not listed"
 
 
 def test_autobahn_factory_reactor() -> None:
