@@ -53,6 +53,7 @@ from pushd.message import (
     is_channel,
     parse_id,
 )
+from pushd.reads import Replay, SharedReads
 
 log = Logger()
 
@@ -142,6 +143,7 @@ class Hub:
         #: Messages handed out per channel since the admin console last took
         #: them (pushd.admin.stats); None, and not counted, while it is off.
         self.rates: dict[str, int] | None = None
+        self._reads = SharedReads(broker, clock, metrics)
         broker.attach(self)
 
     def subscribe(self, channel: str, subscriber: Subscriber) -> Deferred[None]:
@@ -156,6 +158,12 @@ class Hub:
         if old is None:
             state.subscribers[subscriber] = _Receiver(subscriber.deliver, state.end)
         return self._broker.subscribe(channel)
+
+    def read(self, channel: str, since: str | None) -> Deferred[Replay]:
+        """A subscriber's read, after it joined `channel`: the history after
+        `since` (None: the newest id only), shared with the subscribers that
+        ask the same in this turn (pushd.reads)."""
+        return self._reads.read(channel, since)
 
     def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
         state = self._channels.get(channel)

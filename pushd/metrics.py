@@ -37,6 +37,14 @@ class Metrics:
         self.subscriptions = gauge("subscriptions", "Local subscriptions")
         self.published = counter("messages_published", "Messages accepted, by API", ["api"])
         self.deliveries = counter("deliveries", "Messages handed to local subscribers")
+        self.reads_sent = counter(
+            "subscription_reads",
+            "Reads of the broker made for subscriptions (history after since, or the newest id)",
+        )
+        self.reads_shared = counter(
+            "subscription_reads_shared",
+            "Subscriptions answered by a read another subscription of the same turn asked",
+        )
         self.bus_foreign = counter(
             "bus_foreign_messages",
             "Bus payloads another process PUBLISHed, delivered as data with no id",

@@ -43,10 +43,11 @@ from typing import Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from pushd.broker import Broker, BrokerUnavailable, History
+from pushd.broker import BrokerUnavailable, History
 from pushd.hub import Hub
-from pushd.message import Burst, Delivery, Message, envelope, parse_id
+from pushd.message import Delivery, Message, parse_id
 from pushd.presence import Presence
+from pushd.reads import Replay
 
 log = Logger()
 
@@ -78,13 +79,10 @@ class AlreadySubscribed(Exception):
 
 
 class Session:
-    __slots__ = ("_broker", "_hub", "_member", "_out", "_presence", "_subs", "client", "user")
+    __slots__ = ("_hub", "_member", "_out", "_presence", "_subs", "client", "user")
 
-    def __init__(
-        self, hub: Hub, broker: Broker, out: Outlet, presence: Presence | None = None
-    ) -> None:
+    def __init__(self, hub: Hub, out: Outlet, presence: Presence | None = None) -> None:
         self._hub = hub
-        self._broker = broker
         self._out = out
         self._presence = presence
         #: The token's `sub`, once `identify` made the session the user's.
@@ -128,17 +126,15 @@ class Session:
             if self.client is None:
                 self.client = presence.new_client()
             await presence.join(channel, self.client, *self._member)
-        # Joined live: from here on `pending` holds what arrives. One read now.
-        history = History()
+        # Joined live: from here on `pending` holds what arrives. One read now
+        # (shared with the sessions that ask the same in this turn).
+        replay = _NOTHING
         if self._subs.get(channel) is pending:
             # Without Redis, or when the read fails in any other way, the
             # subscription goes on live, with recovered false and no position:
             # never a buffer nobody acknowledges.
             try:
-                if since is None:
-                    history = History(last=await self._broker.last_id(channel))
-                else:
-                    history = await self._broker.history(channel, since, None)
+                replay = await self._hub.read(channel, since)
             except BrokerUnavailable:
                 pass
             except Exception:
@@ -146,16 +142,13 @@ class Session:
         if self._subs.get(channel) is not pending:
             return  # unsubscribed or closed meanwhile
         out = self._out
-        replay = [
-            Message(channel, msg_id, envelope(channel, msg_id, data))
-            for msg_id, data in history.messages
-        ]
-        position = _position(since, history.last, replay)
+        history = replay.history
+        position = _position(since, history.last, replay.messages)
         out.subscribed(channel, history.complete, position)
-        if replay:
+        if replay.delivery is not None:
             out.replaying = True
             try:
-                out.message(replay[0] if len(replay) == 1 else Burst(replay))
+                out.message(replay.delivery)
             finally:
                 out.replaying = False
         if position is None:
@@ -230,6 +223,9 @@ class Session:
             elif parse_id(one.id) > state:
                 self._live(one.channel)
                 self._out.message(one)
+
+
+_NOTHING = Replay("", History())
 
 
 def _position(since: str | None, last: str | None, replay: list[Message]) -> str | None:

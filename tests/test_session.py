@@ -21,6 +21,7 @@ from pushd.broker import BrokerUnavailable, BusListener, History
 from pushd.broker.memory import MemoryBroker
 from pushd.hub import Hub
 from pushd.message import Burst, Message, envelope, parse_id
+from pushd.metrics import Metrics
 from pushd.session import AlreadySubscribed, Session
 
 
@@ -164,7 +165,8 @@ def test_a_quiet_channel_has_no_position_and_goes_live(
     broker: HeldBroker, hub: Hub, clock: Clock
 ) -> None:
     out = Outlet()
-    Session(hub, broker, out).subscribe("quiet")
+    Session(hub, out).subscribe("quiet")
+    clock.advance(0)
     assert out.events == [("subscribed", "quiet", False, None)]
     first = publish(broker, clock, "quiet", 1)
     assert out.ids("quiet") == [first]
@@ -175,7 +177,8 @@ def test_with_history_the_position_is_the_newest_id(
 ) -> None:
     old = [publish(broker, clock, "news", n) for n in range(3)]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news")
+    Session(hub, out).subscribe("news")
+    clock.advance(0)
     assert out.events == [("subscribed", "news", False, old[-1])]
     new = publish(broker, clock, "news", 3)
     assert out.ids("news") == [new]
@@ -190,7 +193,8 @@ def test_a_message_during_the_read_is_delivered(broker: HeldBroker, hub: Hub, cl
     snapshot = broker.last_id("news").result
     out = Outlet()
     broker.hold_reads = True
-    Session(hub, broker, out).subscribe("news")
+    Session(hub, out).subscribe("news")
+    clock.advance(0)
     during = publish(broker, clock, "news", 1)
     assert out.events == []  # nothing before the acknowledgement
     d, _ = broker._reads.pop()
@@ -211,7 +215,8 @@ def test_a_message_the_read_saw_but_the_bus_brings_later_is_not_sent_twice(
     publish(broker, clock, "news", 0)
     out = Outlet()
     broker.hold_reads = True
-    Session(hub, broker, out).subscribe("news")
+    Session(hub, out).subscribe("news")
+    clock.advance(0)
     broker.hold_bus = True
     raced = publish(broker, clock, "news", 1)  # stored; its pub/sub still on the way
     broker.answer_reads()  # the snapshot sees it
@@ -231,13 +236,15 @@ def test_since_ahead_of_the_channel_is_not_recovered_and_live_messages_flow(
     ms, _ = parse_id(newest)
     ahead = f"{ms + 3_600_000}-0"  # an hour of clock skew
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", ahead)
+    Session(hub, out).subscribe("news", ahead)
+    clock.advance(0)
     assert out.ack("news") == (False, newest)
     live = [publish(broker, clock, "news", n) for n in (1, 2)]
     assert out.ids("news") == live
     # On a channel without history: no position, everything live.
     out2 = Outlet()
-    Session(hub, broker, out2).subscribe("empty", ahead)
+    Session(hub, out2).subscribe("empty", ahead)
+    clock.advance(0)
     assert out2.ack("empty") == (False, None)
     msg = publish(broker, clock, "empty", 1)
     assert out2.ids("empty") == [msg]
@@ -248,7 +255,8 @@ def test_since_the_beginning_replays_everything_retained(
 ) -> None:
     ids = [publish(broker, clock, "news", n) for n in range(4)]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", "0-0")
+    Session(hub, out).subscribe("news", "0-0")
+    clock.advance(0)
     recovered, position = out.ack("news")
     assert position == ids[-1]
     assert out.replayed == ids
@@ -264,7 +272,8 @@ def test_a_trimmed_channel_from_the_beginning_is_not_recovered(clock: Clock) -> 
     hub = Hub(broker, clock=clock)
     ids = [publish(broker, clock, "news", n) for n in range(6)]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", "0-0")
+    Session(hub, out).subscribe("news", "0-0")
+    clock.advance(0)
     assert out.ack("news") == (False, ids[-1])
     assert out.replayed == ids[-3:]
 
@@ -275,7 +284,8 @@ def test_replayed_messages_arriving_live_later_are_not_sent_twice(
     ids = [publish(broker, clock, "news", n) for n in range(2)]
     out = Outlet()
     broker.hold_reads = True
-    Session(hub, broker, out).subscribe("news", ids[0])
+    Session(hub, out).subscribe("news", ids[0])
+    clock.advance(0)
     broker.hold_bus = True
     late = publish(broker, clock, "news", 2)
     broker.answer_reads()
@@ -293,9 +303,10 @@ def test_foreign_messages_never_move_the_cut(broker: HeldBroker, hub: Hub, clock
     genuine message is judged against the position, not against it."""
     newest = publish(broker, clock, "news", 0)
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     broker.hold_reads = True
     session.subscribe("news")
+    clock.advance(0)
     foreign = Message("news", None, envelope("news", None, b'"from elsewhere"'))
     session.deliver(foreign)  # buffered with the read in flight
     broker.answer_reads()
@@ -317,7 +328,8 @@ def test_a_read_that_fails_leaves_the_subscription_live_without_position(
     publish(broker, clock, "news", 0)
     broker.last_id = lambda channel: fail(BrokerUnavailable())  # type: ignore[method-assign]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news")
+    Session(hub, out).subscribe("news")
+    clock.advance(0)
     assert out.ack("news") == (False, None)
     msg = publish(broker, clock, "news", 1)
     assert out.ids("news") == [msg]
@@ -351,7 +363,8 @@ def test_every_interleaving_keeps_the_position_safe(
         since = "9999999999999-0"
     out = Outlet()
     broker.hold_reads = True
-    Session(hub, broker, out).subscribe("c", since)
+    Session(hub, out).subscribe("c", since)
+    clock.advance(0)
     answered = False
     for n, step in enumerate(during):
         if n == snapshot_at:
@@ -399,12 +412,16 @@ class Recording(Outlet):
         super().message(message)
 
 
-def test_subscribing_twice_raises_and_changes_nothing(broker: HeldBroker, hub: Hub) -> None:
+def test_subscribing_twice_raises_and_changes_nothing(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     session.subscribe("news")
+    clock.advance(0)
     with pytest.raises(AlreadySubscribed):
         session.subscribe("news")
+        clock.advance(0)
     assert out.events == [("subscribed", "news", False, None)]
     assert hub.count("news") == 1 and len(session) == 1 and "news" in session
 
@@ -414,9 +431,10 @@ def test_leaving_while_the_read_is_in_flight_acknowledges_nothing(
 ) -> None:
     publish(broker, clock, "news", 0)
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     broker.hold_reads = True
     done = session.subscribe("news", "0-0")
+    clock.advance(0)
     publish(broker, clock, "news", 1)  # buffered
     assert session.unsubscribe("news") is True
     assert hub.count("news") == 0
@@ -432,11 +450,13 @@ def test_leaving_and_joining_again_while_the_first_read_is_in_flight(
     """The late answer of the first read is not taken for the second subscription's."""
     first = publish(broker, clock, "news", 0)
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     broker.hold_reads = True
     session.subscribe("news", "0-0")
+    clock.advance(0)
     session.unsubscribe("news")
     session.subscribe("news")  # also held
+    clock.advance(0)
     broker.answer_reads()
     # One acknowledgement: the second subscription's (no since, no replay).
     assert out.events == [("subscribed", "news", False, first)]
@@ -445,12 +465,14 @@ def test_leaving_and_joining_again_while_the_first_read_is_in_flight(
 
 
 def test_the_applications_unsubscribe_is_told_the_clients_is_not(
-    broker: HeldBroker, hub: Hub
+    broker: HeldBroker, hub: Hub, clock: Clock
 ) -> None:
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     session.subscribe("a")
+    clock.advance(0)
     session.subscribe("b")
+    clock.advance(0)
     assert session.unsubscribe("a", tell=True) is True
     assert session.unsubscribe("b") is True
     assert session.unsubscribe("c", tell=True) is False
@@ -460,7 +482,7 @@ def test_the_applications_unsubscribe_is_told_the_clients_is_not(
 
 def test_disconnect_goes_to_the_outlet(broker: HeldBroker, hub: Hub) -> None:
     out = Outlet()
-    Session(hub, broker, out).disconnect()
+    Session(hub, out).disconnect()
     assert out.events == [("disconnect",)]
 
 
@@ -468,16 +490,19 @@ def test_identify_joins_the_personal_channel_once(
     broker: HeldBroker, hub: Hub, clock: Clock
 ) -> None:
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     d = session.identify("alice", "user#alice")
+    clock.advance(0)
     assert d.called and session.user == "alice"
     assert hub.users() == {"alice": 1}
     assert out.events == [("subscribed", "user#alice", False, None)]
     # Already in it (the URL asked for it with `since`): not joined again.
     out2 = Outlet()
-    session2 = Session(hub, broker, out2)
+    session2 = Session(hub, out2)
     session2.subscribe("user#alice", "0-0")
+    clock.advance(0)
     session2.identify("alice", "user#alice")
+    clock.advance(0)
     assert [e[0] for e in out2.events] == ["subscribed"]
     assert hub.users() == {"alice": 2}
     msg = publish(broker, clock, "user#alice", 1)
@@ -486,19 +511,22 @@ def test_identify_joins_the_personal_channel_once(
 
 def test_identify_without_a_personal_channel(broker: HeldBroker, hub: Hub) -> None:
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     assert session.identify("bob", None).called
     assert out.events == [] and len(session) == 0 and hub.users() == {"bob": 1}
 
 
 def test_close_leaves_nothing_in_the_hub(broker: HeldBroker, hub: Hub, clock: Clock) -> None:
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     broker.hold_reads = True
     session.subscribe("pending")  # its read still in flight
+    clock.advance(0)
     broker.hold_reads = False
     session.subscribe("live")
+    clock.advance(0)
     session.identify("carol", "user#carol")
+    clock.advance(0)
     session.close()
     assert hub.channels() == {} and hub.users() == {}
     assert len(session) == 0 and session.user is None
@@ -513,14 +541,17 @@ def test_the_application_commands_reach_an_identified_session(
     broker: HeldBroker, hub: Hub, clock: Clock
 ) -> None:
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     session.identify("dave", None)
+    clock.advance(0)
     assert hub.control({"cmd": "subscribe", "user": "dave", "channel": "room"}) == 1
     assert hub.control({"cmd": "subscribe", "user": "dave", "channel": "room"}) == 0
+    clock.advance(0)
     assert out.events == [("subscribed", "room", False, None)]
     assert hub.control({"cmd": "unsubscribe", "user": "dave", "channel": "room"}) == 1
     assert out.events[-1:] == [("unsubscribed", "room")]
     session.subscribe("gone")
+    clock.advance(0)
     assert hub.control({"cmd": "destroy", "channel": "gone"}) == 1
     assert out.events[-1:] == [("unsubscribed", "gone")] and "gone" not in session
     assert hub.control({"cmd": "disconnect", "user": "dave"}) == 1
@@ -532,7 +563,8 @@ def test_a_turns_messages_come_as_one_burst_the_same_object_for_every_session(
 ) -> None:
     outs = [Recording(), Recording()]
     for out in outs:
-        Session(hub, broker, out).subscribe("news")
+        Session(hub, out).subscribe("news")
+        clock.advance(0)
     ids = [publish_now(broker, n) for n in range(3)]
     clock.advance(0)
     (first,) = outs[0].deliveries
@@ -546,7 +578,8 @@ def test_a_replay_is_one_burst_marked_as_replaying(
 ) -> None:
     ids = [publish(broker, clock, "news", n) for n in range(3)]
     out = Recording()
-    Session(hub, broker, out).subscribe("news", ids[0])
+    Session(hub, out).subscribe("news", ids[0])
+    clock.advance(0)
     assert out.replaying_seen == [True] and not out.replaying
     (replay,) = out.deliveries
     assert isinstance(replay, Burst) and [m.id for m in replay.messages] == ids[1:]
@@ -565,7 +598,8 @@ def test_replaying_is_reset_when_the_outlet_raises(
             raise RuntimeError("transport gone")
 
     out = Raising()
-    Session(hub, broker, out).subscribe("news", first)
+    Session(hub, out).subscribe("news", first)
+    clock.advance(0)
     assert out.replaying is False
 
 
@@ -573,7 +607,7 @@ def test_a_message_of_a_channel_not_subscribed_is_ignored(broker: HeldBroker, hu
     from pushd.message import Message, envelope
 
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     session.deliver(Message("other", "1-0", envelope("other", "1-0", b"1")))
     assert out.events == []
 
@@ -583,7 +617,8 @@ def test_since_the_newest_id_is_recovered_with_nothing_to_replay(
 ) -> None:
     ids = [publish(broker, clock, "news", n) for n in range(2)]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", ids[-1])
+    Session(hub, out).subscribe("news", ids[-1])
+    clock.advance(0)
     assert out.ack("news") == (True, ids[-1]) and out.ids("news") == []
     live = publish(broker, clock, "news", 2)
     assert out.ids("news") == [live]
@@ -594,12 +629,14 @@ def test_since_an_id_trimmed_away_is_not_recovered(clock: Clock) -> None:
     hub = Hub(broker, clock=clock)
     ids = [publish(broker, clock, "news", n) for n in range(6)]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", ids[1])
+    Session(hub, out).subscribe("news", ids[1])
+    clock.advance(0)
     assert out.ack("news") == (False, ids[-1])
     assert out.replayed == ids[-3:]
     # Since the oldest retained one's predecessor: nothing is missing.
     out2 = Outlet()
-    Session(hub, broker, out2).subscribe("news", ids[2])
+    Session(hub, out2).subscribe("news", ids[2])
+    clock.advance(0)
     assert out2.ack("news") == (True, ids[-1]) and out2.replayed == ids[-3:]
 
 
@@ -611,7 +648,8 @@ def test_since_before_an_expired_history_is_not_recovered(
     ids = [publish(broker, clock, "news", n) for n in range(2)]
     clock.advance(3601)
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", ids[0])
+    Session(hub, out).subscribe("news", ids[0])
+    clock.advance(0)
     recovered, position = out.ack("news")
     assert recovered is False and out.replayed == []
     assert position is None
@@ -626,7 +664,8 @@ def test_a_history_read_that_fails_goes_live_unrecovered(
     first = publish(broker, clock, "news", 0)
     broker.history = lambda *a: fail(BrokerUnavailable())  # type: ignore[method-assign]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news", first)
+    Session(hub, out).subscribe("news", first)
+    clock.advance(0)
     assert out.ack("news") == (False, None)
     live = publish(broker, clock, "news", 1)
     assert out.ids("news") == [live]
@@ -637,8 +676,9 @@ def test_an_unexpected_read_error_leaves_no_subscription_buffering_forever(
 ) -> None:
     broker.last_id = lambda channel: fail(ValueError("odd entry"))  # type: ignore[method-assign]
     out = Outlet()
-    session = Session(hub, broker, out)
+    session = Session(hub, out)
     session.subscribe("news")
+    clock.advance(0)
     for n in range(3):
         publish(broker, clock, "news", n)
     # Either the client hears of the subscription (and gets the messages), or
@@ -654,7 +694,101 @@ def test_a_hub_subscription_that_never_completes_holds_the_acknowledgement(
     waiting: Deferred[None] = Deferred()
     broker.subscribe = lambda channel: waiting  # type: ignore[method-assign]
     out = Outlet()
-    Session(hub, broker, out).subscribe("news")
+    Session(hub, out).subscribe("news")
+    clock.advance(0)
     assert out.events == []
     waiting.callback(None)
+    clock.advance(0)
     assert out.events == [("subscribed", "news", False, None)]
+
+
+# -- reads shared by the sessions that ask the same in one turn (pushd.reads)
+
+
+class SameObject(Outlet):
+    """An Outlet that also keeps the delivery objects it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handed: list[Any] = []
+
+    def message(self, message: Any) -> None:
+        self.handed.append(message)
+        super().message(message)
+
+
+def test_sessions_resuming_together_share_one_read_and_one_replay(
+    broker: HeldBroker, clock: Clock
+) -> None:
+    metrics = Metrics()
+    hub = Hub(broker, metrics, clock=clock)
+    ids = [publish(broker, clock, "news", n) for n in range(5)]
+    outs = [SameObject() for _ in range(20)]
+    broker.hold_reads = True
+    for out in outs:
+        Session(hub, out).subscribe("news", ids[1])
+    other = SameObject()
+    Session(hub, other).subscribe("news", ids[3])  # another starting point: its own read
+    fresh = SameObject()
+    Session(hub, fresh).subscribe("news")  # the newest id: its own read
+    assert broker._reads == []  # asked, not sent: the reads go at the end of the turn
+    clock.advance(0)
+    assert len(broker._reads) == 3
+    during = publish(broker, clock, "news", 5)  # after the read was sent, before its answer
+    broker.answer_reads()
+    for out in outs:
+        assert out.ack("news") == (True, during)
+        assert out.ids("news") == [*ids[2:], during]
+        assert_safe(out, "news", [*ids, during], since=ids[1])
+    # One replay (one Burst, its frames made once) for the twenty of them.
+    assert len({id(out.handed[0]) for out in outs}) == 1
+    assert other.ids("news") == [ids[4], during]
+    assert fresh.ack("news") == (False, during) and fresh.ids("news") == []
+    assert _sample(metrics, "pushd_subscription_reads_total") == 3
+    assert _sample(metrics, "pushd_subscription_reads_shared_total") == 19
+
+
+def test_a_session_asking_after_the_read_was_sent_gets_its_own(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    """A read sent before a session joined could not have seen what was
+    published in between, and the session did not get it live: not shared."""
+    ids = [publish(broker, clock, "news", n) for n in range(3)]
+    broker.hold_reads = True
+    first = Outlet()
+    Session(hub, first).subscribe("news", ids[0])
+    clock.advance(0)
+    assert len(broker._reads) == 1
+    between = publish(broker, clock, "news", 3)  # the first read is in flight
+    second = Outlet()
+    Session(hub, second).subscribe("news", ids[0])
+    clock.advance(0)
+    assert len(broker._reads) == 2
+    broker.answer_reads()
+    assert first.ids("news") == [*ids[1:], between]
+    assert second.ids("news") == [*ids[1:], between]
+    assert_safe(second, "news", [*ids, between], since=ids[0])
+
+
+def test_a_shared_read_that_fails_leaves_every_session_live_unrecovered(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    ids = [publish(broker, clock, "news", n) for n in range(3)]
+    broker.hold_reads = True
+    outs = [Outlet() for _ in range(3)]
+    for out in outs:
+        Session(hub, out).subscribe("news", ids[0])
+    clock.advance(0)
+    ((d, _),) = broker._reads
+    broker._reads.clear()
+    d.errback(BrokerUnavailable("Redis down"))
+    live = publish(broker, clock, "news", 3)
+    for out in outs:
+        assert out.ack("news") == (False, None)
+        assert out.ids("news") == [live]
+
+
+def _sample(metrics: Metrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return value

@@ -384,7 +384,7 @@ class StreamResource(Resource):
         chunked = request.clientproto == b"HTTP/1.1"
         head = _response_head(request, chunked)
         stream = self._stream(chunked, channels, cursor)
-        stream.session = Session(self._hub, self._broker, stream, self._presence)
+        stream.session = Session(self._hub, stream, self._presence)
         stream.session.present_as(grants.sub, grants.info)
         self._streams.add(stream)
         if not self._keepalive.running:

@@ -167,7 +167,7 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         channels = request.params.get("channel", [])
         since = request.params.get("since", [None])[-1]
         self._initial = [{"channel": c, "since": since} for c in channels]
-        self.session = Session(factory.hub, factory.broker, self, factory.presence)
+        self.session = Session(factory.hub, self, factory.presence)
         d = factory.gate.admit(
             address=address,
             token=token_from(

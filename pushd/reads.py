@@ -1,0 +1,109 @@
+"""The subscription reads of one node, shared by the subscribers that ask the same.
+
+Each subscription makes ONE read of the broker once it has joined its channel
+live (pushd.session): with `since`, the history after it; without, the
+channel's newest id. When thousands of clients come back together (a node
+restarted, a load balancer moved them), they ask the same thing: the same
+channel, after the same id. `SharedReads` sends the reads asked in one reactor
+turn for the same channel and starting point as one read, at the end of that
+turn, and answers them all with one `Replay`: the history's messages made once
+(each envelope serialised once, each frame made once, by the first transport
+that sends it) and handed to every subscriber as the same object, as a live
+fan-out is.
+
+Sent at the end of the turn, the read is made after each of its subscribers
+joined the channel live, which the session's cut needs (pushd.session: every
+message the read did not see reaches the session live). A read is never shared
+with a subscriber that asks after it was sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+
+from pushd.broker import Broker, History
+from pushd.message import Burst, Delivery, Message, envelope
+
+
+class Replay:
+    """One read's answer, for every subscriber that asked it: the `history`,
+    its `messages` made once, and `delivery`, the one object a transport is
+    handed for all of them (a Message, a Burst, or None: nothing to replay)."""
+
+    __slots__ = ("delivery", "history", "messages")
+
+    def __init__(self, channel: str, history: History) -> None:
+        self.history = history
+        self.messages = [
+            Message(channel, msg_id, envelope(channel, msg_id, data))
+            for msg_id, data in history.messages
+        ]
+        self.delivery: Delivery | None = (
+            None
+            if not self.messages
+            else self.messages[0]
+            if len(self.messages) == 1
+            else Burst(self.messages)
+        )
+
+
+class SharedReads:
+    """`read(channel, since)`: a Deferred of the Replay, shared per turn.
+    `asked` and `sent` count the reads asked and those sent to the broker
+    (pushd_subscription_reads_total, by `shared`)."""
+
+    def __init__(self, broker: Broker, clock: Any, metrics: Any = None) -> None:
+        self._broker = broker
+        self._clock = clock
+        self._asked: dict[tuple[str, str | None], list[Deferred[Replay]]] = {}
+        self._call: Any = None
+        self._metrics = metrics
+
+    def read(self, channel: str, since: str | None) -> Deferred[Replay]:
+        """The history of `channel` after `since` (None: only its newest id,
+        as `History.last`); fails as the broker's read does (BrokerUnavailable)."""
+        waiting = self._asked.get((channel, since))
+        if waiting is None:
+            waiting = self._asked[(channel, since)] = []
+            if self._call is None:
+                self._call = self._clock.callLater(0, self._send)
+        elif self._metrics is not None:
+            self._metrics.reads_shared.inc()
+        d: Deferred[Replay] = Deferred()
+        waiting.append(d)
+        return d
+
+    def _send(self) -> None:
+        self._call = None
+        asked, self._asked = self._asked, {}
+        for (channel, since), waiting in asked.items():
+            d: Deferred[Replay]
+            try:
+                if since is None:
+                    d = self._broker.last_id(channel).addCallback(_newest, channel)
+                else:
+                    d = self._broker.history(channel, since, None).addCallback(_after, channel)
+            except Exception:
+                d = fail()  # its subscribers go on live, unrecovered (pushd.session)
+            if self._metrics is not None:
+                self._metrics.reads_sent.inc()
+            d.addBoth(_answer, waiting)
+
+
+def _newest(last: str | None, channel: str) -> Replay:
+    return Replay(channel, History(last=last))
+
+
+def _after(history: History, channel: str) -> Replay:
+    return Replay(channel, history)
+
+
+def _answer(result: Replay | Failure, waiting: list[Deferred[Replay]]) -> None:
+    for d in waiting:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
