@@ -45,6 +45,10 @@ class Metrics:
             "subscription_reads_shared",
             "Subscriptions answered by a read another subscription of the same turn asked",
         )
+        self.reads_failed = counter(
+            "subscription_reads_failed",
+            "Subscription reads that failed: their subscriptions went on live, recovered false",
+        )
         self.bus_foreign = counter(
             "bus_foreign_messages",
             "Bus payloads another process PUBLISHed, delivered as data with no id",

@@ -22,10 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushd.broker import Broker, History
 from pushd.message import Burst, Delivery, Message, envelope
+
+log = Logger()
 
 
 class Replay:
@@ -52,8 +55,9 @@ class Replay:
 
 class SharedReads:
     """`read(channel, since)`: a Deferred of the Replay, shared per turn.
-    `asked` and `sent` count the reads asked and those sent to the broker
-    (pushd_subscription_reads_total, by `shared`)."""
+    Counted: the reads sent (pushd_subscription_reads_total), the
+    subscriptions answered by another's read (..._shared_total) and the reads
+    that failed (..._failed_total, each also logged once)."""
 
     def __init__(self, broker: Broker, clock: Any, metrics: Any = None) -> None:
         self._broker = broker
@@ -90,7 +94,33 @@ class SharedReads:
                 d = fail()  # its subscribers go on live, unrecovered (pushd.session)
             if self._metrics is not None:
                 self._metrics.reads_sent.inc()
-            d.addBoth(_answer, waiting)
+            d.addBoth(self._answer, channel, since, waiting)
+
+    def _answer(
+        self,
+        result: Replay | Failure,
+        channel: str,
+        since: str | None,
+        waiting: list[Deferred[Replay]],
+    ) -> None:
+        if isinstance(result, Failure):
+            # Said once per read: each of its subscriptions goes on live,
+            # `recovered` false, and the operator should know why.
+            log.warn(
+                "a subscription read of {channel} (since {since}) failed: {why}; "
+                "{n} subscriptions go on live without it",
+                channel=channel,
+                since=since,
+                why=result.getErrorMessage(),
+                n=len(waiting),
+            )
+            if self._metrics is not None:
+                self._metrics.reads_failed.inc()
+        for d in waiting:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
 
 
 def _newest(last: str | None, channel: str) -> Replay:
@@ -99,11 +129,3 @@ def _newest(last: str | None, channel: str) -> Replay:
 
 def _after(history: History, channel: str) -> Replay:
     return Replay(channel, history)
-
-
-def _answer(result: Replay | Failure, waiting: list[Deferred[Replay]]) -> None:
-    for d in waiting:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)

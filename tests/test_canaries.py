@@ -90,6 +90,9 @@ Internal (library): pushd's use -> what it relies on
 - `BaseRedisProtocol.connectionMade` calling `factory.connectionError("Redis error: could
     not auth: ...")` (txredisapi): broker/redis/pool.py (KeepTrying.connectionError)
     -> a refused AUTH or SELECT is told the factory, in those words
+- `LineReceiver.callLater`, the reply timeout `self.callLater(self.replyTimeout, ...)` and its
+    `active()`/`cancel()` (txredisapi): broker/redis/pool.py (PatientTimeout, _Patient)
+    -> each command's reply timeout is scheduled through the protocol's `callLater`
 - `ClientService._log` (Twisted): broker/redis/reachability.py (QuietClientService)
     -> the Logger ClientService hands its state machine, which logs every retry through it
 - `SubscriberFactory.charset`, `.convertNumbers`, `messageReceived` (txredisapi):
@@ -670,6 +673,28 @@ def test_txredisapi_factory(txredisapi: Any) -> None:
     assert transport.value() == b"*1\r\n$4\r\nPING\r\n", what + ": the handle did not use it"
     conn.dataReceived(b"+PONG\r\n")
     assert replies == ["PONG"], what
+
+
+def test_txredisapi_reply_timeout_through_the_protocols_call_later(txredisapi: Any) -> None:
+    """The pool's PatientTimeout replaces txredisapi's reply timeout through
+    the protocol's `callLater`: a command's timeout goes through it, and is
+    cancelled through `active()`/`cancel()` once answered."""
+    from twisted.internet.task import Clock
+
+    from pushd.broker.redis.pool import PoolProtocol
+
+    what = _changed(TXREDISAPI, "BaseRedisProtocol: replyTimeout through self.callLater")
+    _present(TXREDISAPI, txredisapi.LineReceiver, "callLater")
+    conn = PoolProtocol(charset="utf-8", convertNumbers=False, replyTimeout=5)
+    conn.clock = clock = Clock()
+    conn.makeConnection(StringTransport())
+    replies: list[Any] = []
+    conn.execute_command("PING").addBoth(replies.append)
+    timers = clock.getDelayedCalls()
+    assert len(timers) == 1 and timers[0].getTime() == 5, what + ": not scheduled through it"
+    conn.dataReceived(b"+PONG\r\n")
+    assert replies == ["PONG"], what
+    assert clock.getDelayedCalls() == [], what + ": not cancelled once answered"
 
 
 def test_txredisapi_retry_delay(txredisapi: Any) -> None:

@@ -24,15 +24,21 @@ from pushd.broker.redis.scripts import EPOCH
 class Wire:
     """A CommandPool of one txredisapi connection whose far end is the test."""
 
-    def __init__(self) -> None:
-        reactor = MemoryReactorClock()
+    def __init__(self, reply_timeout: float | None = None) -> None:
+        self.reactor = reactor = MemoryReactorClock()
         factory = PoolFactory(None, None, 1, isLazy=True, convertNumbers=False)
-        self.pool = CommandPool(reactor, factory, TCP4ClientEndpoint(reactor, "127.0.0.1", 1), 1.0)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", 1)
+        self.pool = CommandPool(reactor, factory, endpoint, reply_timeout or 1.0)
         # Connected by hand: txredisapi's buildProtocol hands a connection to
         # the pool a turn later, on the global reactor.
         self.redis = factory.protocol(
-            factory.charset, replyTimeout=None, password=None, dbid=None, convertNumbers=False
+            factory.charset,
+            replyTimeout=reply_timeout,
+            password=None,
+            dbid=None,
+            convertNumbers=False,
         )
+        self.redis.clock = reactor  # its reply timeouts (PatientTimeout)
         self.redis.factory = factory
         self.transport = StringTransport()
         self.redis.makeConnection(self.transport)
@@ -106,3 +112,30 @@ def test_an_error_reply_is_broker_unavailable_and_leaves_no_cycle(no_collections
     assert "WRONGTYPE" in got[0].getErrorMessage()
     got.clear()
     assert left_to_the_collector() == []
+
+
+def test_an_answer_read_in_the_pass_after_its_timeout_was_due_is_taken() -> None:
+    """The reactor runs due timers before it reads its sockets: after a pass
+    longer than the timeout, the answer already in the socket is read in the
+    next pass, and the command (and the connection) are kept."""
+    wire = Wire(reply_timeout=5.0)
+    got = results(Deferred.fromCoroutine(wire.pool.call("execute_command", "PING")))
+    wire.reactor.advance(5.0)  # due while the reactor was busy elsewhere
+    assert got == []
+    wire.answer(b"+PONG\r\n")  # its next pass over the sockets
+    wire.reactor.advance(0.001)
+    assert got == ["PONG"]
+    assert not wire.transport.disconnecting
+    assert wire.reactor.getDelayedCalls() == []
+
+
+def test_no_answer_after_that_pass_times_out_and_drops_the_connection() -> None:
+    wire = Wire(reply_timeout=5.0)
+    got = results(Deferred.fromCoroutine(wire.pool.call("execute_command", "PING")))
+    queued = results(Deferred.fromCoroutine(wire.pool.call("execute_command", "PING")))
+    wire.reactor.advance(5.0)
+    assert got == []
+    wire.reactor.advance(0.001)
+    assert got[0].check(BrokerUnavailable) and queued[0].check(BrokerUnavailable)
+    # Its answers would now come out of order: txredisapi drops it.
+    assert wire.transport.disconnecting

@@ -771,8 +771,10 @@ def test_a_session_asking_after_the_read_was_sent_gets_its_own(
 
 
 def test_a_shared_read_that_fails_leaves_every_session_live_unrecovered(
-    broker: HeldBroker, hub: Hub, clock: Clock
+    broker: HeldBroker, clock: Clock
 ) -> None:
+    metrics = Metrics()
+    hub = Hub(broker, metrics, clock=clock)
     ids = [publish(broker, clock, "news", n) for n in range(3)]
     broker.hold_reads = True
     outs = [Outlet() for _ in range(3)]
@@ -786,6 +788,7 @@ def test_a_shared_read_that_fails_leaves_every_session_live_unrecovered(
     for out in outs:
         assert out.ack("news") == (False, None)
         assert out.ids("news") == [live]
+    assert _sample(metrics, "pushd_subscription_reads_failed_total") == 1
 
 
 def _sample(metrics: Metrics, name: str) -> float:

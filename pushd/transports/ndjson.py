@@ -27,8 +27,8 @@ class NdjsonStream(Stream):
 
     def message(self, message: Delivery) -> None:
         if isinstance(message, Burst):
-            for one in message.messages:
-                self.message(one)
+            # One write (one chunk, one send) for all of them.
+            self._write(b"".join([one.payload + b"\n" for one in message.messages]))
             return
         self._write(message.payload + b"\n")
 

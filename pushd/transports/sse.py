@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pushd.message import Burst, Delivery, PresenceEvent, dump_json
+from pushd.message import Burst, Delivery, Message, PresenceEvent, dump_json
 from pushd.transports.stream import Stream, StreamResource, encode_cursor
 
 
@@ -61,26 +61,26 @@ class SseStream(Stream):
 
     def message(self, message: Delivery) -> None:
         if isinstance(message, Burst):
-            for one in message.messages:
-                self.message(one)
-            return
+            # One write (one chunk, one send) for all of them.
+            self._write(b"".join([self._event(one) for one in message.messages]))
+        else:
+            self._write(self._event(message))
+
+    def _event(self, message: Message) -> bytes:
         if message.id is None:
             if isinstance(message, PresenceEvent):
-                self._write(b"event: " + message.event + b"\ndata: " + message.payload + b"\n\n")
-            else:
-                self._write(b"data: " + message.payload + b"\n\n")
-        else:
-            last = self._last
-            last[message.channel] = message.id
-            if len(self._channels) > 1:
-                cursor = encode_cursor(last, self._channels).encode()
-                self._write(b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n")
-            elif message.channel == self._channels[0]:
-                self._write(b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n")
-            else:
-                # The user's personal channel beside one channel: its id would
-                # be taken for the channel's own on a reconnect.
-                self._write(b"data: " + message.payload + b"\n\n")
+                return b"event: " + message.event + b"\ndata: " + message.payload + b"\n\n"
+            return b"data: " + message.payload + b"\n\n"
+        last = self._last
+        last[message.channel] = message.id
+        if len(self._channels) > 1:
+            cursor = encode_cursor(last, self._channels).encode()
+            return b"id: " + cursor + b"\ndata: " + message.payload + b"\n\n"
+        if message.channel == self._channels[0]:
+            return b"id: " + message.id.encode() + b"\ndata: " + message.payload + b"\n\n"
+        # The user's personal channel beside one channel: its id would be
+        # taken for the channel's own on a reconnect.
+        return b"data: " + message.payload + b"\n\n"
 
     def keepalive(self) -> None:
         self._write(b": keep-alive\n\n")

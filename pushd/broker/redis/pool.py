@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from time import monotonic
 from typing import Any
 
@@ -83,12 +84,81 @@ class _Told:
             self.reachability.unreachable("connection lost")
 
 
+#: Seconds after its due time a PatientTimeout fires: past the reactor's next pass.
+_PASS = 0.001
+
+
+class PatientTimeout:
+    """txredisapi's reply timeout, fired only after the reactor has had one
+    more pass over its sockets once it is due.
+
+    The reactor runs its due timers before it reads its sockets. When one pass
+    over them takes longer than the timeout (thousands of clients connecting
+    at once: their handshakes handled in one pass), the timeout of a command
+    sent in that pass is due before the answer, already in the socket, is
+    read; txredisapi would then drop the connection and fail every command
+    waiting on it (each subscription read among them answered `recovered`
+    false). `active`/`cancel` are what txredisapi calls."""
+
+    __slots__ = ("_call", "_clock", "_fire")
+
+    def __init__(self, clock: Any, delay: float, fire: Callable[[], object]) -> None:
+        self._clock = clock
+        self._fire = fire
+        self._call: Any = clock.callLater(delay, self._due)
+
+    def _due(self) -> None:
+        # Due after this round of timers: the reactor's next pass over its
+        # sockets comes first, and takes the answer if it is there.
+        self._call = self._clock.callLater(_PASS, self._expire)
+
+    def _expire(self) -> None:
+        self._call = None
+        self._fire()
+
+    def active(self) -> bool:
+        return self._call is not None and bool(self._call.active())
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class _Patient:
+    """Mixed into the pool's txredisapi protocols: reply timeouts are
+    PatientTimeouts (txredisapi schedules them with `self.callLater`)."""
+
+    #: The reactor the timeouts run on (a test's Clock on an instance).
+    clock: Any = None
+
+    def callLater(self, delay: float, f: Callable[..., object], *args: Any) -> Any:
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor as clock
+        if delay <= 0:  # txredisapi's other use: reading on in the next turn
+            return clock.callLater(delay, f, *args)
+        return PatientTimeout(clock, delay, partial(f, *args))
+
+
+class PoolProtocol(_Patient, txredisapi.RedisProtocol):  # type: ignore[misc]
+    """A connection of the command pool (one Redis)."""
+
+
+class SentinelPoolProtocol(_Patient, txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+    """A connection of the command pool (a master the Sentinels name)."""
+
+
 class PoolFactory(_Told, KeepTrying, txredisapi.RedisFactory):  # type: ignore[misc]
     """The command pool's factory (one Redis)."""
+
+    protocol = PoolProtocol
 
 
 class SentinelPoolFactory(_Told, KeepTrying, txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
     """The command pool's factory (a master the Sentinels name)."""
+
+    protocol = SentinelPoolProtocol
 
 
 def retry_alike(factory: txredisapi.RedisFactory) -> None:
@@ -162,7 +232,7 @@ class CommandPool:
             raise BrokerUnavailable("Redis is not connected")
         started = monotonic()
         d: Deferred[Any] = getattr(self.redis, method)(*args, **kwargs)
-        d.addTimeout(self._timeout or 3600, self._reactor)
+        timeout = PatientTimeout(self._reactor, self._timeout or 3600, d.cancel)
         try:
             reply = await d
         except txredisapi.ResponseError as e:
@@ -171,9 +241,14 @@ class CommandPool:
             if str(e).startswith("NOSCRIPT"):
                 raise _NoScript from None
             raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
-        except (txredisapi.RedisError, TimeoutError, CancelledError) as e:
+        except CancelledError as e:
+            _let_go_of_frames(e)
+            raise BrokerUnavailable(f"Redis: no answer within {self._timeout:g} s") from None
+        except (txredisapi.RedisError, TimeoutError) as e:
             _let_go_of_frames(e)
             raise BrokerUnavailable(f"Redis: {e or type(e).__name__}") from None
+        finally:
+            timeout.cancel()
         self._timed(name).observe(monotonic() - started)
         return reply
 
