@@ -17,10 +17,17 @@ Rows (the issue's targets; ratio = how many times better pushd is):
     Nchan, a fresh server for each
   6 pushd --workers 2 against Nchan worker_processes 2, fan-out 10,000 x 100 with one
     publisher, nothing pinned (both cores, Redis too)
+  7 reconnect storm (pushd only): nodes A and B on one Redis; 15,000 fresh WebSocket
+    connects to A at once (timed to the last subscribed frame); A SIGKILLed, 100 messages
+    published through B, A restarted on its port; 15,000 clients resume at once with
+    `since` = the last id they saw (wsclient --catchup 100): the time from their start to
+    the last one's 100th message, against the fresh connects' (target <= 2x); every
+    client recovered:true, every message exactly once
 
 Servers (redis-server, pushd, nginx) on CPU 0, clients (pushclient, pub.py, wrk)
-on CPU 1, except row 6. Each figure is the median of --runs runs. Reuses
-bench/compare.py's and bench/run.py's machinery to start the servers. The
+on CPU 1, except row 6; row 7's clients are bench/bin/wsclient (bench/wsclient.c).
+Each figure is the median of --runs runs. Reuses bench/compare.py's and
+bench/run.py's machinery to start the servers. The
 harness is used from where it is: bench/bin/harness/ holds symlinks to its
 bench.py, pub.py and post.lua (bench.py finds pushclient next to itself) and
 pushclient built from its pushclient.c. Logs go to bench/out/harness/, the raw
@@ -41,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +62,7 @@ HARNESS = Path(os.environ.get("BENCH_HARNESS", ROOT.parent / "shared" / "bench-h
 LINKS = BENCH / "bin" / "harness"  # symlinks to the harness's scripts, pushclient built here
 OUT = R.OUT / "harness"
 RESULTS = R.OUT / "harness.json"
-ROWS = ("fanout", "latency", "post", "batch", "idle", "workers")  # --only, also 1..6
+ROWS = ("fanout", "latency", "post", "batch", "idle", "workers", "storm")  # --only, also 1..7
 PROBLEMS: list[str] = []
 COMMANDS: list[str] = []
 PUSHD_SRC = ROOT
@@ -163,8 +171,19 @@ def nchan_conf(sse: bool = False) -> str:
     return text
 
 
-def start_pushd(rig: R.Servers, name: str, workers: int = 1, cpu: str = R.SERVER_CPU) -> R.Pushd:
-    p = R.Pushd(name, PUSHD_SRC, rig.redis_port, PUSHD_OPTIONS, workers=workers, cpu=cpu)
+def start_pushd(
+    rig: R.Servers,
+    name: str,
+    workers: int = 1,
+    cpu: str = R.SERVER_CPU,
+    options: tuple[str, ...] = (),
+    **listen: Any,
+) -> R.Pushd:
+    """`listen`: R.Pushd's backlog, port, backlog_port."""
+    p = R.Pushd(
+        name, PUSHD_SRC, rig.redis_port, [*PUSHD_OPTIONS, *options], workers=workers, cpu=cpu,
+        **listen,
+    )  # fmt: skip
     C.LIVE.append(p)
     say(f"  {name}: {cmdline(p.pid)} (pid {p.pid}) on CPU {cpu}")
     return p
@@ -447,6 +466,237 @@ def row_workers(rig: R.Servers, subs: int, msgs: int, run: int) -> dict[str, Any
     return out
 
 
+# Row 7: the storm's listener takes this listen queue (Twisted's default is 50; the
+# kernel caps it at net.core.somaxconn), on both nodes, so a SYN waits in the queue
+# instead of being dropped and retried a second later.
+STORM_BACKLOG = 4096
+# The history holds the `since` message and the 100 after it, with room to spare (the
+# default, 100, trims approximately: the row is about the storm, not the trimming).
+STORM_OPTIONS = ("--history-size", "1000")
+
+
+def storm_clients(
+    port: int, name: str, total: int, path: str, extra: list[str], timeout: float
+) -> list[R.Child]:
+    """`total` wsclient connections to `path`, all at once: --rate 0, --inflight = each
+    process's share (bench/run.py's 5,000 a process, 500 per source address)."""
+    nproc = max(1, -(-total // R.PER_PROCESS))
+    sizes = [total // nproc + (1 if i < total % nproc else 0) for i in range(nproc)]
+    children = []
+    for i, size in enumerate(sizes):
+        argv = [
+            str(R.WSCLIENT),
+            "--port", str(port),
+            "--path", path,
+            "--conns", str(size),
+            "--src", R.SOURCES.take(max(2, -(-size // R.PER_ADDRESS))),
+            "--rate", "0",
+            "--inflight", str(size),
+            "--connect-timeout", f"{timeout:g}",
+            "--label", f"{name}-{i}",
+            *extra,
+        ]  # fmt: skip
+        if i == 0:
+            note_command(
+                f"taskset -c {R.CLIENT_CPU} "
+                + " ".join(argv).replace(str(R.WSCLIENT), "bench/bin/wsclient")
+                + (f"  (x{nproc}, --conns {'/'.join(map(str, sizes))})" if nproc > 1 else "")
+            )
+        children.append(
+            R.Child(f"{name}-{i}", argv, R.CLIENT_CPU, control="--control" in extra,
+                    merge_stderr=False)
+        )  # fmt: skip
+    return children
+
+
+def pushd_errors(p: R.Pushd) -> list[str]:
+    """The lines of a pushd log at level warn or worse, or with a traceback (but the
+    start's "no --api-key" warning)."""
+    text = p.child.log_path.read_text(errors="replace")
+    rx = re.compile(r"#(warn|error|critical)\]|Traceback|Unhandled")
+    return [line for line in text.splitlines() if rx.search(line) and "no --api-key" not in line]
+
+
+def row_storm(rig: R.Servers, n: int, msgs: int, run: int) -> dict[str, Any]:
+    """A reconnect storm: `n` clients of node A resume with `since` after A was
+    SIGKILLed and restarted while `msgs` messages went through node B."""
+    channel = f"storm-{run}"  # a channel no earlier run published to
+    tag = f"r{run}-storm"
+    a = start_pushd(rig, f"{tag}-A", options=STORM_OPTIONS, backlog=STORM_BACKLOG)
+    b = start_pushd(rig, f"{tag}-B", options=STORM_OPTIONS, backlog=STORM_BACKLOG)
+    out: dict[str, Any] = {"clients": n, "messages": msgs, "backlog": STORM_BACKLOG}
+    a2 = None
+    fresh: list[R.Child] = []
+    storm: list[R.Child] = []
+    timeout = 60 + n / 100  # wsclient's --connect-timeout: then "done" with what it has
+    try:
+        say(
+            f"{tag}: nodes A (pid {a.pid}, ports {a.port}/{a.backlog_port}) and B (pid {b.pid}, "
+            f"port {b.port}) on Redis {rig.redis_port}; WebSocket clients on A's listener with "
+            f"backlog={STORM_BACKLOG}"
+        )
+        # 1. The baseline: n fresh connects at once, to the last subscribed frame.
+        R.wait_quiet()
+        up = uptime()
+        say(f"{tag} fresh: {up}")
+        out["uptime_fresh"] = up
+        ov0, c0 = R.listen_overflows(), R.cpu_seconds(a.pid)
+        t0 = time.monotonic()
+        fresh = storm_clients(
+            a.backlog_port, f"{tag}-fresh", n, f"/ws?channel={channel}", ["--control"], timeout
+        )
+        ready = failed = 0
+        for child in fresh:
+            m = child.wait_for(r"^ready (\d+) failed (\d+)", timeout + 30)
+            ready, failed = ready + int(m.group(1)), failed + int(m.group(2))
+        fresh_s = time.monotonic() - t0
+        out.update(
+            fresh_s=fresh_s,
+            fresh_ready=ready,
+            fresh_failed=failed,
+            fresh_a_cpu_s=R.cpu_seconds(a.pid) - c0,
+            fresh_listen_overflows=R.listen_overflows() - ov0,
+        )
+        a.alive()
+        say(
+            f"{tag} fresh: {ready:,} of {n:,} subscribed ({failed} failed) in {fresh_s:.2f}s; "
+            f"A's CPU {out['fresh_a_cpu_s']:.2f}s; {out['fresh_listen_overflows']} SYNs dropped "
+            "(listen queue full)"
+        )
+        if ready != n or failed:
+            PROBLEMS.append(f"{tag} fresh: {ready} of {n} subscribed, {failed} failed")
+        # 2. The id every client has seen: the `since` they resume from.
+        since = R.publish_ids(b.port, channel, 1)[0]
+        time.sleep(1)  # delivered to A's clients
+        # 3. A dies with its clients connected.
+        os.kill(a.pid, signal.SIGKILL)
+        a.child.proc.wait(10)
+        C.LIVE.remove(a)
+        a.child.stop()
+        lost = []
+        for child in fresh:
+            child.send("quit")
+            lost.append(child.json(30))
+            child.stop()
+        fresh = []
+        got_since = sum(r["deliveries"] for r in lost)
+        closed = sum(r["closed_by_server"] for r in lost)
+        say(
+            f"{tag}: published {since} through B ({got_since:,} of A's clients had it), "
+            f"SIGKILLed A: {closed:,} connections lost"
+        )
+        out.update(since=since, since_delivered=got_since, killed_connections=closed)
+        # 4. msgs messages through B while A is down.
+        ids = R.publish_ids(b.port, channel, msgs)
+        out["ids"] = [ids[0], ids[-1]]
+        say(f"{tag}: {msgs} messages through B while A is down: {ids[0]} .. {ids[-1]}")
+        # 5. A again, on its ports; the storm as soon as it serves.
+        R.wait_quiet()
+        up = uptime()
+        say(f"{tag} storm: {up}")
+        out["uptime"] = up
+        t_restart = time.monotonic()
+        a2 = start_pushd(
+            rig, f"{tag}-A-restarted", options=STORM_OPTIONS, backlog=STORM_BACKLOG,
+            port=a.port, backlog_port=a.backlog_port,
+        )  # fmt: skip
+        restart_s = time.monotonic() - t_restart
+        ov0, c0, r0 = R.listen_overflows(), R.cpu_seconds(a2.pid), redis_cpu_s(rig)
+        t0 = time.monotonic()
+        storm = storm_clients(
+            a2.backlog_port,
+            f"{tag}-resume",
+            n,
+            f"/ws?channel={channel}&since={since}",
+            ["--catchup", str(msgs), "--ids", f"{ids[0]},{ids[-1]}"],
+            timeout,
+        )
+        done = failed = 0
+        for child in storm:
+            m = child.wait_for(r"^done (\d+) failed (\d+)", timeout + 30)
+            done, failed = done + int(m.group(1)), failed + int(m.group(2))
+        storm_s = time.monotonic() - t0
+        reps = [child.json(30) for child in storm]
+        cpu_a = R.cpu_seconds(a2.pid) - c0
+        cpu_redis = redis_cpu_s(rig) - r0
+        overflows = R.listen_overflows() - ov0
+        for child in storm:
+            child.stop()
+        storm = []
+        a2.alive()
+        b.alive()
+        cu = [r["catchup"] for r in reps]
+        counts = {
+            k: sum(c[k] for c in cu)
+            for k in ("recovered", "not_recovered", "disorder", "extra", "bad_id", "wrong_ends")
+        }
+        delivered = sum(r["deliveries"] for r in reps)
+        closed = sum(r["closed_by_server"] for r in reps)
+        codes = dict(sum((Counter(r["close_codes"]) for r in reps), Counter()))
+        lat = R.merge_latency([{"lat_us": c["done_us"]} for c in cu])
+        sub = R.merge_latency([{"lat_us": c["subscribed_us"]} for c in cu])
+        errors = pushd_errors(a) + pushd_errors(a2) + pushd_errors(b)
+        out.update(
+            storm_s=storm_s,
+            restart_s=restart_s,
+            storm_from_restart_s=restart_s + storm_s,
+            ratio=storm_s / fresh_s if fresh_s else None,
+            done=done,
+            failed=failed,
+            delivered=delivered,
+            closed_by_server=closed,
+            close_codes=codes,
+            wsclient_wall_s=max(c["wall_s"] for c in cu),
+            a_cpu_s=cpu_a,
+            redis_cpu_s=cpu_redis,
+            listen_overflows=overflows,
+            catchup_ms=lat,
+            subscribed_ms=sub,
+            pushd_error_lines=errors[:50],
+            **counts,
+        )
+        say(
+            f"{tag} storm: {done:,} of {n:,} caught up {msgs} messages ({failed} failed) in "
+            f"{storm_s:.2f}s from the clients' start ({restart_s:.2f}s before: A's restart until "
+            f"it served); {storm_s / fresh_s:.2f}x the fresh connects' {fresh_s:.2f}s; recovered "
+            f"{counts['recovered']:,}, not {counts['not_recovered']}, {delivered:,} messages "
+            f"(disorder {counts['disorder']}, extra {counts['extra']}, bad id {counts['bad_id']}, "
+            f"wrong first/last id {counts['wrong_ends']}); per client: subscribed min "
+            f"{sub.get('min_ms', 0):.0f} ms p50 {sub.get('p50_ms', 0):.0f} ms max "
+            f"{sub.get('max_ms', 0):.0f} ms, 100th message p50 {lat.get('p50_ms', 0):.0f} ms "
+            f"p99 {lat.get('p99_ms', 0):.0f} ms max {lat.get('max_ms', 0):.0f} ms; A's CPU "
+            f"{cpu_a:.2f}s, Redis {cpu_redis:.2f}s; {overflows} SYNs dropped"
+        )
+        bad = {k: v for k, v in counts.items() if k != "recovered" and v}
+        if (
+            done != n
+            or failed
+            or counts["recovered"] != n
+            or bad
+            or delivered != n * msgs
+            or closed
+        ):
+            PROBLEMS.append(
+                f"{tag}: {done} of {n} caught up, {failed} failed, recovered "
+                f"{counts['recovered']}, {bad}, {delivered} of {n * msgs} messages, "
+                f"{closed} closed by the server {codes}"
+            )
+        if errors:
+            say(f"{tag}: {len(errors)} error-looking lines in the pushd logs:")
+            for line in errors[:10]:
+                say("    " + line)
+            PROBLEMS.append(f"{tag}: {len(errors)} error-looking pushd log lines, e.g. {errors[0]}")
+        return out
+    finally:
+        for child in fresh + storm:
+            child.stop()
+        for p in (a2, b):
+            if p is not None:
+                C.stop(p)
+        if a in C.LIVE:
+            C.stop(a)
+
+
 def run_once(rig: R.Servers, rows: set[str], s: dict[str, Any], run: int) -> dict[str, Any]:
     res: dict[str, Any] = {}
     used = None
@@ -509,6 +759,8 @@ def run_once(rig: R.Servers, rows: set[str], s: dict[str, Any], run: int) -> dic
         res["idle"] = row_idle(rig, s["idle"], run)
     if "workers" in rows:
         res["workers"] = row_workers(rig, s["subscribers"], s["messages"], run)
+    if "storm" in rows:
+        res["storm"] = row_storm(rig, s["storm"], s["storm_messages"], run)
     return res
 
 
@@ -684,6 +936,36 @@ def table(results: dict[str, Any], rows: set[str]) -> tuple[str, list[dict[str, 
                 util,
             )
         )
+    if "storm" in rows:
+        k = s["storm"]
+        cpu_s = ("{:.1f} s", 1)
+        for label, key, fmt, cpu in (
+            (
+                f"7 reconnect storm s: {k:,} resume x {s['storm_messages']} after SIGKILL",
+                "storm_s",
+                "{:.2f}",
+                "a_cpu_s",
+            ),
+            (f"  {k:,} fresh connects s (the baseline)", "fresh_s", "{:.2f}", "fresh_a_cpu_s"),
+            ("  storm / fresh (target <= 2x)", "ratio", "{:.2f}x", None),
+            ("  clients recovered:true", "recovered", "{:,.0f}", None),
+            ("  clients recovered:false", "not_recovered", "{:,.0f}", None),
+        ):
+            spec.append(
+                (
+                    "storm",
+                    label,
+                    ("storm", key),
+                    None,
+                    "-",
+                    False,
+                    fmt,
+                    1,
+                    ("storm", cpu) if cpu else None,
+                    None,
+                    cpu_s if cpu else None,
+                )
+            )
 
     def vals(path: tuple | None, scale: float) -> list[float]:
         if path is None:
@@ -774,7 +1056,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=1, help="runs of every row; medians are shown [1]")
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke test")
-    ap.add_argument("--only", default="", help=f"rows: {','.join(ROWS)} or their numbers 1-6")
+    ap.add_argument("--only", default="", help=f"rows: {','.join(ROWS)} or their numbers 1-7")
     ap.add_argument("--subscribers", type=int, help="rows 1, 2, 6 [10000; quick 1000]")
     ap.add_argument("--messages", type=int, help="rows 1, 6 [100; quick 50]")
     ap.add_argument("--rate", type=float, default=5.0, help="row 2: msg/s [5]")
@@ -782,6 +1064,8 @@ def main() -> int:
     ap.add_argument("--wrk-seconds", type=int, help="rows 3, 4: each wrk run [5; quick 2]")
     ap.add_argument("--wrk-connections", default="50,8", help="row 3 [50,8]")
     ap.add_argument("--idle", type=int, help="row 5: connections [15000; quick 2000]")
+    ap.add_argument("--storm", type=int, help="row 7: clients [15000; quick 2000]")
+    ap.add_argument("--storm-messages", type=int, default=100, help="row 7: messages [100]")
     ap.add_argument(
         "--quiet-wait",
         type=float,
@@ -801,6 +1085,8 @@ def main() -> int:
         "wrk_seconds": args.wrk_seconds or (2 if q else 5),
         "wrk_connections": [int(x) for x in args.wrk_connections.split(",")],
         "idle": args.idle or (2000 if q else 15000),
+        "storm": args.storm or (2000 if q else 15000),
+        "storm_messages": args.storm_messages,
         "publisher_connections": 1,
         "requests_in_flight": 1,
         "payload_bytes": 100,
@@ -825,6 +1111,8 @@ def main() -> int:
     R.OUT = OUT
     C.OUT = OUT
     setup_harness()
+    if "storm" in rows:
+        R.build_wsclient()
 
     results: dict[str, Any] = {
         "mode": "quick" if q else "full",
@@ -847,6 +1135,7 @@ def main() -> int:
         f"harness {HARNESS}; "
         f"{results['uptime_start']}"
     )
+    storm_load = f"; row 7: {settings['storm']:,} clients resuming {settings['storm_messages']}"
     say(
         f"load: {settings['subscribers']:,} subscribers of one channel, "
         f"{settings['messages']} messages "
@@ -854,7 +1143,7 @@ def main() -> int:
         "ONE publisher "
         f"connection with one request in flight, {settings['payload_bytes']}-byte payload; wrk -t1 "
         f"-c{'/-c'.join(map(str, settings['wrk_connections']))} -d{settings['wrk_seconds']}s; "
-        f"{settings['idle']:,} idle connections"
+        f"{settings['idle']:,} idle connections" + (storm_load if "storm" in rows else "")
     )
     try:
         rig = R.Servers(PUSHD_SRC, pushd=False)
@@ -896,6 +1185,13 @@ def main() -> int:
         "load 1m: the 1-minute load average (uptime) just before each figure's measurement; "
         "another session's tests may share the machine",
         "row 5: RSS of the process tree (Nchan: master + worker), a fresh server for each",
+        f"row 7: pushd only (Nchan: no equivalent, no `recovered` promise to check); nodes A "
+        f"and B on one Redis, {' '.join(STORM_OPTIONS)}, WebSocket listener backlog="
+        f"{STORM_BACKLOG}; {s['storm']:,} wsclient connections at once (--rate 0, 5,000 a "
+        "process); fresh: start to the last subscribed frame; storm: the resuming clients' "
+        "start (A restarted, serving) to the last one's last message (wsclient's --connect-"
+        "timeout, 60 s + 1 s per 100 clients, when some never get there: checks FAILED); "
+        "server CPU: A's",
         f"pushd runs with {' '.join(PUSHD_OPTIONS)} (the harness opens all its connections "
         "from one address)",
         f"load average at the start: {results['uptime_start']}; "

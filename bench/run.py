@@ -759,8 +759,11 @@ class Pushd:
         backlog: int | None = None,
         cpu: str = SERVER_CPU,
         workers: int = 1,
+        port: int | None = None,
+        backlog_port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        """`port`, `backlog_port`: these ports, not free ones (a node restarted where it was)."""
+        self.port = port or free_port()
         self.broker = "memory" if redis_port is None else "redis"
         self.workers = workers
         argv = [twistd_path(), "-n", "--pidfile=", "pushd",
@@ -773,7 +776,7 @@ class Pushd:
         # (Twisted's default is 50).
         self.backlog_port = 0
         if backlog is not None:
-            self.backlog_port = free_port()
+            self.backlog_port = backlog_port or free_port()
             argv += ["--listen", f"tcp:{self.backlog_port}:interface=127.0.0.1:backlog={backlog}"]
             ready.append(rf"listening on http://127\.0\.0\.1:{self.backlog_port}/")
         if redis_port is not None:

@@ -56,6 +56,11 @@
  * every connection is done (or failed) it prints "done <n> failed <n>" and the
  * final report, which has a "catchup" object.
  *
+ * --ids FIRST,LAST (with --catchup): the first message of every connection must
+ * have id FIRST and its N-th id LAST; each that does not counts in "wrong_ends".
+ * With increasing ids (no "disorder") and N ids in [FIRST, LAST] on the channel,
+ * every connection then got every one of those messages exactly once.
+ *
  * The Sec-WebSocket-Key is fixed (the RFC's sample nonce) so the expected
  * Sec-WebSocket-Accept is a constant and the client needs no SHA-1; the server
  * does not care. This is a benchmark tool, not a general client.
@@ -143,6 +148,8 @@ static const char *opt_label = "";
 static uint32_t opt_catchup = 0;   /* messages each connection waits for, then closes */
 static int opt_raw = 0;            /* no pushd envelope: open at 101, every frame a delivery */
 static double opt_stall = 0;       /* connect phase: print ready after S s without progress */
+static int opt_ids = 0;            /* --ids: the first and N-th message ids to check */
+static uint64_t ids_first_ms, ids_first_seq, ids_last_ms, ids_last_seq;
 
 /* ---- state */
 static conn_t *conns;
@@ -177,7 +184,7 @@ static double last_delivery_mono;
 
 /* --catchup: connect -> subscribed and connect -> N-th message, us */
 static hist_t cu_sub, cu_done;
-static uint64_t cu_recovered, cu_not_recovered, cu_disorder, cu_extra, cu_bad_id;
+static uint64_t cu_recovered, cu_not_recovered, cu_disorder, cu_extra, cu_bad_id, cu_wrong_ends;
 static int ndone;
 static int64_t cu_first_ns, cu_last_ns; /* CLOCK_MONOTONIC: first connect, last done */
 
@@ -314,8 +321,9 @@ static void report(const char *kind) {
     if (opt_catchup) {
         printf(",\"catchup\":{\"messages\":%u,\"done\":%d,\"recovered\":%" PRIu64
                ",\"not_recovered\":%" PRIu64 ",\"disorder\":%" PRIu64 ",\"extra\":%" PRIu64
-               ",\"bad_id\":%" PRIu64 ",\"wall_s\":%.6f,",
+               ",\"bad_id\":%" PRIu64 ",\"wrong_ends\":%" PRIu64 ",\"wall_s\":%.6f,",
                opt_catchup, ndone, cu_recovered, cu_not_recovered, cu_disorder, cu_extra, cu_bad_id,
+               cu_wrong_ends,
                cu_last_ns > cu_first_ns ? (double)(cu_last_ns - cu_first_ns) / 1e9 : 0.0);
         hist_print("subscribed_us", &cu_sub);
         printf(",");
@@ -593,6 +601,10 @@ static void catchup_message(int idx, const uint8_t *p, size_t n) {
     } else {
         if (c->cu_count && (ms < c->last_ms || (ms == c->last_ms && seq <= c->last_seq)))
             cu_disorder++;
+        if (opt_ids && c->cu_count == 0 && (ms != ids_first_ms || seq != ids_first_seq))
+            cu_wrong_ends++;
+        if (opt_ids && c->cu_count + 1 == opt_catchup && (ms != ids_last_ms || seq != ids_last_seq))
+            cu_wrong_ends++;
         c->last_ms = ms;
         c->last_seq = (uint32_t)seq;
     }
@@ -956,6 +968,7 @@ static void usage(void) {
             "  --label TEXT        put TEXT in the reports\n"
             "  --catchup N         recovery mode: time connect -> N-th message per connection,\n"
             "                      then close it; --inflight clients at a time\n"
+            "  --ids FIRST,LAST    with --catchup: the ids the first and N-th message must have\n"
             "  --raw               no pushd frames (Nchan): open at 101, every frame a delivery\n"
             "  --stall S           print ready after S seconds in which no connection got\n"
             "                      subscribed or failed, with those open so far [off]\n");
@@ -969,10 +982,10 @@ int main(int argc, char **argv) {
         {"duration", 1, 0, 'd'}, {"expect", 1, 0, 'e'},   {"idle", 0, 0, 'i'},
         {"control", 0, 0, 'C'},  {"label", 1, 0, 'l'},    {"help", 0, 0, 'h'},
         {"catchup", 1, 0, 'N'},  {"raw", 0, 0, 'W'},      {"stall", 1, 0, 'S'},
-        {0, 0, 0, 0}};
+        {"ids", 1, 0, 'I'},      {0, 0, 0, 0}};
     int ch;
     const char *src_spec = NULL;
-    while ((ch = getopt_long(argc, argv, "H:p:u:n:s:r:f:R:T:d:e:iCl:hN:WS:", longopts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "H:p:u:n:s:r:f:R:T:d:e:iCl:hN:WS:I:", longopts, NULL)) != -1) {
         switch (ch) {
         case 'H': opt_host = optarg; break;
         case 'p': opt_port = atoi(optarg); break;
@@ -991,6 +1004,14 @@ int main(int argc, char **argv) {
         case 'N': opt_catchup = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'W': opt_raw = 1; break;
         case 'S': opt_stall = atof(optarg); break;
+        case 'I':
+            if (sscanf(optarg, "%" SCNu64 "-%" SCNu64 ",%" SCNu64 "-%" SCNu64, &ids_first_ms,
+                       &ids_first_seq, &ids_last_ms, &ids_last_seq) != 4) {
+                fprintf(stderr, "wsclient: --ids wants FIRST,LAST (ms-seq ids)\n");
+                return 2;
+            }
+            opt_ids = 1;
+            break;
         default: usage(); return ch == 'h' ? 0 : 2;
         }
     }
