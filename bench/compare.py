@@ -4,17 +4,34 @@ store) and the nginx+Lua gateway pushd replaces (POST /push into Redis lists).
 
     python bench/compare.py [--runs 3] [--quick] [--only idle,fanout,...]
 
+Rows (--only takes their names or numbers; ratio = how many times better pushd is):
+  1 idle      RSS per idle WebSocket (KiB), 15,000 connections
+  2 fanout    fan-out deliveries/s, max rate: 10,000 subscribers x 100 messages from
+              16 keep-alive publisher connections
+  3 latency   fan-out latency p50/p99, same subscribers, 5 msg/s
+  4 post      single POSTs/s (wrk): pushd /channels and /push vs the gateway's /push,
+              Nchan's /pub
+  5 batch     batch msgs/s, POST /publish of 1,000 lines (pushd only)
+  6 conns     connections held: pushd --workers 2 vs Nchan's 1 worker
+  7 onepub    fan-out deliveries/s as row 2 from ONE publisher connection (HTTP
+              keep-alive, one request in flight, back to back)
+  8 sse       RSS per idle SSE connection (KiB), 15,000: pushd /sse vs Nchan's
+              EventSource subscriber (the shared harness's pushclient)
+  9 workers   both cores, nothing pinned: pushd --workers 2 vs Nchan worker_processes
+              2, fan-out 10,000 x 100 from ONE publisher connection
+
 Starts redis-server, then for each row and each run a fresh pushd (Redis broker)
 and a fresh peer (nginx with one worker, from the templates in bench/peers/), one
 after the other, all pinned to CPU 0; the load (bench/bin/wsclient, the publisher
-in this process, wrk) runs on CPU 1. Prints one table: each figure the median of
-the runs (and the runs themselves), the ratio saying how many times better pushd
-is (pushd/peer, or peer/pushd where lower is better). Logs, the nginx configs and
-prefixes go to bench/out/compare/, the raw figures to bench/out/compare.json.
-See bench/README.md ("pushd next to its peers").
+in this process, wrk; row 8: pushclient) runs on CPU 1. Rows 2, 3 and 7 share one
+server and one set of subscribers. Row 9 pins nothing. Prints one table: each
+figure the median of the runs (and the runs themselves), the ratio saying how many
+times better pushd is (pushd/peer, or peer/pushd where lower is better). Logs, the
+nginx configs and prefixes go to bench/out/compare/, the raw figures to
+bench/out/compare.json. See bench/README.md ("pushd next to its peers").
 
 Reuses bench/run.py's machinery (Child, Pushd, ClientSet, burst_phase, run_wrk,
-CpuMeter, ...).
+CpuMeter, ...) and bench/harness.py's build of the shared harness's pushclient.
 """
 
 from __future__ import annotations
@@ -22,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import resource
@@ -43,10 +61,17 @@ PEERS = BENCH / "peers"
 OUT = R.OUT / "compare"  # logs, nginx configs and prefixes
 RESULTS = R.OUT / "compare.json"
 PUSH_LUA = BENCH / "push.lua"
+PUSHCLIENT: Path | None = None  # the shared harness's client (row 8), built by main
+SSE_PER_PROCESS = 1000  # row 8: pushclient connections a process, one source address each
+# Nchan's EventSource subscriber on the WebSocket one's location (bench/harness.py's
+# nchan_conf(sse=True)): Accept: text/event-stream makes a request an SSE subscriber.
+NCHAN_SSE = {"nchan_subscriber websocket;": "nchan_subscriber websocket eventsource;"}
 NGINX_MODULES = Path("/usr/lib/nginx/modules")
 
-ROWS = ("idle", "fanout", "latency", "post", "batch", "conns")  # --only, also 1..6
+# --only, also 1..9 (7-9 came later: the first six keep their numbers)
+ROWS = ("idle", "fanout", "latency", "post", "batch", "conns", "onepub", "sse", "workers")
 CHANNEL = R.CHANNEL
+PUBLISHERS = 16  # row 2's publisher connections (R.PUBLISHERS); rows 7 and 9: one
 PROBLEMS: list[str] = []
 PUSHD_SRC = ROOT  # --pushd-src
 CLIENT_BOUND: list[str] = []  # wrk runs where wrk itself was near its limit
@@ -63,9 +88,22 @@ class Nginx:
     """nginx with one worker from a template of bench/peers/ (@PORT@, @PREFIX@,
     @LOG@, @REDIS_PORT@ filled in; the result goes to bench/out/compare/), run as
     `nginx -c <conf> -p <prefix> -g 'daemon off;'` on CPU 0. Quacks like run.py's
-    Pushd where burst_phase and run_wrk need it (`port`, `server_pids`, `alive`)."""
+    Pushd where burst_phase and run_wrk need it (`port`, `server_pids`, `alive`).
 
-    def __init__(self, name: str, template: str, redis_port: int = 0) -> None:
+    `workers`: worker_processes N instead of the template's 1 (row 9); `cpu`: where
+    it runs [CPU 0]; `edits`: text replaced in the template (row 8: Nchan's
+    EventSource subscriber)."""
+
+    def __init__(
+        self,
+        name: str,
+        template: str,
+        redis_port: int = 0,
+        *,
+        workers: int = 1,
+        cpu: str | None = None,
+        edits: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.port = R.free_port()
         prefix = OUT / name
@@ -75,6 +113,12 @@ class Nginx:
         self.error_log.unlink(missing_ok=True)
         conf = OUT / f"{name}.conf"
         text = (PEERS / template).read_text()
+        if workers != 1:
+            edits = {"worker_processes 1;": f"worker_processes {workers};", **(edits or {})}
+        for old, new in (edits or {}).items():
+            if old not in text:
+                raise BenchError(f"{name}: no {old!r} in {PEERS / template}")
+            text = text.replace(old, new)
         for key, value in {
             "@PORT@": str(self.port),
             "@PREFIX@": str(prefix),
@@ -84,14 +128,19 @@ class Nginx:
             text = text.replace(key, value)
         conf.write_text(text)
         argv = ["nginx", "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"]
-        self.child = R.Child(name, argv, R.SERVER_CPU)
+        # R.SERVER_CPU read now: bench/harness.py's NginxN sets it around this call.
+        self.child = R.Child(name, argv, cpu or R.SERVER_CPU)
         self.child.collect = False
         self.pid = self.child.pid
         LIVE.append(self)
         self._wait_up()
         self.server_pids = R.children_of(self.pid)
-        if len(self.server_pids) != 1:
-            raise BenchError(f"{name}: {len(self.server_pids)} worker processes, not 1")
+        deadline = time.monotonic() + 5  # the master forks its workers one after another
+        while len(self.server_pids) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.server_pids = R.children_of(self.pid)
+        if len(self.server_pids) != workers:
+            raise BenchError(f"{name}: {len(self.server_pids)} worker processes, not {workers}")
         self.worker = self.server_pids[0]
 
     def _wait_up(self, timeout: float = 10) -> None:
@@ -138,9 +187,9 @@ class Nginx:
 LIVE: list[Any] = []  # servers started by a row, stopped at the end whatever happens
 
 
-def start_pushd(rig: R.Servers, name: str, workers: int = 1) -> R.Pushd:
-    """A fresh pushd (Redis broker, its defaults) on CPU 0."""
-    p = R.Pushd(name, PUSHD_SRC, rig.redis_port, workers=workers)
+def start_pushd(rig: R.Servers, name: str, workers: int = 1, cpu: str | None = None) -> R.Pushd:
+    """A fresh pushd (Redis broker, its defaults) on CPU 0 (or `cpu`)."""
+    p = R.Pushd(name, PUSHD_SRC, rig.redis_port, workers=workers, cpu=cpu or R.SERVER_CPU)
     LIVE.append(p)
     return p
 
@@ -219,13 +268,20 @@ class Side:
         self.kind = kind  # pushd | nchan
         self.raw = kind == "nchan"
 
-    def start(self, rig: R.Servers, name: str) -> Any:
+    def start(
+        self, rig: R.Servers, name: str, *, sse: bool = False, workers: int = 1,
+        cpu: str | None = None,
+    ) -> Any:  # fmt: skip
         if self.kind == "pushd":
-            return start_pushd(rig, name)
-        return Nginx(name, "nchan.conf")
+            return start_pushd(rig, name, workers, cpu)
+        return Nginx(name, "nchan.conf", workers=workers, cpu=cpu,
+                     edits=NCHAN_SSE if sse else None)  # fmt: skip
 
     def ws_path(self, channel: str) -> str:
         return f"/sub/{channel}" if self.raw else f"/ws?channel={channel}"
+
+    def sse_path(self, channel: str) -> str:
+        return f"/sub/{channel}" if self.raw else f"/sse?channel={channel}"
 
     def pub_path(self, channel: str) -> str | None:
         return f"/pub/{channel}" if self.raw else None  # None: pushd's /channels/<c>
@@ -336,8 +392,11 @@ def row_fanout(
     phases: set[str],
     run: int,
 ) -> dict[str, Any]:
-    """Rows 2 and 3: `subs` WebSocket subscribers of one channel; a burst of `burst`
-    messages from 16 publishers (max rate), then `lat_msgs` paced at `rate`/s."""
+    """Rows 2, 7 and 3, on one server and one set of subscribers: `subs` WebSocket
+    subscribers of one channel; a burst of `burst` messages from R.PUBLISHERS (16)
+    keep-alive publisher connections (max rate, row 2), the same burst from ONE
+    (one request in flight, back to back: row 7), then `lat_msgs` paced at
+    `rate`/s (row 3)."""
     name = f"{side.kind}-fanout-{run}"
     server = side.start(rig, name)
     try:
@@ -354,6 +413,16 @@ def row_fanout(
             )  # fmt: skip
             b.pop("latency", None)
             out["max_rate"] = b
+            if b["missing"] or not post_ok(b["post_status"]):
+                PROBLEMS.append(f"{label}: {b['missing']:,} deliveries missing, POST statuses "
+                                f"{b['post_status']}")  # fmt: skip
+        if "onepub" in phases:
+            label = f"fan-out {held:,}, 1 publisher ({side.kind}, run {run})"
+            b = R.burst_phase(
+                rig, clients, label, held, burst, 1, target=server, path=side.pub_path(CHANNEL),
+            )  # fmt: skip
+            b.pop("latency", None)
+            out["one_publisher"] = b
             if b["missing"] or not post_ok(b["post_status"]):
                 PROBLEMS.append(f"{label}: {b['missing']:,} deliveries missing, POST statuses "
                                 f"{b['post_status']}")  # fmt: skip
@@ -535,6 +604,138 @@ def row_conns(rig: R.Servers, side: Side, cap: int, hold: float, run: int) -> di
         stop(server)
 
 
+def build_pushclient() -> Path:
+    """The shared harness's pushclient (C, WebSocket and SSE), built by
+    bench/harness.py's setup_harness() into bench/bin/harness/ when missing or older
+    than its source ($BENCH_HARNESS, else ../shared/bench-harness/)."""
+    import harness as H  # here, not at the top: bench/harness.py imports this module
+
+    H.setup_harness()
+    return H.LINKS / "pushclient"
+
+
+def row_sse(rig: R.Servers, side: Side, n: int, run: int) -> dict[str, Any]:
+    """Row 8: as row 1 with `n` idle SSE subscribers: pushd's /sse?channel=idle,
+    Nchan's EventSource subscriber (/sub/idle, Accept: text/event-stream). The
+    clients: the shared harness's pushclient --mode hold, SSE_PER_PROCESS
+    connections a process, each process from a source address of its own (pushd
+    admits 1,000 connections per address by default)."""
+    assert PUSHCLIENT is not None
+    name = f"{side.kind}-sse-{run}"
+    server = side.start(rig, name, sse=True)
+    clients: list[R.Child] = []
+    try:
+        pids = side.rss_pids(server)
+        master0 = R.rss_kib(server.pid) if isinstance(server, Nginx) else 0
+        rss0 = settled_rss(pids, tries=4)
+        url = f"http://127.0.0.1:{server.port}{side.sse_path('idle')}"
+        nproc = max(1, math.ceil(n / SSE_PER_PROCESS))
+        sizes = [n // nproc + (1 if i < n % nproc else 0) for i in range(nproc)]
+        t0 = time.monotonic()
+        for i, size in enumerate(sizes):
+            argv = [
+                str(PUSHCLIENT), "--mode", "hold", "--url", url, "--n", str(size),
+                "--src", R.SOURCES.take(1), "--rate", f"{3000 / nproc:g}", "--inflight", "64",
+                "--duration", "3600",
+            ]  # fmt: skip
+            clients.append(R.Child(f"{name}-{i}", argv, R.CLIENT_CPU))
+        held = failed = 0
+        for c in clients:
+            m = c.wait_for(r"all resolved: connected=(\d+) failed=(\d+)", 90 + n / 200)
+            held += int(m.group(1))
+            failed += int(m.group(2))
+        connect_s = time.monotonic() - t0
+        if held != n or failed:
+            PROBLEMS.append(f"sse ({side.kind}): {held:,} of {n:,} connections subscribed, "
+                            f"{failed:,} failed")  # fmt: skip
+        wait_subscribed(server, "idle", held)
+        rss1 = settled_rss(pids)
+        server.alive()
+        out: dict[str, Any] = {
+            "connections": held,
+            "failed": failed,
+            "client_processes": nproc,
+            "rss_before_kib": rss0,
+            "rss_held_kib": rss1,
+            "kib_per_connection": (rss1 - rss0) / held if held else float("nan"),
+            "connects_per_s": held / connect_s,
+        }
+        if isinstance(server, Nginx):
+            out["master_rss_delta_kib"] = R.rss_kib(server.pid) - master0
+        for c in clients:  # pushclient prints its JSON report on SIGTERM
+            c.proc.send_signal(signal.SIGTERM)
+        reports = [c.json(30) for c in clients]
+        out["closed_by_server"] = sum(r.get("closed_by_peer", 0) for r in reports)
+        if out["closed_by_server"]:
+            PROBLEMS.append(f"sse ({side.kind}): the server closed {out['closed_by_server']}")
+        master = (f"; master {out['master_rss_delta_kib']:+,} KiB"
+                  if "master_rss_delta_kib" in out else "")  # fmt: skip
+        say(
+            f"sse ({side.kind}, run {run}): {held:,} SSE connections held; RSS "
+            f"{rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB = {out['kib_per_connection']:.2f} KiB "
+            f"per connection{master}; {out['connects_per_s']:,.0f} connects/s"
+        )
+        return out
+    finally:
+        for c in clients:
+            c.stop()
+        stop(server)
+
+
+def row_workers(rig: R.Servers, side: Side, subs: int, burst: int, run: int) -> dict[str, Any]:
+    """Row 9: both cores, nothing pinned (server, redis-server, wsclient and the
+    publisher share them, as bench/harness.py's row 6 and run.py's workers test):
+    pushd --workers 2 against Nchan with worker_processes 2; `subs` WebSocket
+    subscribers of one channel, a burst of `burst` messages from ONE publisher
+    connection (one request in flight)."""
+    name = f"{side.kind}-workers-{run}"
+    both = R.ALL_CPUS
+    pinned = R.Child.pin
+    if pinned:
+        R.set_affinity(rig.redis.pid, both)
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))  # the publisher
+    server = None
+    try:
+        server = side.start(rig, name, workers=2, cpu=both)
+        pids = list(server.server_pids)
+        fds0 = R.settled_fds(pids)
+        clients = R.ClientSet(server.port, name, subs, side.ws_path(CHANNEL), raw=side.raw,
+                              cpu=both)  # fmt: skip
+        held = clients.wait_ready()
+        clients_check(f"workers ({side.kind})", clients, held, subs)
+        wait_subscribed(server, CHANNEL, held)
+        spread = [R.open_fds(pid) - f for pid, f in zip(pids, fds0, strict=True)]
+        label = f"fan-out {held:,}, 2 workers, 1 publisher ({side.kind}, run {run})"
+        b = R.burst_phase(
+            rig, clients, label, held, burst, 1, target=server, pinned=False,
+            path=side.pub_path(CHANNEL),
+        )  # fmt: skip
+        b.pop("latency", None)
+        b["subscribers"] = held
+        b["subscribers_per_worker"] = spread
+        if b["missing"] or not post_ok(b["post_status"]):
+            PROBLEMS.append(f"{label}: {b['missing']:,} deliveries missing, POST statuses "
+                            f"{b['post_status']}")  # fmt: skip
+        finals = clients.quit()
+        b["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
+        if b["closed_by_server"]:
+            PROBLEMS.append(f"workers ({side.kind}): the server closed "
+                            f"{b['closed_by_server']} subscribers")  # fmt: skip
+        each = " + ".join(f"{c:.0f}%" for c in b["server_cpu_percent_each"])
+        say(
+            f"workers ({side.kind}, run {run}): subscribers per worker (open sockets) "
+            f"{' / '.join(f'{c:,}' for c in spread)}; CPU: server {each}, redis "
+            f"{b['redis_cpu_percent']:.0f}%, clients {b['client_cpu_percent']:.0f}% (of one CPU)"
+        )
+        return b
+    finally:
+        if server is not None:
+            stop(server)
+        if pinned:
+            R.set_affinity(rig.redis.pid, R.SERVER_CPU)
+            os.sched_setaffinity(0, {int(R.CLIENT_CPU)})
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -557,9 +758,9 @@ Figure = tuple[str, ...]
 TABLE: list[tuple[str, str, Figure | None, Figure | None, bool | None, str, str]] = [
     ("idle", "1 RSS per idle WebSocket (KiB)", ("idle", "pushd", "kib_per_connection"),
      ("idle", "nchan", "kib_per_connection"), False, "{:.2f}", "Nchan"),
-    ("fanout", "2 fan-out deliveries/s, max rate", ("fanout", "pushd", "max_rate",
-     "deliveries_per_s"), ("fanout", "nchan", "max_rate", "deliveries_per_s"), True,
-     "{:,.0f}", "Nchan"),
+    ("fanout", f"2 fan-out deliveries/s, max rate, {PUBLISHERS} publisher connections",
+     ("fanout", "pushd", "max_rate", "deliveries_per_s"), ("fanout", "nchan", "max_rate",
+     "deliveries_per_s"), True, "{:,.0f}", "Nchan"),
     ("fanout", "  server CPU % (max rate)", ("fanout", "pushd", "max_rate",
      "server_cpu_percent"), ("fanout", "nchan", "max_rate", "server_cpu_percent"), None,
      "{:.0f}", "Nchan"),
@@ -594,6 +795,29 @@ TABLE: list[tuple[str, str, Figure | None, Figure | None, bool | None, str, str]
      ("conns", "nchan", "rss_held_mib"), None, "{:,.1f}", "Nchan"),
     ("conns", "  RSS per held connection (KiB)", ("conns", "pushd", "kib_per_connection"),
      ("conns", "nchan", "kib_per_connection"), False, "{:.2f}", "Nchan"),
+    ("onepub", "7 fan-out deliveries/s, 1 publisher connection", ("fanout", "pushd",
+     "one_publisher", "deliveries_per_s"), ("fanout", "nchan", "one_publisher",
+     "deliveries_per_s"), True, "{:,.0f}", "Nchan"),
+    ("onepub", "  POSTs/s (1 publisher)", ("fanout", "pushd", "one_publisher",
+     "publishes_per_s"), ("fanout", "nchan", "one_publisher", "publishes_per_s"), None,
+     "{:,.0f}", "Nchan"),
+    ("onepub", "  server CPU % (1 publisher)", ("fanout", "pushd", "one_publisher",
+     "server_cpu_percent"), ("fanout", "nchan", "one_publisher", "server_cpu_percent"), None,
+     "{:.0f}", "Nchan"),
+    ("onepub", "  client CPU us/delivery (1 publisher)", ("fanout", "pushd", "one_publisher",
+     "client_cpu_us_per_delivery"), ("fanout", "nchan", "one_publisher",
+     "client_cpu_us_per_delivery"), None, "{:.2f}", "Nchan"),
+    ("sse", "8 RSS per idle SSE connection (KiB)", ("sse", "pushd", "kib_per_connection"),
+     ("sse", "nchan", "kib_per_connection"), False, "{:.2f}", "Nchan"),
+    ("workers", "9 fan-out deliveries/s, 2 workers, 1 publisher", ("workers", "pushd",
+     "deliveries_per_s"), ("workers", "nchan", "deliveries_per_s"), True, "{:,.0f}",
+     "Nchan 2w"),
+    ("workers", "  server CPU % of one CPU (2 workers)", ("workers", "pushd",
+     "server_cpu_percent"), ("workers", "nchan", "server_cpu_percent"), None, "{:.0f}",
+     "Nchan 2w"),
+    ("workers", "  clients' CPU % of one CPU (2 workers)", ("workers", "pushd",
+     "client_cpu_percent"), ("workers", "nchan", "client_cpu_percent"), None, "{:.0f}",
+     "Nchan 2w"),
 ]  # fmt: skip
 
 
@@ -664,12 +888,14 @@ def main() -> int:
     ap.add_argument("--runs", type=int, help="runs of every row; medians are shown [3; quick 1]")
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (~2 min)")
     ap.add_argument(
-        "--only", default="", help=f"comma-separated rows: {','.join(ROWS)}, or their numbers 1-6"
+        "--only", default="", help=f"comma-separated rows: {','.join(ROWS)}, or their numbers 1-9"
     )
-    ap.add_argument("--idle", type=int, help="row 1: idle connections [15000; quick 2000]")
-    ap.add_argument("--subscribers", type=int, help="rows 2-3: subscribers [10000; quick 1000]")
+    ap.add_argument("--idle", type=int, help="rows 1, 8: idle connections [15000; quick 2000]")
     ap.add_argument(
-        "--burst", type=int, help="row 2: messages of the max-rate burst [100; quick 50]"
+        "--subscribers", type=int, help="rows 2, 3, 7, 9: subscribers [10000; quick 1000]"
+    )
+    ap.add_argument(
+        "--burst", type=int, help="rows 2, 7, 9: messages of a fan-out burst [100; quick 50]"
     )
     ap.add_argument("--rate", type=float, default=5.0, help="row 3: messages/s [5]")
     ap.add_argument(
@@ -707,7 +933,7 @@ def main() -> int:
     wrk_s = args.wrk_seconds or (2 if quick else 5)
     cap = args.cap or (3000 if quick else 30000)
     R.QUIET_WAIT = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
-    R.PUBLISHERS = 16
+    R.PUBLISHERS = PUBLISHERS
 
     for tool in ("redis-server", "redis-cli", "wrk", "gcc", "taskset", "nginx"):
         if not shutil.which(tool):
@@ -733,6 +959,9 @@ def main() -> int:
     OUT.mkdir(parents=True)
     R.OUT = OUT  # run.py's children log to bench/out/compare/
     R.build_wsclient()
+    if "sse" in rows:
+        global PUSHCLIENT
+        PUSHCLIENT = build_pushclient()
 
     results: dict[str, Any] = {
         "mode": "quick" if quick else "full",
@@ -746,6 +975,7 @@ def main() -> int:
         "loadavg_start": Path("/proc/loadavg").read_text().split()[0],
         "settings": {
             "idle": idle_n, "subscribers": subs, "burst": burst, "publishers": R.PUBLISHERS,
+            "publishers_rows_7_9": 1,
             "rate": args.rate, "latency_messages": lat_msgs, "wrk_seconds": wrk_s,
             "wrk_connections": args.wrk_conns, "cap": cap, "hold_s": args.hold,
         },
@@ -754,7 +984,8 @@ def main() -> int:
     say(
         f"compare ({results['mode']}, {n_runs} run{'s' if n_runs > 1 else ''}; rows "
         f"{','.join(results['rows'])}): servers + redis on CPU {R.SERVER_CPU}, clients on CPU "
-        f"{R.CLIENT_CPU}; pushd {results['pushd_source']}, {results['nginx']}; fd limit {hard}; "
+        f"{R.CLIENT_CPU}{' (row 9: nothing pinned)' if 'workers' in rows else ''}; pushd "
+        f"{results['pushd_source']}, {results['nginx']}; fd limit {hard}; "
         f"load average {results['loadavg_start']}; logs in {OUT.relative_to(ROOT)}/"
     )
     try:
@@ -768,7 +999,7 @@ def main() -> int:
             sides = [PUSHD, NCHAN] if run % 2 else [NCHAN, PUSHD]
             if "idle" in rows:
                 res["idle"] = {s.kind: row_idle(rig, s, idle_n, run) for s in sides}
-            if rows & {"fanout", "latency"}:
+            if rows & {"fanout", "latency", "onepub"}:
                 res["fanout"] = {
                     s.kind: row_fanout(rig, s, subs, burst, args.rate, lat_msgs, rows, run)
                     for s in sides
@@ -779,6 +1010,10 @@ def main() -> int:
                 res["conns"] = {s.kind: row_conns(rig, s, cap, args.hold, run) for s in sides}
                 for c in res["conns"].values():
                     c["rss_held_mib"] = c["rss_held_kib"] / 1024
+            if "sse" in rows:
+                res["sse"] = {s.kind: row_sse(rig, s, idle_n, run) for s in sides}
+            if "workers" in rows:
+                res["workers"] = {s.kind: row_workers(rig, s, subs, burst, run) for s in sides}
     finally:
         stop_live()
         R.Child.stop_all()
@@ -804,11 +1039,13 @@ def main() -> int:
     if "idle" in rows:
         notes.append(f"row 1: {s['idle']:,} idle WebSockets; RSS of pushd, of Nchan's worker "
                      "(its master's change in compare.json)")  # fmt: skip
-    if rows & {"fanout", "latency"}:
+    if rows & {"fanout", "latency", "onepub"}:
         notes.append(
-            f"rows 2-3: {s['subscribers']:,} subscribers of one channel; max rate: {s['burst']} "
-            f"messages from {s['publishers']} keep-alive publishers; latency: {s['rate']:g} "
-            f"msg/s ({s['rate'] * s['subscribers']:,.0f} deliveries/s offered) for "
+            f"rows 2, 3, 7: {s['subscribers']:,} subscribers of one channel (one server and "
+            f"set of subscribers for the three); row 2, max rate: {s['burst']} messages from "
+            f"{s['publishers']} keep-alive publisher connections; row 7: the same from ONE "
+            f"(one request in flight, back to back); row 3, latency: {s['rate']:g} msg/s "
+            f"({s['rate'] * s['subscribers']:,.0f} deliveries/s offered) for "
             f"{s['latency_messages'] / s['rate']:g}s, publish -> receive"
         )
     if rows & {"post", "batch"}:
@@ -830,6 +1067,21 @@ def main() -> int:
             f"row 6: up to {s['cap']:,} idle WebSockets, counted {s['hold_s']:g}s after the "
             "connect phase; pushd --workers 2 (both on CPU 0) vs Nchan's 1 worker (fd limit "
             "20,000 each)"
+        )
+    if "sse" in rows:
+        notes.append(f"row 8: {s['idle']:,} idle SSE connections (the shared harness's "
+                     "pushclient --mode hold); pushd /sse?channel=idle, Nchan's EventSource "
+                     "subscriber; RSS as in row 1, a fresh server for each")  # fmt: skip
+    if "workers" in rows:
+        for run, r in enumerate(results["runs"], 1):
+            for kind, w in r.get("workers", {}).items():
+                split = " / ".join(f"{n:,}" for n in w["subscribers_per_worker"])
+                notes.append(f"row 9, run {run}: {kind} subscribers per worker (open "
+                             f"sockets): {split}")  # fmt: skip
+        notes.append(
+            f"row 9: pushd --workers 2 vs Nchan worker_processes 2, {s['subscribers']:,} "
+            f"subscribers x {s['burst']} messages from ONE publisher connection; nothing "
+            "pinned: servers, redis-server and the load share both CPUs (CPU % of one CPU)"
         )
     for note in notes:
         print("note: " + note)
