@@ -32,8 +32,8 @@ Internal (library): pushd's use -> what it relies on
     -> no pushd attribute shadows one Twisted adds in a release
 - `endpoints._parseServer` (Twisted): config.py (_endpoint), workers.py (open_socket)
     -> `(description, factory) -> (kind, args, kwargs)`; ValueError for a bad one
-- `tcp.Server`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted):
-    transports/sending.py (write_now)
+- `tcp.Server`, `tcp.Client`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted):
+    sending.py (write_now)
     -> the accepted TCP transport's class; both buffers empty (falsy) when nothing waits
 - `WebSocketServerProtocol.CONFIG_ATTRS`, copy in `_connectionMade` (Autobahn):
     transports/autobahn_diet.py (options_on_class)
@@ -110,6 +110,7 @@ reactor (tests/conftest.py).
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import math
 import os
@@ -360,6 +361,10 @@ def test_tcp_server_buffers() -> None:
     what = _changed(TWISTED, "tcp.Server dataBuffer/_tempDataBuffer/TLS/socket")
     _present(TWISTED, tcp.Server, "dataBuffer", "TLS")
     assert tcp.Port.transport is tcp.Server, what + ": accepted connections are not tcp.Server"
+    # Connections pushd makes (to Redis) share the same buffers (tcp.Connection's).
+    assert issubclass(tcp.Client, tcp.Connection) and issubclass(tcp.Server, tcp.Connection), what
+    made = inspect.getsource(tcp.Connector._makeTransport)
+    assert "return Client(" in made, what + ": connectTCP makes no tcp.Client"
     ours, theirs = socket.socketpair()
     try:
         ours.setblocking(False)

@@ -21,6 +21,19 @@ from pushd.broker import BrokerUnavailable, OutcomeUnknown
 from pushd.broker.redis.connection import RETRY, PublishConnection, RedisProtocol, command
 
 
+class FarEnd(StringTransportWithDisconnection):
+    """Redis's end: what it received by the end of the turn (the connection
+    sends a turn's commands together, at its end)."""
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        super().__init__()
+        self._reactor = reactor
+
+    def value(self) -> bytes:
+        self._reactor.advance(0)
+        return bytes(super().value())
+
+
 class Wire:
     """A PublishConnection on a MemoryReactorClock, and the far end of its
     connection attempts."""
@@ -44,7 +57,7 @@ class Wire:
         """Complete the latest connection attempt."""
         _, _, factory, _, _ = self.reactor.tcpClients[-1]
         proto = factory.buildProtocol(None)
-        transport = StringTransportWithDisconnection()
+        transport = FarEnd(self.reactor)
         transport.protocol = proto
         proto.makeConnection(transport)
         return transport
@@ -105,8 +118,13 @@ def test_error_replies_are_values_and_the_connection_goes_on() -> None:
 def test_a_lost_connection_leaves_the_outcome_unknown_and_reconnects() -> None:
     wire, transport = ready_wire()
     sent = results(wire.connection.execute(b"a"))
+    wire.reactor.advance(0)  # the turn ends: its commands go
+    unsent = results(wire.connection.execute(b"b"))
     transport.loseConnection()
     assert isinstance(sent[0].value, OutcomeUnknown), "a command sent, then the connection lost"
+    # Made in the turn the connection was lost: it never went, nothing of it happened.
+    assert isinstance(unsent[0].value, BrokerUnavailable), "a command lost before it went"
+    assert not isinstance(unsent[0].value, OutcomeUnknown)
     assert not wire.connection.connected
     after = results(wire.connection.execute(b"b"))
     assert isinstance(after[0].value, BrokerUnavailable), "a command made while down"
@@ -133,6 +151,7 @@ def test_abandon_cuts_only_a_connection_with_commands_unanswered() -> None:
     wire.connection.abandon()
     assert not transport.disconnected
     waiting = results(wire.connection.execute(b"a"))
+    wire.reactor.advance(0)
     wire.connection.abandon()
     assert transport.disconnected and isinstance(waiting[0].value, OutcomeUnknown)
 
@@ -141,6 +160,7 @@ def test_abandon_cuts_only_a_connection_with_commands_unanswered() -> None:
 def test_what_is_not_resp_cuts_the_connection(garbage: bytes) -> None:
     wire, transport = ready_wire()
     waiting = results(wire.connection.execute(b"a"))
+    wire.reactor.advance(0)
     transport.protocol.dataReceived(garbage)
     assert transport.disconnected and isinstance(waiting[0].value, OutcomeUnknown)
 
@@ -169,7 +189,7 @@ REPLIES = st.lists(
 def test_replies_match_commands_in_order_however_the_reads_cut_them(
     replies: list[tuple[bytes, Any]], cuts: list[int]
 ) -> None:
-    proto = RedisProtocol()
+    proto = RedisProtocol(clock=MemoryReactorClock())
     transport = StringTransportWithDisconnection()
     transport.protocol = proto
     proto.makeConnection(transport)
@@ -194,11 +214,13 @@ def test_commands_are_byte_identical_to_txredisapis() -> None:
 
 
 def test_connection_lost_fails_what_waits_exactly_once() -> None:
-    proto = RedisProtocol()
+    clock = MemoryReactorClock()
+    proto = RedisProtocol(clock=clock)
     transport = StringTransportWithDisconnection()
     transport.protocol = proto
     proto.makeConnection(transport)
     waiting = results(proto.execute(b"a"))
+    clock.advance(0)
     proto.connectionLost(Failure(ConnectionError("gone")))
     proto.connectionLost(Failure(ConnectionError("again")))
     assert len(waiting) == 1 and isinstance(waiting[0].value, OutcomeUnknown)

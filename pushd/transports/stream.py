@@ -37,8 +37,8 @@ from pushd.hub import Hub
 from pushd.limits import SendBound
 from pushd.message import Delivery, is_channel, parse_id
 from pushd.presence import Presence
+from pushd.sending import write_now
 from pushd.session import Session
-from pushd.transports.sending import write_now
 from pushd.waiting import OpenConnections
 from pushd.web import errors
 from pushd.web.channel import let_go

@@ -62,9 +62,9 @@ from pushd.message import (
     parse_id,
 )
 from pushd.presence import Presence
+from pushd.sending import write_now
 from pushd.session import AlreadySubscribed, Session
 from pushd.transports import autobahn_diet
-from pushd.transports.sending import write_now
 from pushd.waiting import OpenConnections
 from pushd.web.channel import let_go
 

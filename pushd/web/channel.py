@@ -16,7 +16,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, supportedMethods
 
 from pushd.message import dump_json
-from pushd.transports.sending import write_now
+from pushd.sending import write_now
 from pushd.web import errors
 from pushd.web.hotpath import MAX_HEADERS, FastPublish, bad_field_line
 

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from pushd.broker import BrokerUnavailable, OutcomeUnknown
 from pushd.broker.redis.reachability import QuietClientService, Reachability
+from pushd.sending import write_now
 
 log = Logger()
 
@@ -85,18 +86,36 @@ class RedisProtocol(Protocol):
         self,
         on_made: Callable[[RedisProtocol], object] = lambda _: None,
         on_lost: Callable[[RedisProtocol], object] = lambda _: None,
+        clock: Any = None,
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
         self._on_made = on_made
         self._on_lost = on_lost
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
         self.waiting: deque[Deferred[Any]] = deque()
         self.lost = False
+        self._unsent: list[bytes] | None = None
 
     def execute(self, command: bytes) -> Deferred[Any]:
+        """Queue `command`: the commands of one reactor turn go out together,
+        in one send at its end (no write buffer to register with the reactor
+        and unregister, three system calls, when the kernel takes them all)."""
         d: Deferred[Any] = Deferred()
         self.waiting.append(d)
-        self._out().write(command)
+        unsent = self._unsent
+        if unsent is None:
+            self._unsent = [command]
+            self._clock.callLater(0, self._send)
+        else:
+            unsent.append(command)
         return d
+
+    def _send(self) -> None:
+        unsent, self._unsent = self._unsent, None
+        if unsent and not self.lost:
+            write_now(self._out(), b"".join(unsent))
 
     def _out(self) -> Any:
         # ITCPTransport, untyped without zope's mypy plugin.
@@ -126,10 +145,19 @@ class RedisProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
+        # The last ones waiting were never sent: nothing of them reached Redis.
+        unsent, self._unsent = len(self._unsent or ()), None
         self._on_lost(self)
         waiting, self.waiting = self.waiting, deque()
-        for d in waiting:
-            d.errback(OutcomeUnknown(f"Redis connection lost: {reason.getErrorMessage()}"))
+        why = reason.getErrorMessage()
+        sent = len(waiting) - unsent
+        for n, d in enumerate(waiting):
+            if n < sent:
+                d.errback(OutcomeUnknown(f"Redis connection lost: {why}"))
+            else:
+                d.errback(
+                    BrokerUnavailable(f"Redis connection lost before the command went: {why}")
+                )
 
 
 class PublishConnection:
@@ -167,7 +195,7 @@ class PublishConnection:
         # Set-ups failed in a row: the reconnect delay grows with them too
         # (ClientService counts only connections that could not be made).
         self._failed_setups = 0
-        factory: Any = Factory.forProtocol(partial(RedisProtocol, self._made, self._lost))
+        factory: Any = Factory.forProtocol(partial(RedisProtocol, self._made, self._lost, reactor))
         factory.noisy = False
         # The set-up runs once ClientService has the connection, not as its
         # prepareConnection: a refused set-up must close the connection, and

@@ -1,4 +1,5 @@
-"""Writing to many sockets cheaply: what a fan-out does thousands of times a turn.
+"""Writing to many sockets cheaply: what a fan-out does thousands of times a
+turn, what a producer's answer and the commands of a turn to Redis do once.
 
 Twisted's `transport.write` buffers the bytes, registers the socket with epoll
 and sends in a later reactor turn, then unregisters it: three system calls and
@@ -12,7 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.tcp import Client as _Client
 from twisted.internet.tcp import Server as _Server
+
+# TCP connections accepted (subscribers, producers) and made (Redis).
+_TCP = (_Server, _Client)
 
 
 def write_now(transport: Any, data: bytes) -> None:
@@ -20,7 +25,7 @@ def write_now(transport: Any, data: bytes) -> None:
     # A plain TCP connection with nothing in Twisted's buffer (which is emptied
     # to b"" once all of it is sent): checked cheapest first, it runs per delivery.
     if (
-        type(transport) is _Server
+        type(transport) in _TCP
         and not transport.dataBuffer
         and not transport._tempDataBuffer
         and not transport.TLS
