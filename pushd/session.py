@@ -79,7 +79,7 @@ class AlreadySubscribed(Exception):
 
 
 class Session:
-    __slots__ = ("_hub", "_member", "_out", "_presence", "_subs", "client", "user")
+    __slots__ = ("_acks", "_hub", "_member", "_out", "_presence", "_subs", "client", "user")
 
     def __init__(self, hub: Hub, out: Outlet, presence: Presence | None = None) -> None:
         self._hub = hub
@@ -95,6 +95,9 @@ class Session:
         # is acknowledged (and recovered); then the id of the last message
         # replayed, until a newer one comes live; then None.
         self._subs: dict[str, list[Message] | tuple[int, int] | None] = {}
+        # channel -> (its subscription's buffer, what waits for its
+        # acknowledgement: `acknowledged`); None while nothing waits.
+        self._acks: dict[str, tuple[list[Message], list[Deferred[None]]]] | None = None
 
     def __contains__(self, channel: str) -> bool:
         return channel in self._subs
@@ -113,12 +116,46 @@ class Session:
         d.addErrback(lambda f: log.failure("subscribing {channel} failed", f, channel=channel))
         return d
 
+    def acknowledged(self, channel: str) -> Deferred[None] | None:
+        """Fires once the subscription to `channel` under way is acknowledged
+        (or gone); None when none is under way. The client's own publish
+        waits for it: its subscription's read would otherwise see the message
+        and cut it (pushd.reads sends the read at the end of the turn)."""
+        pending = self._subs.get(channel)
+        if not isinstance(pending, list):
+            return None
+        if self._acks is None:
+            self._acks = {}
+        entry = self._acks.get(channel)
+        if entry is None or entry[0] is not pending:
+            entry = self._acks[channel] = (pending, [])
+        waiter: Deferred[None] = Deferred()
+        entry[1].append(waiter)
+        return waiter
+
+    def _acknowledge(self, channel: str, pending: list[Message]) -> None:
+        acks = self._acks
+        entry = acks.get(channel) if acks is not None else None
+        if acks is None or entry is None or entry[0] is not pending:
+            return
+        del acks[channel]
+        if not acks:
+            self._acks = None
+        for waiter in entry[1]:
+            waiter.callback(None)
+
     def present_as(self, user: str | None, info: bytes) -> None:
         """What the client's presence members show (its token's `sub` and
         `info`, compact JSON); set before the first subscription."""
         self._member = (user, info)
 
     async def _join(self, channel: str, since: str | None, pending: list[Message]) -> None:
+        try:
+            await self._joined(channel, since, pending)
+        finally:
+            self._acknowledge(channel, pending)
+
+    async def _joined(self, channel: str, since: str | None, pending: list[Message]) -> None:
         await self._hub.subscribe(channel, self)
         presence = self._presence
         if presence is not None and self._subs.get(channel) is pending and presence.tracks(channel):

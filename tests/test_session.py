@@ -795,3 +795,30 @@ def _sample(metrics: Metrics, name: str) -> float:
     value = metrics.registry.get_sample_value(name)
     assert value is not None, name
     return value
+
+
+def test_acknowledged_fires_once_the_subscription_under_way_is(
+    broker: HeldBroker, hub: Hub, clock: Clock
+) -> None:
+    """What a client's own publish waits for (pushd.transports.websocket)."""
+    session = Session(hub, Outlet())
+    assert session.acknowledged("news") is None  # nothing under way
+    broker.hold_reads = True
+    session.subscribe("news")
+    first, second = session.acknowledged("news"), session.acknowledged("news")
+    assert first is not None and second is not None
+    clock.advance(0)
+    assert not first.called
+    broker.answer_reads()
+    assert first.called and second.called
+    assert session.acknowledged("news") is None  # live now
+    # Left while under way: what waits goes on too (nothing to wait for).
+    broker.hold_reads = True
+    session.subscribe("other")
+    gone = session.acknowledged("other")
+    assert gone is not None
+    session.unsubscribe("other")
+    clock.advance(0)
+    broker.answer_reads()
+    assert gone.called
+    assert session._acks is None

@@ -311,6 +311,10 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     async def _publish(self, previous: Deferred[None] | None, channel: str, data: bytes) -> None:
         if previous is not None:
             await previous
+        # After this client's subscription to the channel, if it asked first.
+        acknowledged = self.session.acknowledged(channel)
+        if acknowledged is not None:
+            await acknowledged
         factory = self.factory
         try:
             await factory.broker.publish(channel, data)
