@@ -283,3 +283,16 @@ async def test_publish_frames_refuse_non_finite_numbers(start_pushd: StartPushd)
     assert frame["data"] == {"n": -99999999999999999999999}
     await publisher.close()
     await subscriber.close()
+
+
+@given(st.one_of(st.text(max_size=40), st.from_regex(r"\s*[\[{\"tfn0-9-].{0,20}", fullmatch=True)))
+def test_a_push_body_is_its_json_or_a_json_string_whatever_it_starts_with(text: str) -> None:
+    """pushd.web.batch.push_data skips the parse of a body that cannot be JSON:
+    the same answer as parsing every body."""
+    from pushd.web.batch import push_data
+
+    try:
+        expected = data_json(load_json(text))
+    except ValueError:
+        expected = dump_json(text)
+    assert push_data(text.encode("utf-8", "surrogatepass")) == expected

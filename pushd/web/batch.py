@@ -99,10 +99,16 @@ class PublishResource(ApiResource):
         return self._publish(items, key)
 
 
+# What a JSON text can start with (RFC 8259: a value, after whitespace).
+_JSON_STARTS = frozenset('{["-0123456789tfn')
+
+
 def push_data(body: bytes) -> bytes:
     """What subscribers get of a `/push` body: its JSON, or it as a JSON string.
     ValueError when it is not UTF-8."""
     text = body.decode("utf-8")
+    if text.lstrip(" \t\r\n")[:1] not in _JSON_STARTS:
+        return dump_json(text)  # not JSON: spares a parse that would raise
     try:
         return data_json(load_json(text))
     except ValueError:
