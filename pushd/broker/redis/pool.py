@@ -232,7 +232,10 @@ class CommandPool:
             raise BrokerUnavailable("Redis is not connected")
         started = monotonic()
         d: Deferred[Any] = getattr(self.redis, method)(*args, **kwargs)
-        timeout = PatientTimeout(self._reactor, self._timeout or 3600, d.cancel)
+        # Also bounds the wait for a free connection; due just after
+        # txredisapi's own timeout, which drops a connection Redis stopped
+        # answering on (cancelled first, the command would leave it up).
+        timeout = PatientTimeout(self._reactor, (self._timeout or 3600) + 10 * _PASS, d.cancel)
         try:
             reply = await d
         except txredisapi.ResponseError as e:
