@@ -245,6 +245,23 @@ def rss_total(pids: list[int]) -> int:
     return sum(R.rss_kib(pid) for pid in pids)
 
 
+def held_figures(
+    server: Any, held: int, rss0: int, rss1: int, connect_s: float, master0: int
+) -> dict[str, Any]:
+    """An idle row's figures: `held` connections took the server's RSS from
+    `rss0` to `rss1` (KiB) in `connect_s` seconds (Nginx: its master's change too)."""
+    out: dict[str, Any] = {
+        "connections": held,
+        "rss_before_kib": rss0,
+        "rss_held_kib": rss1,
+        "kib_per_connection": (rss1 - rss0) / held if held else float("nan"),
+        "connects_per_s": held / connect_s,
+    }
+    if isinstance(server, Nginx):
+        out["master_rss_delta_kib"] = R.rss_kib(server.pid) - master0
+    return out
+
+
 def settled_rss(pids: list[int], tries: int = 20) -> int:
     """RSS (KiB, summed) once it stopped moving: the handshakes' garbage is freed."""
     last = rss_total(pids)
@@ -316,15 +333,7 @@ def row_idle(rig: R.Servers, side: Side, n: int, run: int) -> dict[str, Any]:
         clients_check(f"idle ({side.kind})", clients, held, n)
         wait_subscribed(server, "idle", held)
         rss1 = settled_rss(pids)
-        out: dict[str, Any] = {
-            "connections": held,
-            "rss_before_kib": rss0,
-            "rss_held_kib": rss1,
-            "kib_per_connection": (rss1 - rss0) / held if held else float("nan"),
-            "connects_per_s": held / connect_s,
-        }
-        if isinstance(server, Nginx):
-            out["master_rss_delta_kib"] = R.rss_kib(server.pid) - master0
+        out = held_figures(server, held, rss0, rss1, connect_s, master0)
         finals = clients.quit()
         out["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
         if out["closed_by_server"]:
@@ -651,17 +660,8 @@ def row_sse(rig: R.Servers, side: Side, n: int, run: int) -> dict[str, Any]:
         wait_subscribed(server, "idle", held)
         rss1 = settled_rss(pids)
         server.alive()
-        out: dict[str, Any] = {
-            "connections": held,
-            "failed": failed,
-            "client_processes": nproc,
-            "rss_before_kib": rss0,
-            "rss_held_kib": rss1,
-            "kib_per_connection": (rss1 - rss0) / held if held else float("nan"),
-            "connects_per_s": held / connect_s,
-        }
-        if isinstance(server, Nginx):
-            out["master_rss_delta_kib"] = R.rss_kib(server.pid) - master0
+        out = held_figures(server, held, rss0, rss1, connect_s, master0)
+        out.update(failed=failed, client_processes=nproc)
         for c in clients:  # pushclient prints its JSON report on SIGTERM
             c.proc.send_signal(signal.SIGTERM)
         reports = [c.json(30) for c in clients]
