@@ -119,8 +119,9 @@ class Session:
     def acknowledged(self, channel: str) -> Deferred[None] | None:
         """Fires once the subscription to `channel` under way is acknowledged
         (or gone); None when none is under way. The client's own publish
-        waits for it: its subscription's read would otherwise see the message
-        and cut it (pushd.reads sends the read at the end of the turn)."""
+        waits for it (a while: it may cancel the Deferred): its subscription's
+        read would otherwise see the message and cut it (pushd.reads sends the
+        read at the end of the turn)."""
         pending = self._subs.get(channel)
         if not isinstance(pending, list):
             return None
@@ -142,7 +143,8 @@ class Session:
         if not acks:
             self._acks = None
         for waiter in entry[1]:
-            waiter.callback(None)
+            if not waiter.called:  # one that gave up waiting is cancelled
+                waiter.callback(None)
 
     def present_as(self, user: str | None, info: bytes) -> None:
         """What the client's presence members show (its token's `sub` and

@@ -37,12 +37,13 @@ consumer, 4001 token expired, 4003 disconnected by the application.
 from __future__ import annotations
 
 import struct
+from contextlib import suppress
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.logger import Logger
 from twisted.web.server import Request
 from txaio._common import _BatchedTimer
@@ -69,6 +70,10 @@ from pushd.waiting import OpenConnections
 from pushd.web.channel import let_go
 
 log = Logger()
+
+#: Seconds a client's publish waits for its own subscription of the channel to
+#: be acknowledged (Session.acknowledged) before it goes anyway.
+ACK_WAIT = 1.0
 
 _PONG = dump_json({"type": "pong"})
 FRAME_OVERHEAD = 1024
@@ -311,10 +316,13 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     async def _publish(self, previous: Deferred[None] | None, channel: str, data: bytes) -> None:
         if previous is not None:
             await previous
-        # After this client's subscription to the channel, if it asked first.
+        # After this client's subscription to the channel, if it asked first;
+        # not for longer than a read takes (Redis down: answered, not held).
         acknowledged = self.session.acknowledged(channel)
         if acknowledged is not None:
-            await acknowledged
+            acknowledged.addTimeout(ACK_WAIT, self.factory.reactor)
+            with suppress(TimeoutError):
+                await acknowledged
         factory = self.factory
         try:
             await factory.broker.publish(channel, data)
