@@ -130,18 +130,27 @@ def _load_exact(text: str | bytes) -> Any:
     return value
 
 
-def load_json(text: str | bytes) -> Any:
+def load_json(text: str | bytes, *, no_long_numbers: bool = False) -> Any:
     """Strict JSON: NaN, Infinity and numbers past a double (1e400) refused,
     nesting past 1024 levels refused; every refusal is a ValueError. Integers
-    come back exact, however big."""
+    come back exact, however big. `no_long_numbers`: the caller checked (with
+    `has_long_numbers`, on a text holding this one) that no run of digits in
+    it could be an integer orjson reads inexactly."""
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         # Refused, or a lone surrogate orjson will not read: the exact scanner says which.
         return _load_exact(text)
-    if _maybe_inexact(text):
+    if not no_long_numbers and _maybe_inexact(text):
         return _load_exact(text)
     return value
+
+
+def has_long_numbers(text: str | bytes) -> bool:
+    """Whether `text` has a run of digits orjson may read inexactly (as an
+    integer past 64 bits); False lets `load_json` skip that check for any
+    part of it (a batch's lines: one check for the whole body)."""
+    return _maybe_inexact(text)
 
 
 def is_channel(name: str) -> bool:

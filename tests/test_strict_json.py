@@ -296,3 +296,14 @@ def test_a_push_body_is_its_json_or_a_json_string_whatever_it_starts_with(text: 
     except ValueError:
         expected = dump_json(text)
     assert push_data(text.encode("utf-8", "surrogatepass")) == expected
+
+
+@given(st.lists(st.integers(min_value=-(2**70), max_value=2**70), min_size=1, max_size=5))
+def test_a_batchs_big_integers_stay_exact_whatever_line_they_are_on(numbers: list[int]) -> None:
+    """parse_batch checks the whole body once for numbers orjson may read
+    inexactly (has_long_numbers): a big integer on any line is still exact."""
+    from pushd.web.batch import parse_batch
+
+    body = "".join(json.dumps({"channel": "c", "data": {"n": n}}) + "\n" for n in numbers).encode()
+    items = parse_batch(body, "application/x-ndjson", 65536)
+    assert [json.loads(data)["n"] for _, data in items] == numbers

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from pushd.message import data_json, dump_json, is_channel, load_json
+from pushd.message import data_json, dump_json, has_long_numbers, is_channel, load_json
 from pushd.web import errors
 from pushd.web.errors import ApiError
 from pushd.web.producer import Producing, idempotency_key, query_value, read_body
@@ -20,26 +20,31 @@ from pushd.web.resource import ApiResource
 log = Logger()
 
 
+def _where(line: int | None) -> str:
+    return f" (line {line})" if line is not None else ""
+
+
 def _items_of(obj: Any, line: int | None, max_message_size: int) -> list[tuple[str, bytes]]:
-    where = f" (line {line})" if line is not None else ""
     if not isinstance(obj, dict) or "data" not in obj:
-        raise ApiError(400, "bad_batch", f'each message is an object with "data"{where}')
+        raise ApiError(400, "bad_batch", f'each message is an object with "data"{_where(line)}')
     if "channels" in obj:
         channels = obj["channels"]
         if not isinstance(channels, list) or not channels:
-            raise ApiError(400, "bad_batch", f'"channels" is a list of channel names{where}')
+            raise ApiError(400, "bad_batch", f'"channels" is a list of channel names{_where(line)}')
     elif "channel" in obj:
         channels = [obj["channel"]]
     else:
-        raise ApiError(400, "bad_batch", f'a message names "channel" or "channels"{where}')
+        raise ApiError(400, "bad_batch", f'a message names "channel" or "channels"{_where(line)}')
     if not all(isinstance(c, str) and is_channel(c) for c in channels):
-        raise ApiError(400, "bad_channel", f"invalid channel name{where}")
+        raise ApiError(400, "bad_channel", f"invalid channel name{_where(line)}")
     try:
         data = data_json(obj["data"])
     except ValueError:
-        raise ApiError(400, "bad_json", f"the data is not valid Unicode{where}") from None
+        raise ApiError(400, "bad_json", f"the data is not valid Unicode{_where(line)}") from None
     if len(data) > max_message_size:
-        raise ApiError(413, "too_large", f"a message is larger than --max-message-size{where}")
+        raise ApiError(
+            413, "too_large", f"a message is larger than --max-message-size{_where(line)}"
+        )
     return [(channel, data) for channel in channels]
 
 
@@ -52,11 +57,12 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
     ctype = content_type.split(";", 1)[0].strip().lower()
     items: list[tuple[str, bytes]] = []
     if ctype in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        checked = not has_long_numbers(body)  # once for every line
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                obj = load_json(line)
+                obj = load_json(line, no_long_numbers=checked)
             except ValueError:
                 raise ApiError(400, "bad_json", f"line {n} is not valid JSON") from None
             items.extend(_items_of(obj, n, max_message_size))
