@@ -187,6 +187,30 @@ async def test_a_reply_of_the_wrong_shape_is_not_a_500(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_push_whose_history_key_is_not_a_stream_wrote_nothing(
+    own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """push.lua takes back its two LPUSHes when publish.lua refuses the
+    history key (WRONGTYPE): 503 and both lists as they were."""
+    redis_command(own_redis, "SET", "pushd:{ph}:history", "not a stream")
+    redis_command(own_redis, "LPUSH", "message_gateway_event", "earlier")
+    node = Node(tmp_path, "--redis", f"redis://127.0.0.1:{own_redis.port}")
+    try:
+        node.start()
+        await node.ready()
+        response = await treq.post(f"{node.url}/push?c=ph", b"hello", persistent=False)
+        body = await response.content()
+        assert response.code == 503, body
+        assert redis_command(own_redis, "LRANGE", "ph", "0", "-1") == []
+        assert redis_command(own_redis, "LRANGE", "message_gateway_event", "0", "-1") == [
+            b"earlier"
+        ]
+        assert redis_command(own_redis, "GET", "pushd:{ph}:history") == b"not a stream"
+    finally:
+        node.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_push_answered_503_wrote_nothing(own_redis: RedisServer, tmp_path: Path) -> None:
     redis_command(own_redis, "SET", "message_gateway_event", "not a list")
     node = Node(tmp_path, "--redis", f"redis://127.0.0.1:{own_redis.port}")
