@@ -307,3 +307,19 @@ def test_a_batchs_big_integers_stay_exact_whatever_line_they_are_on(numbers: lis
     body = "".join(json.dumps({"channel": "c", "data": {"n": n}}) + "\n" for n in numbers).encode()
     items = parse_batch(body, "application/x-ndjson", 65536)
     assert [json.loads(data)["n"] for _, data in items] == numbers
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_a_batch_line_may_hold_a_unicode_line_separator_in_a_string(separator: str) -> None:
+    """NDJSON lines end at LF (or CRLF); U+2028, U+2029 and U+0085 are
+    characters a JSON string may hold unescaped, not line ends."""
+    from pushd.web.batch import parse_batch
+
+    body = (
+        json.dumps({"channel": "c", "data": f"a{separator}b"}, ensure_ascii=False)
+        + "\r\n"
+        + json.dumps({"channel": "d", "data": 2})
+        + "\n"
+    ).encode()
+    items = parse_batch(body, "application/x-ndjson", 65536)
+    assert [(c, json.loads(d)) for c, d in items] == [("c", f"a{separator}b"), ("d", 2)]

@@ -58,7 +58,9 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
     items: list[tuple[str, bytes]] = []
     if ctype in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
         checked = not has_long_numbers(body)  # once for every line
-        for n, line in enumerate(text.splitlines(), start=1):
+        # Lines end at LF (CRLF too): not at what str.splitlines also takes for
+        # one, U+2028 or U+0085, which a JSON string may hold as it is.
+        for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
