@@ -323,3 +323,11 @@ def test_a_batch_line_may_hold_a_unicode_line_separator_in_a_string(separator: s
     ).encode()
     items = parse_batch(body, "application/x-ndjson", 65536)
     assert [(c, json.loads(d)) for c, d in items] == [("c", f"a{separator}b"), ("d", 2)]
+
+
+def test_a_json_seq_batch_has_a_record_separator_before_each_record() -> None:
+    from pushd.web.batch import parse_batch
+
+    body = b'\x1e{"channel":"c","data":1}\n\x1e{"channel":"d","data":"x"}\n'
+    items = parse_batch(body, "application/json-seq", 65536)
+    assert [(c, json.loads(d)) for c, d in items] == [("c", 1), ("d", "x")]

@@ -61,6 +61,8 @@ def parse_batch(body: bytes, content_type: str, max_message_size: int) -> list[t
         # Lines end at LF (CRLF too): not at what str.splitlines also takes for
         # one, U+2028 or U+0085, which a JSON string may hold as it is.
         for n, line in enumerate(text.split("\n"), start=1):
+            # application/json-seq (RFC 7464) starts each record with RS.
+            line = line.removeprefix("\x1e")
             if not line.strip():
                 continue
             try:
