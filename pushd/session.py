@@ -38,7 +38,7 @@ unsubscribes or closes.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -97,7 +97,7 @@ class Session:
         self._subs: dict[str, list[Message] | tuple[int, int] | None] = {}
         # channel -> (its subscription's buffer, what waits for its
         # acknowledgement: `acknowledged`); None while nothing waits.
-        self._acks: dict[str, tuple[list[Message], list[Deferred[None]]]] | None = None
+        self._acks: dict[str, tuple[list[Message], Deferred[None]]] | None = None
 
     def __contains__(self, channel: str) -> bool:
         return channel in self._subs
@@ -116,12 +116,14 @@ class Session:
         d.addErrback(lambda f: log.failure("subscribing {channel} failed", f, channel=channel))
         return d
 
-    def acknowledged(self, channel: str) -> Deferred[None] | None:
+    def acknowledged(self, channel: str, within: float, clock: Any) -> Deferred[None] | None:
         """Fires once the subscription to `channel` under way is acknowledged
-        (or gone); None when none is under way. The client's own publish
-        waits for it (a while: it may cancel the Deferred): its subscription's
-        read would otherwise see the message and cut it (pushd.reads sends the
-        read at the end of the turn)."""
+        (or gone), or `within` seconds (on `clock`) after the first ask about
+        it, whichever comes first; None when none is under way. The client's
+        own publish waits for it: its subscription's read would otherwise see
+        the message and cut it (pushd.reads sends the read at the end of the
+        turn); a broker that cannot complete the subscription holds it for
+        `within` at most, however many publishes wait."""
         pending = self._subs.get(channel)
         if not isinstance(pending, list):
             return None
@@ -129,9 +131,11 @@ class Session:
             self._acks = {}
         entry = self._acks.get(channel)
         if entry is None or entry[0] is not pending:
-            entry = self._acks[channel] = (pending, [])
+            done: Deferred[None] = Deferred()
+            done.addTimeout(within, clock).addErrback(lambda _: None)
+            entry = self._acks[channel] = (pending, done)
         waiter: Deferred[None] = Deferred()
-        entry[1].append(waiter)
+        entry[1].addBoth(_release, waiter)
         return waiter
 
     def _acknowledge(self, channel: str, pending: list[Message]) -> None:
@@ -142,9 +146,8 @@ class Session:
         del acks[channel]
         if not acks:
             self._acks = None
-        for waiter in entry[1]:
-            if not waiter.called:  # one that gave up waiting is cancelled
-                waiter.callback(None)
+        if not entry[1].called:  # else: its time ran out
+            entry[1].callback(None)
 
     def present_as(self, user: str | None, info: bytes) -> None:
         """What the client's presence members show (its token's `sub` and
@@ -265,6 +268,11 @@ class Session:
 
 
 _NOTHING = Replay("", History())
+
+
+def _release(result: object, waiter: Deferred[None]) -> object:
+    waiter.callback(None)
+    return result
 
 
 def _position(since: str | None, last: str | None, replay: list[Message]) -> str | None:

@@ -802,23 +802,39 @@ def test_acknowledged_fires_once_the_subscription_under_way_is(
 ) -> None:
     """What a client's own publish waits for (pushd.transports.websocket)."""
     session = Session(hub, Outlet())
-    assert session.acknowledged("news") is None  # nothing under way
+    assert session.acknowledged("news", 1.0, clock) is None  # nothing under way
     broker.hold_reads = True
     session.subscribe("news")
-    first, second = session.acknowledged("news"), session.acknowledged("news")
+    first, second = (
+        session.acknowledged("news", 1.0, clock),
+        session.acknowledged("news", 1.0, clock),
+    )
     assert first is not None and second is not None
     clock.advance(0)
     assert not first.called
     broker.answer_reads()
     assert first.called and second.called
-    assert session.acknowledged("news") is None  # live now
+    assert session.acknowledged("news", 1.0, clock) is None  # live now
     # Left while under way: what waits goes on too (nothing to wait for).
     broker.hold_reads = True
     session.subscribe("other")
-    gone = session.acknowledged("other")
+    gone = session.acknowledged("other", 1.0, clock)
     assert gone is not None
     session.unsubscribe("other")
     clock.advance(0)
     broker.answer_reads()
     assert gone.called
     assert session._acks is None
+    # A subscription the broker cannot complete holds what waits `within`
+    # seconds after the first ask, all of it together, and no longer.
+    broker.hold_reads = True
+    session.subscribe("stuck")
+    first = session.acknowledged("stuck", 1.0, clock)
+    clock.advance(0.6)
+    later = session.acknowledged("stuck", 1.0, clock)
+    assert first is not None and later is not None
+    clock.advance(0.4)
+    assert first.called and later.called
+    after = session.acknowledged("stuck", 1.0, clock)
+    assert after is not None and after.called  # its time ran out: at once
+    broker.answer_reads()  # acknowledged at last: nothing fires twice

@@ -37,13 +37,12 @@ consumer, 4001 token expired, 4003 disconnected by the application.
 from __future__ import annotations
 
 import struct
-from contextlib import suppress
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.server import Request
 from txaio._common import _BatchedTimer
@@ -71,8 +70,8 @@ from pushd.web.channel import let_go
 
 log = Logger()
 
-#: Seconds a client's publish waits for its own subscription of the channel to
-#: be acknowledged (Session.acknowledged) before it goes anyway.
+#: Seconds a client's publishes wait, together, for its own subscription of the
+#: channel to be acknowledged (Session.acknowledged) before they go anyway.
 ACK_WAIT = 1.0
 
 _PONG = dump_json({"type": "pong"})
@@ -318,11 +317,9 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             await previous
         # After this client's subscription to the channel, if it asked first;
         # not for longer than a read takes (Redis down: answered, not held).
-        acknowledged = self.session.acknowledged(channel)
+        acknowledged = self.session.acknowledged(channel, ACK_WAIT, self.factory.reactor)
         if acknowledged is not None:
-            acknowledged.addTimeout(ACK_WAIT, self.factory.reactor)
-            with suppress(TimeoutError):
-                await acknowledged
+            await acknowledged
         factory = self.factory
         try:
             await factory.broker.publish(channel, data)
