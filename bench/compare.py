@@ -262,6 +262,25 @@ def held_figures(
     return out
 
 
+def report_held(
+    out: dict[str, Any], label: str, run: int, what: str, closed: int
+) -> dict[str, Any]:
+    """Say an idle row's figures (`held_figures`'s `out`, with `closed`, the
+    connections the server closed, which is a problem) and return them."""
+    out["closed_by_server"] = closed
+    if closed:
+        PROBLEMS.append(f"{label}): the server closed {closed}")
+    master = (f"; master {out['master_rss_delta_kib']:+,} KiB"
+              if "master_rss_delta_kib" in out else "")  # fmt: skip
+    say(
+        f"{label}, run {run}): {out['connections']:,} {what} held; RSS "
+        f"{out['rss_before_kib'] / 1024:.1f} -> {out['rss_held_kib'] / 1024:.1f} MiB = "
+        f"{out['kib_per_connection']:.2f} KiB per connection{master}; "
+        f"{out['connects_per_s']:,.0f} connects/s"
+    )
+    return out
+
+
 def settled_rss(pids: list[int], tries: int = 20) -> int:
     """RSS (KiB, summed) once it stopped moving: the handshakes' garbage is freed."""
     last = rss_total(pids)
@@ -335,17 +354,8 @@ def row_idle(rig: R.Servers, side: Side, n: int, run: int) -> dict[str, Any]:
         rss1 = settled_rss(pids)
         out = held_figures(server, held, rss0, rss1, connect_s, master0)
         finals = clients.quit()
-        out["closed_by_server"] = sum(r["closed_by_server"] for r in finals)
-        if out["closed_by_server"]:
-            PROBLEMS.append(f"idle ({side.kind}): the server closed {out['closed_by_server']}")
-        master = (f"; master {out['master_rss_delta_kib']:+,} KiB"
-                  if "master_rss_delta_kib" in out else "")  # fmt: skip
-        say(
-            f"idle ({side.kind}, run {run}): {held:,} connections held; RSS {rss0 / 1024:.1f} -> "
-            f"{rss1 / 1024:.1f} MiB = {out['kib_per_connection']:.2f} KiB per connection"
-            f"{master}; {out['connects_per_s']:,.0f} connects/s"
-        )
-        return out
+        closed = sum(r["closed_by_server"] for r in finals)
+        return report_held(out, f"idle ({side.kind}", run, "connections", closed)
     finally:
         stop(server)
 
@@ -665,17 +675,8 @@ def row_sse(rig: R.Servers, side: Side, n: int, run: int) -> dict[str, Any]:
         for c in clients:  # pushclient prints its JSON report on SIGTERM
             c.proc.send_signal(signal.SIGTERM)
         reports = [c.json(30) for c in clients]
-        out["closed_by_server"] = sum(r.get("closed_by_peer", 0) for r in reports)
-        if out["closed_by_server"]:
-            PROBLEMS.append(f"sse ({side.kind}): the server closed {out['closed_by_server']}")
-        master = (f"; master {out['master_rss_delta_kib']:+,} KiB"
-                  if "master_rss_delta_kib" in out else "")  # fmt: skip
-        say(
-            f"sse ({side.kind}, run {run}): {held:,} SSE connections held; RSS "
-            f"{rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB = {out['kib_per_connection']:.2f} KiB "
-            f"per connection{master}; {out['connects_per_s']:,.0f} connects/s"
-        )
-        return out
+        closed = sum(r.get("closed_by_peer", 0) for r in reports)
+        return report_held(out, f"sse ({side.kind}", run, "SSE connections", closed)
     finally:
         for c in clients:
             c.stop()
