@@ -48,7 +48,6 @@ from pushd.message import (
     Delivery,
     Message,
     PresenceEvent,
-    envelope,
     format_id,
     is_channel,
     parse_id,
@@ -333,7 +332,7 @@ class Hub:
                     "messages of {channel} after {since} are gone", channel=channel, since=since
                 )
             for msg_id, data in history.messages:
-                self._take(state, Message(channel, msg_id, envelope(channel, msg_id, data)))
+                self._take(state, Message.stored(channel, msg_id, data))
         for message in buffered:
             self._take(state, message)
 

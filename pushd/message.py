@@ -102,7 +102,10 @@ _DIGITS_KEPT = bytes(b if 48 <= b <= 57 else 32 for b in range(256))
 _I64_MAX = b"9223372036854775807"
 
 
-def _maybe_inexact(text: str | bytes) -> bool:
+def has_long_numbers(text: str | bytes) -> bool:
+    """Whether `text` has a run of digits orjson may read inexactly (as an
+    integer past 64 bits); False lets `load_json` skip that check for any
+    part of it (a batch's lines: one check for the whole body)."""
     if isinstance(text, str):
         text = text.encode("utf-8", "surrogatepass")
     if _LONG_RUN not in text.translate(_DIGITS_AS_ZERO):
@@ -141,16 +144,9 @@ def load_json(text: str | bytes, *, no_long_numbers: bool = False) -> Any:
     except orjson.JSONDecodeError:
         # Refused, or a lone surrogate orjson will not read: the exact scanner says which.
         return _load_exact(text)
-    if not no_long_numbers and _maybe_inexact(text):
+    if not no_long_numbers and has_long_numbers(text):
         return _load_exact(text)
     return value
-
-
-def has_long_numbers(text: str | bytes) -> bool:
-    """Whether `text` has a run of digits orjson may read inexactly (as an
-    integer past 64 bits); False lets `load_json` skip that check for any
-    part of it (a batch's lines: one check for the whole body)."""
-    return _maybe_inexact(text)
 
 
 def is_channel(name: str) -> bool:
@@ -267,6 +263,11 @@ class Message:
             if events is not None:
                 return events
         return [cls.foreign(channel, payload)]
+
+    @classmethod
+    def stored(cls, channel: str, msg_id: str, data: bytes) -> Message:
+        """A message of the channel's history: its id and data (JSON) as read."""
+        return cls(channel, msg_id, envelope(channel, msg_id, data))
 
     @classmethod
     def foreign(cls, channel: str, payload: bytes) -> Message:

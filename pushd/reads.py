@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pushd.broker import Broker, History
-from pushd.message import Burst, Delivery, Message, envelope
+from pushd.message import Burst, Delivery, Message
 
 log = Logger()
 
@@ -40,10 +40,7 @@ class Replay:
 
     def __init__(self, channel: str, history: History) -> None:
         self.history = history
-        self.messages = [
-            Message(channel, msg_id, envelope(channel, msg_id, data))
-            for msg_id, data in history.messages
-        ]
+        self.messages = [Message.stored(channel, *stored) for stored in history.messages]
         self.delivery: Delivery | None = (
             None
             if not self.messages
