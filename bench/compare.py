@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -936,20 +935,13 @@ def main() -> int:
     R.QUIET_WAIT = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
     R.PUBLISHERS = PUBLISHERS
 
-    for tool in ("redis-server", "redis-cli", "wrk", "gcc", "taskset", "nginx"):
-        if not shutil.which(tool):
-            raise BenchError(f"{tool} is not installed")
+    hard = R.prepare_driver(("redis-server", "redis-cli", "wrk", "gcc", "taskset", "nginx"))
     for module in ("ngx_nchan_module.so", "ngx_http_lua_module.so", "ndk_http_module.so"):
         if not (NGINX_MODULES / module).exists():
             raise BenchError(f"no {NGINX_MODULES / module}: install libnginx-mod-nchan, "
                              "libnginx-mod-http-lua, libnginx-mod-http-ndk")  # fmt: skip
     if not Path("/usr/share/lua/5.1/nginx/redis.lua").exists():
         raise BenchError("no /usr/share/lua/5.1/nginx/redis.lua: install lua-nginx-redis")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, R._terminate)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     if (os.cpu_count() or 1) < 2:
         R.Child.pin = False
         say("only one CPU: not pinning servers and clients apart")

@@ -41,7 +41,6 @@ import contextlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import statistics
@@ -1094,14 +1093,7 @@ def main() -> int:
     }
     R.QUIET_WAIT = args.quiet_wait if args.quiet_wait is not None else (0.0 if q else 60.0)
 
-    for tool in ("redis-server", "redis-cli", "wrk", "gcc", "taskset", "nginx", "uptime"):
-        if not shutil.which(tool):
-            raise R.BenchError(f"{tool} is not installed")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, R._terminate)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    R.prepare_driver(("redis-server", "redis-cli", "wrk", "gcc", "taskset", "nginx", "uptime"))
     if (os.cpu_count() or 1) < 2:
         raise R.BenchError("needs two CPUs")
     os.sched_setaffinity(0, {int(R.CLIENT_CPU)})

@@ -39,10 +39,8 @@ import hmac
 import io
 import json
 import os
-import resource
 import shlex
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -568,14 +566,7 @@ def main() -> int:
     configs = ["none", "presence"] + (["join-leave"] if args.join_leave else [])
     if args.token:
         COMMON.extend(["--token-secret", SECRET])
-    for tool in ("redis-server", "gcc", "taskset"):
-        if not shutil.which(tool):
-            raise BenchError(f"{tool} is not installed")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, R._terminate)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    R.prepare_driver(("redis-server", "gcc", "taskset"))
     if (os.cpu_count() or 1) < 2:
         R.Child.pin = False
     else:

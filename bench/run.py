@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,22 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def prepare_driver(tools: Sequence[str]) -> int:
+    """What a bench driver does first: its `tools` on PATH (BenchError
+    otherwise); SIGINT, SIGTERM and SIGHUP stopping every child (explicit, also
+    for SIGINT: a shell's background job starts with SIGINT ignored); the hard
+    limit of open files as the soft one (children inherit it), which it returns."""
+    for tool in tools:
+        if not shutil.which(tool):
+            raise BenchError(f"{tool} is not installed")
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def free_port() -> int:
@@ -2172,15 +2189,7 @@ def main() -> int:
         msgs = max(5 if quick else 10, round(rate * (3 if quick else 15)))
         return burst, serial, rate, msgs
 
-    for tool in ("redis-server", "redis-cli", "redis-benchmark", "wrk", "gcc", "taskset"):
-        if not shutil.which(tool):
-            raise BenchError(f"{tool} is not installed")
-    # Explicit, also for SIGINT: a shell's background job starts with SIGINT ignored.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+    hard = prepare_driver(("redis-server", "redis-cli", "redis-benchmark", "wrk", "gcc", "taskset"))
     if (os.cpu_count() or 1) < 2:
         Child.pin = False
         say("only one CPU: not pinning server and clients apart")

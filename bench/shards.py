@@ -29,9 +29,7 @@ import asyncio
 import json
 import os
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -632,14 +630,7 @@ def main() -> int:
     args.wrk_seconds = args.wrk_seconds or (2 if quick else 5)
     R.QUIET_WAIT = args.quiet_wait if args.quiet_wait is not None else (0.0 if quick else 60.0)
     R.PUBLISHERS = 16
-    for tool in ("redis-server", "redis-cli", "wrk", "gcc", "taskset"):
-        if not shutil.which(tool):
-            raise BenchError(f"{tool} is not installed")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, R._terminate)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    R.prepare_driver(("redis-server", "redis-cli", "wrk", "gcc", "taskset"))
     if (os.cpu_count() or 1) < 2:
         R.Child.pin = False
         PINNED = False
