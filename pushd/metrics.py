@@ -13,11 +13,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 import twisted
@@ -25,6 +24,8 @@ from pushd import __version__
 
 #: Buckets (s) of Redis commands: a round trip on a LAN is 0.1-1 ms.
 REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
+#: Buckets (s) of a publish, from its request to the broker's answer.
+PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
 class Metrics:
@@ -35,8 +36,13 @@ class Metrics:
         counter = partial(Counter, namespace="pushd", registry=r)
         self.connections = gauge("connections", "Open subscriber connections", ["transport"])
         self.subscriptions = gauge("subscriptions", "Local subscriptions")
-        self.published = counter("messages_published", "Messages accepted, by API", ["api"])
-        self.deliveries = counter("deliveries", "Messages handed to local subscribers")
+        # Counted per publish and per fan-out: without prometheus_client's locks.
+        self.published = ReactorCounter(
+            "pushd_messages_published", "Messages accepted, by API", "api"
+        )
+        self.deliveries = ReactorCounter("pushd_deliveries", "Messages handed to local subscribers")
+        r.register(self.published)
+        r.register(self.deliveries)
         self.reads_sent = counter(
             "subscription_reads",
             "Reads of the broker made for subscriptions (history after since, or the newest id)",
@@ -71,13 +77,12 @@ class Metrics:
         self.redis_up = gauge(
             "redis_up", "1 while this node is connected to the Redis shard", ["shard", "redis"]
         )
-        self.publish_seconds = Histogram(
-            "publish_seconds",
+        self.publish_seconds = ReactorHistogram(
+            "pushd_publish_seconds",
             "Time from a publish request to the broker's answer",
-            namespace="pushd",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
-            registry=r,
+            PUBLISH_BUCKETS,
         )
+        r.register(self.publish_seconds)
         self.redis_seconds = CommandSeconds()
         r.register(self.redis_seconds)
         gauge(
@@ -112,27 +117,100 @@ class Metrics:
         waiting.set_function(presence.events_waiting)
 
 
-class _Series:
-    """One (shard, command) of CommandSeconds: a count per bucket (the last: over
-    every bound) and the sum of the seconds."""
+# The metrics every publish counts and observes. prometheus_client's take a
+# lock for each change (its Histogram two: 0.5 us an observation); these count
+# in plain ints and lists (0.1 us), read when scraped. They are changed and
+# scraped on the reactor thread only, so without locks.
 
-    __slots__ = ("counts", "sum")
+
+class _Count:
+    """One series of a ReactorCounter."""
+
+    __slots__ = ("value",)
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(REDIS_BUCKETS) + 1)
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class ReactorCounter(Collector):
+    """A counter `<name>_total`: with a label, one series per value
+    (`labels(value).inc()`); without, `inc()`."""
+
+    def __init__(self, name: str, help: str, label: str | None = None) -> None:
+        self.name = name
+        self.help = help
+        self._label = label
+        self._series: dict[str, _Count] = {}
+        if label is None:
+            self.inc = self.labels("").inc
+
+    def labels(self, value: str) -> _Count:
+        """The series of the label's `value` (made on first use)."""
+        series = self._series.get(value)
+        if series is None:
+            series = self._series[value] = _Count()
+        return series
+
+    def _family(self) -> CounterMetricFamily:
+        labels = [] if self._label is None else [self._label]
+        return CounterMetricFamily(self.name, self.help, labels=labels)
+
+    def describe(self) -> list[Metric]:
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for value, series in sorted(self._series.items()):
+            family.add_metric([] if self._label is None else [value], series.value)
+        return [family]
+
+
+class _Series:
+    """One series of a histogram: a count per bucket (the last: over every
+    bound) and the sum of the seconds."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(REDIS_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
+
+
+def _add_series(family: HistogramMetricFamily, labels: list[str], series: _Series) -> None:
+    bounds = [*(repr(float(b)) for b in series.bounds), "+Inf"]
+    cumulative = list(accumulate(series.counts))
+    family.add_metric(labels, list(zip(bounds, cumulative, strict=True)), series.sum)
+
+
+class ReactorHistogram(Collector):
+    """A histogram without labels (`observe(seconds)`)."""
+
+    def __init__(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.help = help
+        self._series = _Series(buckets)
+        self.observe = self._series.observe
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self.name, self.help)]
+
+    def collect(self) -> list[Metric]:
+        family = HistogramMetricFamily(self.name, self.help)
+        _add_series(family, [], self._series)
+        return [family]
 
 
 class CommandSeconds(Collector):
     """`pushd_redis_command_seconds{shard,command}`, the histogram every publish
-    observes: prometheus_client's Histogram takes a lock for its bucket and one
-    for its sum (0.5 us an observation), this one counts in a list (0.1 us),
-    read when scraped. Observed and scraped on the reactor thread only, so
-    without locks."""
+    observes (as ReactorHistogram, by shard and command)."""
 
     name = "pushd_redis_command_seconds"
     help = (
@@ -147,7 +225,7 @@ class CommandSeconds(Collector):
         """The series of `command` on `shard` (made on first use), to `observe(seconds)`."""
         series = self._series.get((shard, command))
         if series is None:
-            series = self._series[shard, command] = _Series()
+            series = self._series[shard, command] = _Series(REDIS_BUCKETS)
         return series
 
     def describe(self) -> list[Metric]:
@@ -155,12 +233,8 @@ class CommandSeconds(Collector):
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.help, labels=["shard", "command"])
-        bounds = [*(repr(float(b)) for b in REDIS_BUCKETS), "+Inf"]
         for (shard, command), series in sorted(self._series.items()):
-            cumulative = list(accumulate(series.counts))
-            family.add_metric(
-                [shard, command], list(zip(bounds, cumulative, strict=True)), series.sum
-            )
+            _add_series(family, [shard, command], series)
         return [family]
 
 

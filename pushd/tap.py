@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from pushd import __version__, collector, logs
+from pushd import __version__, collector, logs, polling
 from pushd import config as _config
 from pushd.service import StartupError, make_service
 
@@ -92,9 +92,10 @@ def one_line_failures(
 def makeService(options: Options) -> Any:
     config = options.config
     sys.excepthook = one_line_failures
+    from twisted.internet import reactor
+
     if config.workers > 1:
         from twisted.application.service import MultiService, Service
-        from twisted.internet import reactor
 
         from pushd.workers import WorkerPool
 
@@ -102,6 +103,7 @@ def makeService(options: Options) -> Any:
         pool: Service = WorkerPool(config, reactor)
         pool.setServiceParent(parent)
         return parent
-    service = make_service(config)
+    service = make_service(config, reactor)
     collector.tune()
+    polling.dispatch_directly(reactor)
     return service

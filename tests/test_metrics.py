@@ -183,6 +183,58 @@ def test_command_seconds_is_a_prometheus_histogram() -> None:
     assert sample(found, name, f"{name}_sum", **labels) == pytest.approx(7.0207)
 
 
+def without_created(text: str) -> dict[str, list[tuple[str, tuple[Any, ...], float]]]:
+    """A /metrics text's samples by family, but prometheus_client's `_created`."""
+    return {
+        name: sorted(
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for s in family.samples
+            if not s.name.endswith("_created")
+        )
+        for name, family in families(text).items()
+        if not name.endswith("_created")
+    }
+
+
+def test_publish_counters_and_histogram_read_as_prometheus_clients_would() -> None:
+    # The publish path's metrics count without locks; Prometheus reads the same
+    # as from prometheus_client's Counter and Histogram told the same.
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from pushd.metrics import PUBLISH_BUCKETS
+
+    metrics = Metrics()
+    theirs = CollectorRegistry()
+    published = Counter("pushd_messages_published", "x", ["api"], registry=theirs)
+    deliveries = Counter("pushd_deliveries", "x", registry=theirs)
+    seconds = Histogram("pushd_publish_seconds", "x", buckets=PUBLISH_BUCKETS, registry=theirs)
+    for api, count in (("channels", 1), ("push", 1), ("channels", 400), ("client", 1)):
+        metrics.published.labels(api).inc(count)
+        published.labels(api).inc(count)
+    for n in (3, 0, 10_000):
+        metrics.deliveries.inc(n)
+        deliveries.inc(n)
+    for s in (0.0001, 0.0005, 0.0007, 0.3, 5.0, 9.0):
+        metrics.publish_seconds.observe(s)
+        seconds.observe(s)
+    ours = without_created(generate_latest(metrics.registry).decode())
+    expected = without_created(generate_latest(theirs).decode())
+    for name in expected:
+        assert ours[name] == expected[name], name
+    assert (
+        sample(
+            families(generate_latest(metrics.registry).decode()),
+            "pushd_deliveries",
+            "pushd_deliveries_total",
+        )
+        == 10_003
+    )
+    # Before any publish: no api series, deliveries at 0.
+    fresh = families(generate_latest(Metrics().registry).decode())
+    assert [s.name for s in fresh["pushd_messages_published"].samples] == []
+    assert sample(fresh, "pushd_deliveries", "pushd_deliveries_total") == 0
+
+
 # PromQL words that are not metric names.
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
 _KEYWORDS |= {"and", "or", "unless", "inf", "nan"}

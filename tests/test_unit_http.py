@@ -503,6 +503,40 @@ def test_the_head_deadline_waits_for_the_broker_not_the_client() -> None:
     assert conn.transport.write_closed
 
 
+def test_a_whole_hot_request_on_a_kept_alive_connection_sets_no_head_deadline() -> None:
+    """The hot path takes the request whole: no deadline is started for its
+    head (and cancelled at the answer), one timer less a publish."""
+    node = Node(handshake_timeout=5)
+    held = _held(node)
+    conn = node.connect()
+    conn.send(post("/channels/a", b"1"))
+    held.pop().callback(None)
+    assert conn.one().status == 200
+    before = {id(call) for call in node.reactor.getDelayedCalls()}
+    conn.send(post("/channels/a", b"2"))
+    assert node.taken() == (2, 2)
+    assert {id(call) for call in node.reactor.getDelayedCalls()} <= before
+    held.pop().callback(None)
+    assert [r.status for r in conn.responses()] == [200, 200]
+
+
+def test_a_head_begun_behind_a_waiting_hot_request_has_its_deadline_from_the_answer() -> None:
+    node = Node(handshake_timeout=5)
+    held = _held(node)
+    conn = node.connect()
+    conn.send(post("/channels/a", b"1"))
+    held.pop().callback(None)
+    conn.send(post("/channels/a", b"2") + b"POST /channels/a HTTP/1.1\r\n")
+    node.advance(30)  # the broker's wait, not the client's
+    assert len(conn.responses()) == 1 and not conn.transport.write_closed
+    held.pop().callback(None)
+    assert len(conn.responses()) == 2
+    node.advance(4.9)
+    assert len(conn.responses()) == 2
+    node.advance(0.2)
+    assert conn.responses()[-1].status == 408
+
+
 def test_a_head_must_come_within_the_deadline_after_a_hot_answer() -> None:
     node = Node(handshake_timeout=5)
     conn = node.connect()

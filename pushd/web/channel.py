@@ -416,9 +416,11 @@ class PushdChannel(_HTTPChannel):
             return
         if self._refused:
             return
-        if self._idle and start < len(data):
+        # The first bytes of a head: its deadline starts, unless the hot path
+        # takes the whole request (the answer then sees to what comes next).
+        begun = self._idle and start < len(data)
+        if begun:
             self._idle = False
-            self._start_deadline()
         fast = self.fast
         while (
             fast is not None
@@ -444,6 +446,7 @@ class PushdChannel(_HTTPChannel):
             self._fast_sending = True
             fast.publish(request, self._fast_answer)
             self._fast_sending = False
+            begun = False
             if self._fast_waiting is not None:
                 if self._fast_queued > self.fast_queue_limit:
                     self._fast_paused = True
@@ -452,6 +455,8 @@ class PushdChannel(_HTTPChannel):
             if self._refused:
                 return
             data, start = self._fast_rest
+        if begun:
+            self._start_deadline()
         if start < len(data):
             super().dataReceived(data[start:] if start else data)
 
