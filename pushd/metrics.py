@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import time
 from bisect import bisect_left
 from functools import partial
 from itertools import accumulate
@@ -18,6 +20,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 import twisted
 from pushd import __version__
@@ -120,16 +123,24 @@ class Metrics:
 # The metrics every publish counts and observes. prometheus_client's take a
 # lock for each change (its Histogram two: 0.5 us an observation); these count
 # in plain ints and lists (0.1 us), read when scraped. They are changed and
-# scraped on the reactor thread only, so without locks.
+# scraped on the reactor thread only, so without locks. Each series has its
+# `_created` sample as prometheus_client's have, unless its documented
+# PROMETHEUS_DISABLE_CREATED_SERIES says not to.
+_CREATED = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
+    "true",
+    "1",
+    "t",
+)
 
 
 class _Count:
     """One series of a ReactorCounter."""
 
-    __slots__ = ("value",)
+    __slots__ = ("created", "value")
 
     def __init__(self) -> None:
         self.value = 0
+        self.created = time.time()
 
     def inc(self, amount: int = 1) -> None:
         self.value += amount
@@ -164,7 +175,8 @@ class ReactorCounter(Collector):
     def collect(self) -> list[Metric]:
         family = self._family()
         for value, series in sorted(self._series.items()):
-            family.add_metric([] if self._label is None else [value], series.value)
+            labels = [] if self._label is None else [value]
+            family.add_metric(labels, series.value, created=series.created if _CREATED else None)
         return [family]
 
 
@@ -172,22 +184,28 @@ class _Series:
     """One series of a histogram: a count per bucket (the last: over every
     bound) and the sum of the seconds."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "created", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
+        self.created = time.time()
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
 
-def _add_series(family: HistogramMetricFamily, labels: list[str], series: _Series) -> None:
+def _add_series(
+    family: HistogramMetricFamily, names: list[str], labels: list[str], series: _Series
+) -> None:
     bounds = [*(repr(float(b)) for b in series.bounds), "+Inf"]
     cumulative = list(accumulate(series.counts))
     family.add_metric(labels, list(zip(bounds, cumulative, strict=True)), series.sum)
+    if _CREATED:
+        created = dict(zip(names, labels, strict=True))
+        family.samples.append(Sample(f"{family.name}_created", created, series.created))
 
 
 class ReactorHistogram(Collector):
@@ -204,7 +222,7 @@ class ReactorHistogram(Collector):
 
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.help)
-        _add_series(family, [], self._series)
+        _add_series(family, [], [], self._series)
         return [family]
 
 
@@ -234,7 +252,7 @@ class CommandSeconds(Collector):
     def collect(self) -> list[Metric]:
         family = HistogramMetricFamily(self.name, self.help, labels=["shard", "command"])
         for (shard, command), series in sorted(self._series.items()):
-            _add_series(family, [shard, command], series)
+            _add_series(family, ["shard", "command"], [shard, command], series)
         return [family]
 
 

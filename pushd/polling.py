@@ -11,10 +11,11 @@ pushd logs with `twisted.logger`, whose events name their module, not that
 context: only messages of Twisted's own legacy code made while a socket is
 handled lose the connection's name (they say `-`).
 
-The exception boundary stays: an exception out of a socket's handling (its
-protocol's `connectionLost` raising, say) is logged and the loop goes on.
-The loop is Twisted 26.10's `doPoll` otherwise unchanged;
-tests/test_polling.py checks Twisted's still is what this one copies.
+The exception boundary stays as Twisted's: whatever a socket's handling raises
+(its protocol's `connectionLost`, say; KeyboardInterrupt apart) is logged and
+the loop goes on to the batch's next socket. The loop is Twisted 26.10's
+`doPoll` otherwise unchanged; tests/test_canaries.py checks Twisted's still is
+what this one copies.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def _do_poll(self: Any, timeout: float | None) -> None:
             continue
         try:
             handle(selectable, fd, event)
-        except Exception:
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            # As log.callWithLogger: whatever a socket raises is that socket's failure.
             log.failure("handling an event of {selectable!r} failed", selectable=selectable)
 
 

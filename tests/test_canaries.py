@@ -10,7 +10,9 @@ Internal (library): pushd's use -> what it relies on
 
 - `HTTPChannel._HTTPChannel__first_line` (Twisted): web/channel.py (PushdChannel.lineReceived,
     dataReceived)
-    -> truthy while the next line is a request line (between requests), falsy once one was read
+    -> truthy while the next line is a request line (between requests), falsy once one was read;
+       1 after a request (one blank line may come before the next), 2 once it came: pushd
+       sets 1 after a request its hot path took
 - `LineReceiver._buffer`, `line_mode` (Twisted): web/channel.py (PushdChannel.dataReceived)
     -> bytes of a partial line wait in `_buffer`; `line_mode` is true while lines are read
 - `HTTPChannel._handlingRequest` (Twisted): web/channel.py (requestDone)
@@ -32,6 +34,9 @@ Internal (library): pushd's use -> what it relies on
     -> no pushd attribute shadows one Twisted adds in a release
 - `endpoints._parseServer` (Twisted): config.py (_endpoint), workers.py (open_socket)
     -> `(description, factory) -> (kind, args, kwargs)`; ValueError for a bad one
+- `EPollReactor.doPoll`, `._doReadOrWrite(selectable, fd, event)`, `._poller`,
+    `._selectables` (Twisted): polling.py (_do_poll, dispatch_directly)
+    -> the loop polling.py copies but for `log.callWithLogger`; `doIteration` is `doPoll`
 - `tcp.Server`, `tcp.Client`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted):
     sending.py (write_now)
     -> the accepted TCP transport's class; both buffers empty (falsy) when nothing waits
@@ -110,6 +115,7 @@ reactor (tests/conftest.py).
 from __future__ import annotations
 
 import base64
+import hashlib
 import inspect
 import json
 import math
@@ -123,6 +129,7 @@ from typing import Any
 import pytest
 from twisted.internet import endpoints, tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -161,11 +168,13 @@ def test_httpchannel_first_line() -> None:
     channel, _ = _channel()
     what = _changed(TWISTED, "HTTPChannel._HTTPChannel__first_line")
     assert hasattr(channel, "_HTTPChannel__first_line"), what + " is gone"
-    assert channel._HTTPChannel__first_line, what + " is not truthy before a request"
+    assert channel._HTTPChannel__first_line == 1, what + " is not 1 before a request"
+    channel.dataReceived(b"\r\n")
+    assert channel._HTTPChannel__first_line == 2, what + " is not 2 after a blank line"
     channel.dataReceived(b"GET / HTTP/1.1\r\n")
     assert not channel._HTTPChannel__first_line, what + " stays truthy after a request line"
     channel.dataReceived(b"Host: x\r\n\r\n")
-    assert channel._HTTPChannel__first_line, what + " is not truthy again after a request"
+    assert channel._HTTPChannel__first_line == 1, what + " is not 1 again after a request"
 
 
 def test_linereceiver_buffer_and_line_mode() -> None:
@@ -355,6 +364,27 @@ def test_endpoints_parse_server() -> None:
     for bad in ("bogus:1", "tcp:notaport"):
         with pytest.raises(ValueError):
             endpoints._parseServer(bad, None)
+
+
+# Twisted 26.10's EPollReactor.doPoll, which polling.py copies but for its call
+# through log.callWithLogger: a Twisted that changed it fails here.
+DO_POLL_SHA256 = "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827"
+
+
+def test_epoll_reactor_do_poll() -> None:
+    what = _changed(TWISTED, "EPollReactor.doPoll / _doReadOrWrite")
+    source = inspect.getsource(EPollReactor.doPoll)
+    assert hashlib.sha256(source.encode()).hexdigest() == DO_POLL_SHA256, what + ":\n" + source
+    assert "log.callWithLogger(selectable, _drdw, selectable, fd, event)" in source, what
+    parameters = list(inspect.signature(EPollReactor._doReadOrWrite).parameters)
+    assert parameters == ["self", "selectable", "fd", "event"], what
+    assert EPollReactor.doIteration is EPollReactor.doPoll, what
+    reactor = EPollReactor()
+    try:
+        assert isinstance(reactor._selectables, dict), what
+        assert callable(reactor._poller.poll), what
+    finally:
+        reactor._poller.close()
 
 
 def test_tcp_server_buffers() -> None:

@@ -1,12 +1,10 @@
 """The epoll reactor's poll without the legacy log context (pushd.polling):
-Twisted's loop is still the one it copies, sockets are served on a real
-reactor, and an exception out of one socket's handling is logged while the
-others are still served."""
+sockets are served on a real reactor, and an exception out of one socket's
+handling is logged while the others are still served. (That Twisted's loop is
+still the one it copies: tests/test_canaries.py.)"""
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
 import subprocess
 import sys
@@ -19,25 +17,6 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
 from pushd import polling
-
-# Twisted 26.10's EPollReactor.doPoll, which pushd.polling copies but for the
-# call through log.callWithLogger: a new Twisted that changed it fails here.
-DO_POLL_SHA256 = "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827"
-
-
-def test_canary_twisted_poll_is_the_one_copied() -> None:
-    source = inspect.getsource(EPollReactor.doPoll)
-    assert hashlib.sha256(source.encode()).hexdigest() == DO_POLL_SHA256, source
-    assert "log.callWithLogger(selectable, _drdw, selectable, fd, event)" in source
-    parameters = list(inspect.signature(EPollReactor._doReadOrWrite).parameters)
-    assert parameters == ["self", "selectable", "fd", "event"]
-    reactor = EPollReactor()
-    try:
-        assert isinstance(reactor._selectables, dict)
-        assert callable(reactor._poller.poll)
-        assert EPollReactor.doIteration is EPollReactor.doPoll
-    finally:
-        reactor._poller.close()
 
 
 class _Echo(protocol.Protocol):
@@ -65,6 +44,14 @@ class _Client(protocol.Protocol):
             raise RuntimeError("connectionLost raised")
 
 
+def _connect(reactor: EPollReactor, port: int, explode: bool) -> list[bytes]:
+    """A _Client connected to `port`; what it gets back."""
+    got: list[bytes] = []
+    factory = protocol.ClientFactory.forProtocol(lambda: _Client(got, explode))
+    reactor.connectTCP("127.0.0.1", port, factory)
+    return got
+
+
 def _run_until(reactor: EPollReactor, done: Any, turns: int = 500) -> None:
     for _ in range(turns):
         if done():
@@ -87,24 +74,14 @@ def test_sockets_are_served_and_a_raising_one_is_logged_and_passed() -> None:
     try:
         port = reactor.listenTCP(0, protocol.Factory.forProtocol(_Echo), interface="127.0.0.1")
         address = port.getHost()
-        first: list[bytes] = []
-        reactor.connectTCP(
-            "127.0.0.1",
-            address.port,
-            protocol.ClientFactory.forProtocol(lambda: _Client(first, explode=True)),
-        )
+        first = _connect(reactor, address.port, explode=True)
         _run_until(reactor, lambda: failures)
         assert first == [b"hello"]
         (event,) = failures
         assert event["log_failure"].check(RuntimeError)
         assert "handling an event of" in event["log_format"]
         # The loop went on: another connection is served.
-        second: list[bytes] = []
-        reactor.connectTCP(
-            "127.0.0.1",
-            address.port,
-            protocol.ClientFactory.forProtocol(lambda: _Client(second, explode=False)),
-        )
+        second = _connect(reactor, address.port, explode=False)
         _run_until(reactor, lambda: second)
         assert second == [b"hello"]
         port.stopListening()

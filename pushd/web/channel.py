@@ -440,6 +440,10 @@ class PushdChannel(_HTTPChannel):
             if request is None:
                 break
             self.resetTimeout()
+            # As twisted.web's allContentReceived after each request: one blank
+            # line before the next request line is eaten again.
+            web: Any = self
+            web._HTTPChannel__first_line = 1
             self._fast_waiting = []
             self._fast_queued = len(data) - request.end
             self._fast_rest = (data, request.end)
