@@ -50,11 +50,17 @@ class Replay:
         )
 
 
+#: Seconds between two log lines of failed reads: an outage fails every read
+#: of a reconnect storm (thousands of channels), and says so in one line a second.
+FAILURES_LOGGED_EVERY = 1.0
+
+
 class SharedReads:
     """`read(channel, since)`: a Deferred of the Replay, shared per turn.
     Counted: the reads sent (pushd_subscription_reads_total), the
     subscriptions answered by another's read (..._shared_total) and the reads
-    that failed (..._failed_total, each also logged once)."""
+    that failed (..._failed_total; logged, one line at most every
+    FAILURES_LOGGED_EVERY seconds, which counts the failures since the last)."""
 
     def __init__(self, broker: Broker, clock: Any, metrics: Any = None) -> None:
         self._broker = broker
@@ -62,6 +68,12 @@ class SharedReads:
         self._asked: dict[tuple[str, str | None], list[Deferred[Replay]]] = {}
         self._call: Any = None
         self._metrics = metrics
+        # Failures not logged yet: how many reads and subscriptions, the first's
+        # channel, since and reason; when the next line may be written.
+        self._failed_reads = self._failed_subscriptions = 0
+        self._first_failure: tuple[str, str | None, str] = ("", None, "")
+        self._log_call: Any = None
+        self._next_line = 0.0
 
     def read(self, channel: str, since: str | None) -> Deferred[Replay]:
         """The history of `channel` after `since` (None: only its newest id,
@@ -101,23 +113,52 @@ class SharedReads:
         waiting: list[Deferred[Replay]],
     ) -> None:
         if isinstance(result, Failure):
-            # Said once per read: each of its subscriptions goes on live,
-            # `recovered` false, and the operator should know why.
-            log.warn(
-                "a subscription read of {channel} (since {since}) failed: {why}; "
-                "{n} subscriptions go on live without it",
-                channel=channel,
-                since=since,
-                why=result.getErrorMessage(),
-                n=len(waiting),
-            )
-            if self._metrics is not None:
-                self._metrics.reads_failed.inc()
+            self._failed(channel, since, result.getErrorMessage(), len(waiting))
         for d in waiting:
             if isinstance(result, Failure):
                 d.errback(result)
             else:
                 d.callback(result)
+
+    def _failed(self, channel: str, since: str | None, why: str, subscriptions: int) -> None:
+        """Each of the read's subscriptions goes on live, `recovered` false, and
+        the operator should know why: counted now, logged with the others of
+        the second."""
+        if self._metrics is not None:
+            self._metrics.reads_failed.inc()
+        if not self._failed_reads:
+            self._first_failure = (channel, since, why)
+        self._failed_reads += 1
+        self._failed_subscriptions += subscriptions
+        if self._log_call is None:
+            wait = max(0.0, self._next_line - self._clock.seconds())
+            self._log_call = self._clock.callLater(wait, self._log_failures)
+
+    def _log_failures(self) -> None:
+        self._log_call = None
+        self._next_line = self._clock.seconds() + FAILURES_LOGGED_EVERY
+        reads, subscriptions = self._failed_reads, self._failed_subscriptions
+        self._failed_reads = self._failed_subscriptions = 0
+        channel, since, why = self._first_failure
+        if reads == 1:
+            log.warn(
+                "a subscription read of {channel} (since {since}) failed: {why}; "
+                "{n} subscriptions go on live without it",
+                channel=channel,
+                since=since,
+                why=why,
+                n=subscriptions,
+            )
+        else:
+            log.warn(
+                "{reads} subscription reads failed, the first of {channel} (since "
+                "{since}): {why}; {n} subscriptions go on live without them",
+                reads=reads,
+                channel=channel,
+                since=since,
+                why=why,
+                n=subscriptions,
+            )
 
 
 def _newest(last: str | None, channel: str) -> Replay:

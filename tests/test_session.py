@@ -9,6 +9,7 @@ in id order, and none at or before it; so `position` is a safe resume point.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from pushd.broker import BrokerUnavailable, BusListener, History
 from pushd.broker.memory import MemoryBroker
@@ -789,6 +791,68 @@ def test_a_shared_read_that_fails_leaves_every_session_live_unrecovered(
         assert out.ack("news") == (False, None)
         assert out.ids("news") == [live]
     assert _sample(metrics, "pushd_subscription_reads_failed_total") == 1
+
+
+def _read_failure_lines(events: list[LogEvent]) -> list[str]:
+    return [formatEvent(e) for e in events if e.get("log_namespace") == "pushd.reads"]
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_an_outage_failing_a_storms_reads_says_so_in_one_line(
+    broker: HeldBroker, clock: Clock, log_events: list[LogEvent]
+) -> None:
+    """A thousand sessions of a thousand channels come back while Redis is
+    down: a thousand failed reads, each counted, said in ONE log line."""
+    metrics = Metrics()
+    hub = Hub(broker, metrics, clock=clock)
+    since = publish(broker, clock, "c0", 0)
+    broker.hold_reads = True
+    for n in range(1000):
+        Session(hub, Outlet()).subscribe(f"c{n}", since)
+    clock.advance(0)
+    reads, broker._reads = broker._reads, []
+    assert len(reads) == 1000
+    for d, _ in reads:
+        d.errback(BrokerUnavailable("Redis down"))
+    clock.advance(0)
+    assert _sample(metrics, "pushd_subscription_reads_failed_total") == 1000
+    (line,) = _read_failure_lines(log_events)
+    assert line == (
+        "1000 subscription reads failed, the first of c0 (since "
+        f"{since}): Redis down; 1000 subscriptions go on live without them"
+    )
+
+
+def test_failed_reads_are_logged_once_a_second_at_most_and_all_counted(
+    broker: HeldBroker, clock: Clock, log_events: list[LogEvent]
+) -> None:
+    metrics = Metrics()
+    hub = Hub(broker, metrics, clock=clock)
+    broker.hold_reads = True
+    for turn in range(30):  # a failed read each 0.1 s, for 3 s
+        Session(hub, Outlet()).subscribe(f"c{turn}", None)
+        clock.advance(0)
+        ((d, _),) = broker._reads
+        broker._reads.clear()
+        d.errback(BrokerUnavailable("Redis down"))
+        clock.advance(0.1)
+    clock.advance(1)
+    lines = _read_failure_lines(log_events)
+    assert 3 <= len(lines) <= 4
+    assert lines[0] == (
+        "a subscription read of c0 (since None) failed: Redis down; "
+        "1 subscriptions go on live without it"
+    )
+    said = [1] + [int(line.split()[0]) for line in lines[1:]]
+    assert sum(said) == 30 == _sample(metrics, "pushd_subscription_reads_failed_total")
+    assert clock.getDelayedCalls() == []
 
 
 def _sample(metrics: Metrics, name: str) -> float:
