@@ -6,7 +6,8 @@ call in a copy of the legacy log context, so that a `twisted.python.log.msg`
 made inside names its connection. On a producer's publish (one read, one
 answer) that shows: without it, `POST /channels` and `POST /push`
 at wrk -c8 answered 11% and 15% more requests a second (medians of 3 runs,
-alternately, pushd and Redis on one core; bench/README.md, "Producers").
+alternately, pushd and Redis on one core; bench/README.md, "2026-11-30: the
+producers' path again").
 pushd logs with `twisted.logger`, whose events name their module, not that
 context: only messages of Twisted's own legacy code made while a socket is
 handled lose the connection's name (they say `-`).

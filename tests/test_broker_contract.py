@@ -225,7 +225,8 @@ async def test_an_idempotency_key_is_bound_to_its_request(broker: Broker) -> Non
     items = [("idem-b", b"1"), ("idem-c", b"2")]
     batch = await broker.publish_many(items, "K")
     single = await broker.publish("idem-b", b"2", "K#1")
-    assert not single.repeated and single.id not in [p.id for p in batch]
+    # (Ids are a channel's own: idem-c's may equal this one.)
+    assert not single.repeated and single.id != batch[0].id
     repeat = await broker.publish_many(items, "K")
     assert [p.id for p in repeat] == [p.id for p in batch] and all(p.repeated for p in repeat)
     for other_batch in (items[:1], [*items, ("idem-b", b"3")], items[::-1]):

@@ -44,6 +44,10 @@ Internal (library): pushd's use -> what it relies on
     transports/autobahn_diet.py (options_on_class)
     -> options set on the protocol class are read from it: Autobahn copies only what a
        connection lacks, and only the names the class lists (read nowhere else)
+- `WebSocketProtocol.sendData(data, sync, chopsize)` (Autobahn): transports/websocket.py
+    (PushdServerProtocol.sendData)
+    -> every write of Autobahn's (the handshake's answer, close, ping and pong frames) goes
+       through it, plain ones to `transport.write`
 - `WebSocketServerFactory.reactor` (Autobahn): transports/websocket.py
     (_admitted: `factory.reactor`)
     -> the reactor given to the factory, kept as `.reactor`
@@ -640,6 +644,20 @@ def test_autobahn_send_close_frame() -> None:
     assert transport.value() == expected, _changed(AUTOBAHN, "sendCloseFrame(code, reasonUtf8)")
 
 
+def test_autobahn_writes_through_send_data() -> None:
+    p, transport = _open_ws()
+    _present(AUTOBAHN, p, "sendData", "sendPing", "sendPong", "sendClose")
+    sent: list[bytes] = []
+    p.sendData = lambda data, sync=False, chopsize=None: sent.append(data)
+    p.sendPing(b"a")
+    p.sendPong(b"b")
+    p.sendClose(4000, "c")
+    assert sent == [b"\x89\x01a", b"\x8a\x01b", b"\x88\x03\x0f\xa0c"], _changed(
+        AUTOBAHN, "ping, pong and close frames no longer go through sendData"
+    )
+    assert transport.value() == b"", _changed(AUTOBAHN, "a frame was written past sendData")
+
+
 def test_no_pushd_name_shadows_autobahn() -> None:
     from pushd.transports.websocket import PushdServerProtocol
 
@@ -650,6 +668,7 @@ def test_no_pushd_name_shadows_autobahn() -> None:
         "onConnect",
         "onMessage",
         "onOpen",
+        "sendData",
     }, _changed(
         AUTOBAHN,
         "WebSocketServerProtocol gained or lost a name PushdServerProtocol defines"

@@ -3,8 +3,10 @@ pushd answers protocol violations with a close frame carrying the RFC 6455 code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import struct
 
 import pytest
@@ -96,6 +98,36 @@ async def test_protocol_violations_close_with_a_code(
     raw = await open_raw(pushd)
     raw.transport.write(bytes_sent)
     assert await close_code(raw) == code
+
+
+@pytest_twisted.ensureDeferred
+async def test_autobahns_own_frames_go_straight_to_the_socket(pushd: PushdUnderTest) -> None:
+    """A ping, a close frame, the handshake's answer: in the socket at once
+    (pushd.sending), not in Twisted's buffer until a later turn, where a timer
+    due first (the close handshake's, in a slow turn) could drop the
+    connection with its close frame unsent."""
+    sock = socket.create_connection(("127.0.0.1", pushd.port))
+    sock.setblocking(False)
+    got = bytearray()
+
+    def subscribed() -> bool:
+        with contextlib.suppress(BlockingIOError):
+            got.extend(sock.recv(65536))
+        return b'"subscribed"' in got
+
+    try:
+        sock.sendall(HANDSHAKE % b"?channel=direct")
+        await wait_for(subscribed, what="the subscribed frame")
+        assert pushd.service is not None
+        (session,) = pushd.service.hub._channels["direct"].subscribers
+        server = session._out
+        server.sendPing(b"now")
+        # Read before the reactor runs again: only a direct send is there.
+        assert sock.recv(64) == b"\x89\x03now"
+        server.sendClose(4000, "bye")
+        assert sock.recv(64) == b"\x88\x05\x0f\xa0bye"
+    finally:
+        sock.close()
 
 
 @pytest_twisted.ensureDeferred

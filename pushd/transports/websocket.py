@@ -161,6 +161,18 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     _backlog = 0
     replaying = False
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's own writes (the handshake's answer, its HTTP errors, close,
+        ping and pong frames) go straight to the socket, as messages do
+        (pushd.sending): one system call, and a close frame is out before a
+        timer (the close handshake's, due first in a slow turn) can drop the
+        connection with it still in Twisted's buffer. Autobahn's queued writes
+        (`sync`, `chopsize`) stay Autobahn's."""
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+        else:
+            write_now(self.transport, data)
+
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
         address = client_host(
