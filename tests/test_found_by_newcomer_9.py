@@ -95,6 +95,12 @@ def _batch_reactor(
 def _iterate(direct: bool, raising: dict[str, BaseException]) -> list[str]:
     handled: list[str] = []
     reactor, real = _batch_reactor(direct, handled, raising)
+    _poll_once(reactor, real, direct)
+    return handled
+
+
+def _poll_once(reactor: Any, real: Any, direct: bool) -> None:
+    """One poll of `reactor`, pushd's (`direct`) or Twisted's; `real` closed after."""
     try:
         if direct:
             reactor.doIteration(0)
@@ -102,7 +108,6 @@ def _iterate(direct: bool, raising: dict[str, BaseException]) -> list[str]:
             EPollReactor.doPoll(reactor, 0)
     finally:
         real.close()
-    return handled
 
 
 @pytest.mark.parametrize(
@@ -173,13 +178,7 @@ def test_an_fd_reused_within_the_batch_is_served_to_its_new_socket_as_twisted_do
 
         target: Any = reactor
         target._doReadOrWrite = handle
-        try:
-            if direct:
-                reactor.doIteration(0)
-            else:
-                EPollReactor.doPoll(reactor, 0)
-        finally:
-            real.close()
+        _poll_once(reactor, real, direct)
         return handled
 
     assert run(True) == run(False) == ["first", "reused"]
