@@ -145,6 +145,10 @@ class Hub:
         self._reads = SharedReads(broker, clock, metrics)
         broker.attach(self)
 
+    def stop(self) -> None:
+        """The node stops: what is waiting to be logged is logged now."""
+        self._reads.flush()
+
     def subscribe(self, channel: str, subscriber: Subscriber) -> Deferred[None]:
         """Add `subscriber` to `channel`; fires once the broker feeds the channel.
 

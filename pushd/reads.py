@@ -131,8 +131,15 @@ class SharedReads:
         self._failed_reads += 1
         self._failed_subscriptions += subscriptions
         if self._log_call is None:
-            wait = max(0.0, self._next_line - self._clock.seconds())
-            self._log_call = self._clock.callLater(wait, self._log_failures)
+            # Bounded too when the wall clock stepped back since the last line.
+            wait = min(FAILURES_LOGGED_EVERY, self._next_line - self._clock.seconds())
+            self._log_call = self._clock.callLater(max(0.0, wait), self._log_failures)
+
+    def flush(self) -> None:
+        """Log the failures not logged yet now (the node stops)."""
+        if self._log_call is not None:
+            self._log_call.cancel()
+            self._log_failures()
 
     def _log_failures(self) -> None:
         self._log_call = None

@@ -40,3 +40,11 @@ def write_now(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def unsent(transport: Any) -> bool:
+    """Whether bytes written to `transport` may still wait to be sent: False
+    only for a plain TCP connection whose buffer Twisted has emptied."""
+    if type(transport) in _TCP and not transport.TLS:
+        return bool(transport.dataBuffer or transport._tempDataBuffer)
+    return transport is not None

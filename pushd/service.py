@@ -227,6 +227,7 @@ class PushdService(MultiService):
             if self.site is not None:
                 await self._goodbye()
             await maybeDeferred(MultiService.stopService, self)
+            self.hub.stop()
 
         return Deferred.fromCoroutine(stop())
 

@@ -38,7 +38,7 @@ Internal (library): pushd's use -> what it relies on
     `._selectables` (Twisted): polling.py (_do_poll, dispatch_directly)
     -> the loop polling.py copies but for `log.callWithLogger`; `doIteration` is `doPoll`
 - `tcp.Server`, `tcp.Client`, `.dataBuffer`, `._tempDataBuffer`, `.TLS`, `.socket` (Twisted):
-    sending.py (write_now)
+    sending.py (write_now, unsent)
     -> the accepted TCP transport's class; both buffers empty (falsy) when nothing waits
 - `WebSocketServerProtocol.CONFIG_ATTRS`, copy in `_connectionMade` (Autobahn):
     transports/autobahn_diet.py (options_on_class)
@@ -48,6 +48,11 @@ Internal (library): pushd's use -> what it relies on
     (PushdServerProtocol.sendData)
     -> every write of Autobahn's (the handshake's answer, close, ping and pong frames) goes
        through it, plain ones to `transport.write`
+- `WebSocketProtocol.sendPong(payload)`, `dropConnection(abort)` (Autobahn):
+    transports/websocket.py (PushdServerProtocol.sendPong, dropConnection)
+    -> a client's ping is answered through `sendPong`; every drop (the close handshake's end,
+       a violation, a timeout) goes through `dropConnection`, `abort=True` after the server
+       got the client's close frame
 - `WebSocketServerFactory.reactor` (Autobahn): transports/websocket.py
     (_admitted: `factory.reactor`)
     -> the reactor given to the factory, kept as `.reactor`
@@ -658,6 +663,21 @@ def test_autobahn_writes_through_send_data() -> None:
     assert transport.value() == b"", _changed(AUTOBAHN, "a frame was written past sendData")
 
 
+def test_autobahn_pongs_and_drops_through_their_methods() -> None:
+    p, _ = _open_ws()
+    pongs: list[bytes | None] = []
+    drops: list[bool] = []
+    p.sendPong = pongs.append
+    p.dropConnection = lambda abort=False: drops.append(abort)
+    p.dataReceived(_client_frame(0x9, b"hi"))
+    assert pongs == [b"hi"], _changed(AUTOBAHN, "a client's ping is not answered by sendPong")
+    p.sendClose(1000)
+    p.dataReceived(_client_frame(0x8, struct.pack("!H", 1000)))
+    assert drops == [True], _changed(
+        AUTOBAHN, "the close handshake's end does not call dropConnection(abort=True)"
+    )
+
+
 def test_no_pushd_name_shadows_autobahn() -> None:
     from pushd.transports.websocket import PushdServerProtocol
 
@@ -669,6 +689,8 @@ def test_no_pushd_name_shadows_autobahn() -> None:
         "onMessage",
         "onOpen",
         "sendData",
+        "sendPong",
+        "dropConnection",
     }, _changed(
         AUTOBAHN,
         "WebSocketServerProtocol gained or lost a name PushdServerProtocol defines"

@@ -62,7 +62,7 @@ from pushd.message import (
     parse_id,
 )
 from pushd.presence import Presence
-from pushd.sending import write_now
+from pushd.sending import unsent, write_now
 from pushd.session import AlreadySubscribed, Session
 from pushd.transports import autobahn_diet
 from pushd.waiting import OpenConnections
@@ -73,6 +73,10 @@ log = Logger()
 #: Seconds a client's publishes wait, together, for its own subscription of the
 #: channel to be acknowledged (Session.acknowledged) before they go anyway.
 ACK_WAIT = 1.0
+#: Seconds a dropped connection may take to send what it still holds (its
+#: close frame last) before it is aborted: a client that reads nothing holds
+#: its bounded buffer no longer.
+DROP_LINGER = 1.0
 
 _PONG = dump_json({"type": "pong"})
 FRAME_OVERHEAD = 1024
@@ -160,6 +164,8 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
     _paused = False
     _backlog = 0
     replaying = False
+    # The abort due once a closed connection's last bytes had their time (dropConnection).
+    _linger: Any = None
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """Autobahn's own writes (the handshake's answer, its HTTP errors, close,
@@ -172,6 +178,31 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
             super().sendData(data, sync, chopsize)
         else:
             write_now(self.transport, data)
+
+    def sendPong(self, payload: bytes | None = None) -> None:
+        """A pong counts against the slow-consumer bound as a message does: a
+        client that pings and reads nothing is dropped (4008), not buffered."""
+        if self.over(len(payload or b"") + 2, self.factory.max_send_buffer):
+            self._slow_consumer()
+            return
+        super().sendPong(payload)  # type: ignore[no-untyped-call]
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn's drop. An abort (after the close handshake, a protocol
+        violation, a timeout) that would throw away bytes still waiting to be
+        sent (a close frame behind a backlog, or anything in TLS) closes after
+        sending them instead, and aborts DROP_LINGER seconds later if the
+        client does not read them."""
+        if abort and self.state != self.STATE_CLOSED and unsent(self.transport):
+            super().dropConnection(abort=False)
+            self._linger = self.factory.reactor.callLater(DROP_LINGER, self._abort)
+        else:
+            super().dropConnection(abort=abort)
+
+    def _abort(self) -> None:
+        self._linger = None
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         factory = self.factory
@@ -276,6 +307,9 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         self.factory.gone(self)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         super().connectionLost(reason)
         # The session points back at the connection, as does Autobahn's is_closed.
         autobahn_diet.drop_cycles(self, also=("session",))
