@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.logger import LogEvent, globalLogPublisher
 
 from pushd.broker.redis.address import RedisAddress
 from tests.support import PushdUnderTest, RedisServer, free_port
@@ -155,3 +156,12 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[object]:
     conn = await txredisapi.Connection("127.0.0.1", redis_server.port)
     yield conn
     await conn.disconnect()
+
+
+@pytest.fixture
+def log_events() -> Iterator[list[LogEvent]]:
+    """Every log event emitted while the test runs."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)

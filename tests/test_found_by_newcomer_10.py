@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -42,7 +42,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from pushd.broker import BrokerUnavailable
 from pushd.metrics import Metrics
@@ -62,12 +62,16 @@ from tests.test_websocket_wire import HANDSHAKE, frame, server_frames
 # -- helpers
 
 
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
+async def _open_wss(tls_pushd: PushdUnderTest, self_signed: SelfSigned) -> RawClient:  # noqa: F811
+    """A raw WebSocket client of `tls_pushd` over TLS, its handshake done."""
+    endpoint = wrapClientTLS(
+        optionsForClientTLS("127.0.0.1", trustRoot=self_signed.trust_root),
+        TCP4ClientEndpoint(reactor, "127.0.0.1", tls_pushd.port, timeout=TIMEOUT),
+    )
+    raw: RawClient = await with_timeout(connectProtocol(endpoint, RawClient()))
+    raw.transport.write(HANDSHAKE % b"")
+    assert (await raw.until(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return raw
 
 
 def _read_lines(events: list[LogEvent]) -> list[str]:
@@ -195,13 +199,7 @@ async def test_wss_invalid_close_frame_gets_a_close_frame(
     Failed: write_now only sends directly on plain TCP; over TLS the frame goes
     to TLSMemoryBIOProtocol, and Autobahn's abortConnection in the same turn
     (server, state CLOSING: dropConnection(abort=True)) discards it."""
-    endpoint = wrapClientTLS(
-        optionsForClientTLS("127.0.0.1", trustRoot=self_signed.trust_root),
-        TCP4ClientEndpoint(reactor, "127.0.0.1", tls_pushd.port, timeout=TIMEOUT),
-    )
-    raw: RawClient = await with_timeout(connectProtocol(endpoint, RawClient()))
-    raw.transport.write(HANDSHAKE % b"")
-    assert (await raw.until(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    raw = await _open_wss(tls_pushd, self_signed)
     raw.transport.write(frame(0x8, payload))
     await with_timeout(raw.lost)
     assert _closes(raw.data) == [code]
@@ -383,13 +381,7 @@ async def test_wss_ping_is_answered_and_a_stop_says_1001(
 ) -> None:
     """Over TLS (no direct send: TLSMemoryBIOProtocol's write): a client's ping
     gets its pong, and the service's graceful stop its 1001 close frame."""
-    endpoint = wrapClientTLS(
-        optionsForClientTLS("127.0.0.1", trustRoot=self_signed.trust_root),
-        TCP4ClientEndpoint(reactor, "127.0.0.1", tls_pushd.port, timeout=TIMEOUT),
-    )
-    raw: RawClient = await with_timeout(connectProtocol(endpoint, RawClient()))
-    raw.transport.write(HANDSHAKE % b"")
-    assert (await raw.until(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    raw = await _open_wss(tls_pushd, self_signed)
     raw.transport.write(frame(0x9, b"tls"))
     await raw.until(b"\x8a\x03tls")
     stopping = Deferred.fromCoroutine(tls_pushd.stop())

@@ -9,7 +9,6 @@ in id order, and none at or before it; so `position` is a safe resume point.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from pushd.broker import BrokerUnavailable, BusListener, History
 from pushd.broker.memory import MemoryBroker
@@ -795,14 +794,6 @@ def test_a_shared_read_that_fails_leaves_every_session_live_unrecovered(
 
 def _read_failure_lines(events: list[LogEvent]) -> list[str]:
     return [formatEvent(e) for e in events if e.get("log_namespace") == "pushd.reads"]
-
-
-@pytest.fixture
-def log_events() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_an_outage_failing_a_storms_reads_says_so_in_one_line(
