@@ -92,6 +92,20 @@ def _server(pushd: PushdUnderTest) -> Any:
     return server
 
 
+async def _pinger(pushd: PushdUnderTest) -> tuple[socket.socket, Any]:
+    """A client that reads nothing (4 KiB of receive buffer), its handshake
+    done, and pushd's side of it (4 KiB of send buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", pushd.port))
+    sock.setblocking(False)
+    sock.sendall(HANDSHAKE % b"")
+    await wait_for(lambda: pushd.service is not None and pushd.service.site.ws_factory.clients)
+    server = _server(pushd)
+    server.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return sock, server
+
+
 def _buffered(transport: Any) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
@@ -236,16 +250,9 @@ async def test_pongs_to_a_client_that_reads_nothing_are_bounded(start_pushd: Any
     client uploads."""
     limit = 65536
     pushd = await start_pushd(max_send_buffer=limit)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", pushd.port))
-    sock.setblocking(False)
+    sock, server = await _pinger(pushd)
     try:
-        sock.sendall(HANDSHAKE % b"")
-        await wait_for(lambda: pushd.service is not None and pushd.service.site.ws_factory.clients)
-        server = _server(pushd)
         transport = server.transport
-        transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         block = frame(0x9, b"p" * 125) * 500  # 65,500 bytes of pings
         worst = 0
         for _ in range(40):  # 2.6 MB of pings

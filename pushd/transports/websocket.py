@@ -188,12 +188,13 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         super().sendPong(payload)  # type: ignore[no-untyped-call]
 
     def dropConnection(self, abort: bool = False) -> None:
-        """Autobahn's drop. An abort (after the close handshake, a protocol
-        violation, a timeout) that would throw away bytes still waiting to be
-        sent (a close frame behind a backlog, or anything in TLS) closes after
-        sending them instead, and aborts DROP_LINGER seconds later if the
-        client does not read them."""
-        if abort and self.state != self.STATE_CLOSED and unsent(self.transport):
+        """Autobahn's drop, bounded in time. While bytes may still wait to be
+        sent (a close frame behind a backlog, anything in TLS, whose close also
+        waits for the client's close_notify), the connection is closed after
+        sending them, even where Autobahn would abort and lose them, and
+        aborted DROP_LINGER seconds later if the client has not let them go.
+        With nothing unsent (plain TCP), Autobahn's close or abort is at once."""
+        if self.state != self.STATE_CLOSED and unsent(self.transport):
             super().dropConnection(abort=False)
             self._linger = self.factory.reactor.callLater(DROP_LINGER, self._abort)
         else:
@@ -227,6 +228,12 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         return d.addCallbacks(self._admitted, self._refused, callbackArgs=(address,))
 
     def _admitted(self, grants: Grants, address: str) -> None:
+        if self.state == self.STATE_CLOSED:
+            # Gone while the application decided (the opening handshake's
+            # timeout, the client left): its onClose had nothing to release,
+            # and Autobahn must not open it (a refusal nobody reads ends it).
+            self.factory.gate.release(address, "websocket")
+            raise ConnectionDeny(408, "gone before it was admitted")
         log.info("websocket client {peer} admitted (user {sub})", peer=address, sub=grants.sub)
         self._address = address
         self.grants = grants
