@@ -195,8 +195,9 @@ class PushdServerProtocol(SendBound, WebSocketServerProtocol):  # type: ignore[m
         aborted DROP_LINGER seconds later if the client has not let them go.
         With nothing unsent (plain TCP), Autobahn's close or abort is at once."""
         if self.state != self.STATE_CLOSED and unsent(self.transport):
-            super().dropConnection(abort=False)
+            # Set first: a close that completes at once cancels it (connectionLost).
             self._linger = self.factory.reactor.callLater(DROP_LINGER, self._abort)
+            super().dropConnection(abort=False)
         else:
             super().dropConnection(abort=abort)
 
