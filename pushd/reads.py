@@ -53,6 +53,15 @@ class Replay:
 #: Seconds between two log lines of failed reads: an outage fails every read
 #: of a reconnect storm (thousands of channels), and says so in one line a second.
 FAILURES_LOGGED_EVERY = 1.0
+# The line: for one failed read, for several.
+_ONE_FAILED = (
+    "a subscription read of {channel} (since {since}) failed: {why}; "
+    "{n} subscriptions go on live without it"
+)
+_FAILED = (
+    "{reads} subscription reads failed, the first of {channel} (since {since}): {why}; "
+    "{n} subscriptions go on live without them"
+)
 
 
 class SharedReads:
@@ -147,25 +156,14 @@ class SharedReads:
         reads, subscriptions = self._failed_reads, self._failed_subscriptions
         self._failed_reads = self._failed_subscriptions = 0
         channel, since, why = self._first_failure
-        if reads == 1:
-            log.warn(
-                "a subscription read of {channel} (since {since}) failed: {why}; "
-                "{n} subscriptions go on live without it",
-                channel=channel,
-                since=since,
-                why=why,
-                n=subscriptions,
-            )
-        else:
-            log.warn(
-                "{reads} subscription reads failed, the first of {channel} (since "
-                "{since}): {why}; {n} subscriptions go on live without them",
-                reads=reads,
-                channel=channel,
-                since=since,
-                why=why,
-                n=subscriptions,
-            )
+        log.warn(
+            _ONE_FAILED if reads == 1 else _FAILED,
+            reads=reads,
+            channel=channel,
+            since=since,
+            why=why,
+            n=subscriptions,
+        )
 
 
 def _newest(last: str | None, channel: str) -> Replay:

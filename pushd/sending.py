@@ -44,7 +44,8 @@ def write_now(transport: Any, data: bytes) -> None:
 
 def unsent(transport: Any) -> bool:
     """Whether bytes written to `transport` may still wait to be sent: False
-    only for a plain TCP connection whose buffer Twisted has emptied."""
+    only for a plain TCP connection whose buffer Twisted has emptied (the test
+    `write_now` makes inline, where a call per delivery would cost)."""
     if type(transport) in _TCP and not transport.TLS:
         return bool(transport.dataBuffer or transport._tempDataBuffer)
     return transport is not None
