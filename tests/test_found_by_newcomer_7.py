@@ -64,6 +64,16 @@ async def started(redis: RedisServer, prefix: str, **options: Any) -> PushdUnder
     return pushd
 
 
+async def writer_without_redis(pushd: PushdUnderTest, redis: RedisServer) -> Any:
+    """A client that may subscribe and publish on room.*, connected while
+    `redis` ran; then `redis` is killed, a moment before it is returned."""
+    grant = token(None, channels=["room.*"], publish=["room.*"])
+    writer = await pushd.connect(f"?token={grant}")
+    redis.kill()
+    await deferLater(reactor, 0.3, lambda: None)
+    return writer
+
+
 def redis_command(port: int, *args: str) -> bytes:
     """One command on a plain socket of the test's own (blocking, short)."""
     import hiredis
@@ -154,10 +164,7 @@ async def test_publish_waiting_on_a_subscription_redis_cannot_complete_is_answer
     answered `unavailable` as before."""
     pushd = await started(own_redis, prefix, token_secret=SECRET)
     try:
-        grant = token(None, channels=["room.*"], publish=["room.*"])
-        writer = await pushd.connect(f"?token={grant}")
-        own_redis.kill()
-        await deferLater(reactor, 0.3, lambda: None)
+        writer = await writer_without_redis(pushd, own_redis)
         writer.send({"type": "subscribe", "channel": "room.a"})
         writer.send({"type": "publish", "channel": "room.a", "data": "mine"})
         frames = []
@@ -187,10 +194,7 @@ async def test_publishes_to_other_channels_do_not_wait_for_a_pending_subscriptio
     (unavailable) at once, not held behind C's subscription."""
     pushd = await started(own_redis, prefix, token_secret=SECRET)
     try:
-        grant = token(None, channels=["room.*"], publish=["room.*"])
-        writer = await pushd.connect(f"?token={grant}")
-        own_redis.kill()
-        await deferLater(reactor, 0.3, lambda: None)
+        writer = await writer_without_redis(pushd, own_redis)
         writer.send({"type": "subscribe", "channel": "room.c"})
         writer.send({"type": "publish", "channel": "room.d", "data": 1})
         frame = await writer.next(timeout=3)

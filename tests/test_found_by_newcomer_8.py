@@ -50,10 +50,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
-from tests.support import SECRET, PushdUnderTest, RedisServer, token
+from tests.support import SECRET, PushdUnderTest, RedisServer
+from tests.test_found_by_newcomer_7 import writer_without_redis
 
 
 async def history(pushd: PushdUnderTest, channel: str) -> list[Any]:
@@ -112,10 +111,7 @@ async def test_queued_publishes_to_a_pending_channel_are_each_answered_within_ac
     )
     await pushd.start()
     try:
-        grant = token(None, channels=["room.*"], publish=["room.*"])
-        writer = await pushd.connect(f"?token={grant}")
-        own_redis.kill()
-        await deferLater(reactor, 0.3, lambda: None)
+        writer = await writer_without_redis(pushd, own_redis)
         writer.send({"type": "subscribe", "channel": "room.a"})
         sent = time.monotonic()
         for n in range(4):
